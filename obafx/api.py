@@ -1,0 +1,136 @@
+"""The composition root: compile_prune as one short pipeline of named stages."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import torch.fx as fx
+from torch import nn
+
+from obafx.batches import BatchSource, warn_once
+from obafx.passes.channel_graph import analyze
+from obafx.passes.coupling import couple
+from obafx.passes.facts import PrunePlan
+from obafx.passes.importance import ScoreContext, unit_scores
+from obafx.passes.macs import MacModel, param_count, thop_macs
+from obafx.passes.plan import plan_from_removed, removed_from_plan
+from obafx.passes.rewrite import rewrite
+from obafx.passes.select import Budget, select
+from obafx.passes.trace import Traced, trace
+from obafx.passes.verify import masked_output, max_relative_error
+from obafx.report import Report, attach
+
+_MAC_TOLERANCE = 0.01  # re-select when thop says the step missed its MAC target by more than this
+
+
+def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float] = None,
+                  channels: Optional[float] = None, importance: Any = "magnitude", data: Optional[Iterable] = None,
+                  loss_fn: Optional[Callable] = None, steps: int = 1, batches_per_step: Optional[int] = None,
+                  ignore: Iterable[str] = (), round_to: int = 1, max_layer_ratio: float = 0.95,
+                  leaf_modules: Iterable[Any] = (), mode: str = "full", delta: float = 0.0, train: bool = False,
+                  seed: int = 0, progress: bool = False, verify: bool = True,
+                  on_stage: Optional[Callable[[str, Any], None]] = None) -> fx.GraphModule:
+    """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
+
+    Budget: ``macs`` = fraction of the original MACs (thop, on ``example_input``) to keep, or ``channels`` =
+    fraction of prunable channels to remove. ``importance``: "magnitude", "random", "oba", "taylor", "obd",
+    "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
+    OBA, re-scoring on fresh batches from ``data`` before each step. ``ignore``: module names whose widths stay.
+    ``on_stage(name, facts)`` is called after every stage (the place for dumps). See obafx.report(pruned).
+    """
+    clock = _Clock()
+    budget = Budget(macs, channels, max_layer_ratio, round_to)
+    traced = clock("trace", trace, model, example_input, leaf_modules)
+    hook = on_stage or (lambda name, facts: None)
+    facts0 = clock("analyze", analyze, traced)
+    coupling0 = clock("couple", couple, facts0, ignore)
+    hook("couple", coupling0)
+    macs0, _ = thop_macs(traced.gm, traced.inputs)
+    source = BatchSource(data, steps, traced.inputs, batches_per_step)
+    if source.note and importance not in ("magnitude", "random"):
+        warn_once(source.note)
+    current, plan = traced, PrunePlan()
+    for step in range(1, int(steps) + 1):
+        current, step_plan = _prune_step(current, budget, step, int(steps), macs0, importance, source,
+                                         ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress),
+                                         ignore, len([u for g in coupling0.groups for u in g.units]), clock, hook)
+        plan = plan.compose(step_plan)
+    pruned = current.gm
+    removed0 = removed_from_plan(coupling0, plan)
+    error = max_relative_error(masked_output(traced, coupling0, removed0), pruned(*traced.inputs)) if verify else None
+    rep = _report(traced, pruned, coupling0, removed0, plan, macs0, importance, steps, error, source, clock)
+    attach(pruned, rep)
+    hook("report", rep)
+    return pruned
+
+
+def _prune_step(current: Traced, budget: Budget, step: int, steps: int, macs0: float, importance: Any,
+                source: BatchSource, ctx: ScoreContext, ignore, units0: int, clock, hook):
+    """One step: analyse the current module, score, select toward this step's target, rewrite."""
+    facts = clock("analyze", analyze, current)
+    coupling = clock("couple", couple, facts, ignore)
+    ctx = ScoreContext(source.for_step() if importance not in ("magnitude", "random") else None, *_rest(ctx))
+    scores = clock("score", unit_scores, importance, current.gm, coupling, ctx)
+    hook("score", scores)
+    if budget.channels is not None:
+        removed = _select_channels(coupling, scores, budget, step, steps, units0)
+    else:
+        removed = clock("select", _select_macs, current, coupling, scores, budget, macs0 * budget.macs ** (step / steps))
+    gm = clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
+    hook("rewrite", gm)
+    return Traced(gm, current.inputs), plan_from_removed(coupling, removed)
+
+
+def _rest(ctx: ScoreContext):
+    return (ctx.loss_fn, ctx.mode, ctx.delta, ctx.train, ctx.seed, ctx.progress, ctx.chunk_size)
+
+
+def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, units0: int):
+    """This step's share of a channel budget: the schedule's cumulative fraction of the ORIGINAL units."""
+    now = sum(g.width for g in coupling.groups)
+    goal = units0 * (1 - budget.channels) ** (step / steps)  # units left after this step
+    fraction = max(0.0, min(1.0, (now - goal) / max(now, 1)))
+    return select(coupling, scores, Budget(channels=fraction or 1e-12, max_layer_ratio=budget.max_layer_ratio,
+                                           round_to=budget.round_to))
+
+
+def _select_macs(current: Traced, coupling, scores, budget: Budget, target: float):
+    """Select toward an absolute MAC target, correcting the per-layer estimate with thop measurements."""
+    _, per_module = thop_macs(current.gm, current.inputs)
+    model = MacModel(coupling, per_module)
+    aim = target
+    for _ in range(4):
+        removed = select(coupling, scores, budget, model.estimate, aim)
+        measured, _ = thop_macs(rewrite(current, coupling, _shapes(current), removed), current.inputs)
+        if measured <= target * (1 + _MAC_TOLERANCE) or not removed:
+            return removed
+        aim *= target / measured
+    return removed
+
+
+def _shapes(current: Traced):
+    return analyze(current).shapes
+
+
+def _report(traced, pruned, coupling0, removed0, plan, macs0, importance, steps, error, source, clock) -> Report:
+    groups = [{"id": g.id, "width_before": g.width, "width_after": sum(1 for u in g.units if u not in removed0),
+               "members": [f"{n}:{d}" for n, d in g.members]} for g in coupling0.groups]
+    macs1, _ = thop_macs(pruned, traced.inputs)
+    notes = [source.note] if source.note and importance not in ("magnitude", "random") else []
+    return Report(param_count(traced.gm), param_count(pruned), macs0, macs1,
+                  importance if isinstance(importance, str) else getattr(importance, "__name__", "custom"),
+                  int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals)
+
+
+class _Clock:
+    """Times each named stage (sums over steps)."""
+
+    def __init__(self):
+        self.totals = {}
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,68 @@
+"""The report attached to every pruned module: sizes before/after, groups, barriers, the plan."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch.fx as fx
+
+from obafx.passes.errors import ConfigError
+
+_META_KEY = "obafx_report"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What compile_prune did. ``plan`` maps every changed parameter/buffer (original qualified name) to
+    {dim: kept indices}; ``groups`` lists each coupled group with its width before and after."""
+
+    params_before: int
+    params_after: int
+    macs_before: float
+    macs_after: float
+    importance: str
+    steps: int
+    groups: List[Dict[str, Any]]
+    barriers: List[Dict[str, str]]
+    plan: Dict[str, Dict[str, List[int]]]
+    masked_error: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["macs_ratio"] = self.macs_ratio
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def summary(self) -> str:
+        """A short before/after table."""
+        rows = [("", "before", "after", "ratio"),
+                ("params", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.params_after / max(self.params_before, 1):.3f}"),
+                ("MACs (thop)", f"{self.macs_before:,.0f}", f"{self.macs_after:,.0f}", f"{self.macs_ratio:.3f}")]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append(f"groups pruned: {sum(1 for g in self.groups if g['width_after'] < g['width_before'])}"
+                     f"/{len(self.groups)}, barriers: {len(self.barriers)}, importance: {self.importance}, steps: {self.steps}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def attach(gm: fx.GraphModule, rep: Report) -> None:
+    gm.meta[_META_KEY] = rep
+
+
+def report(pruned: fx.GraphModule) -> Report:
+    """The report of a module returned by compile_prune (or obafx.load)."""
+    rep = getattr(pruned, "meta", {}).get(_META_KEY) if isinstance(pruned, fx.GraphModule) else None
+    if rep is None:
+        raise ConfigError("this module carries no obafx report. What to do: pass the module returned by "
+                          "obafx.compile_prune (or obafx.load).")
+    return rep

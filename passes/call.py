@@ -1,0 +1,76 @@
+"""`Call`: what an op rule sees of one fx node (values, their planes, the module) and small accessors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .labels import Plane, Store, plane_for
+
+
+@dataclass(eq=False)
+class Call:
+    """One node being interpreted: real argument values, their planes and the real output."""
+
+    node: fx.Node
+    store: Store
+    gm: fx.GraphModule
+    args: Tuple[Any, ...]
+    kwargs: dict
+    largs: Tuple[Any, ...]
+    lkwargs: dict
+    out: Any
+    module: Optional[nn.Module] = None
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """The real value of positional argument ``i`` / keyword ``name``."""
+        if i < len(self.args):
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+    def larg(self, i: int, name: str) -> Any:
+        """The planes of positional argument ``i`` / keyword ``name`` (() for untracked tensors)."""
+        if i < len(self.largs):
+            return self.largs[i]
+        return self.lkwargs.get(name, ())
+
+    def arg_node(self, i: int, name: str) -> Any:
+        if i < len(self.node.args):
+            return self.node.args[i]
+        return self.node.kwargs.get(name)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.args[0]
+
+    @property
+    def lx(self) -> Tuple[Plane, ...]:
+        return tuple(self.largs[0] or ())
+
+    def owner(self) -> str:
+        return self.node.target if self.node.op == "call_module" else self.node.name
+
+    def param(self, i: int, name: str, attr: str, dim: int, role: str) -> Optional[np.ndarray]:
+        """Labels of one dim of a layer parameter: the module's ``attr`` for call_module nodes, or the
+        get_attr argument ``i``/``name`` for functional calls. None when the parameter is absent or computed
+        (then the dim is fixed)."""
+        if self.node.op == "call_module":
+            tensor = getattr(self.module, attr, None)
+            if not isinstance(tensor, torch.Tensor):
+                return None
+            return self.store.slot(f"{self.node.target}.{attr}", dim, tensor.shape[dim], role, self.owner())
+        node = self.arg_node(i, name)
+        value = self.arg(i, name)
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or not isinstance(value, torch.Tensor):
+            return None
+        return self.store.slot(node.target, dim, value.shape[dim], role, self.owner())
+
+
+def out_planes(labels: Optional[np.ndarray], ndim: int, dim: int, keep: Sequence[Plane] = ()) -> Tuple[Plane, ...]:
+    """Planes ``keep`` plus, when ``labels`` exist and are wider than 1, a plane of ``labels`` along ``dim``."""
+    extra = (plane_for(labels, ndim, dim),) if labels is not None and labels.shape[0] > 1 else ()
+    return tuple(keep) + extra

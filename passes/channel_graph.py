@@ -1,0 +1,126 @@
+"""Channel graph: run the traced graph once on real values and on channel planes side by side.
+
+In: a `Traced` model. Out: `ChannelFacts` - every node's planes and real shapes, every parameter slot, every
+union the op rules recorded and every barrier. Ops without a rule are barriers (see ops.py); no guessing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .call import Call
+from .errors import ObafxError, describe_node
+from .labels import Plane, Store
+from .ops import rule_for
+from .rules_shape import barrier
+from .trace import Traced
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelFacts:
+    """What the channel analysis found. ``planes`` and ``shapes`` are keyed by fx node name."""
+
+    traced: Traced
+    store: Store
+    planes: Dict[str, Any]
+    shapes: Dict[str, Any]
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+def _labels_of(arg: Any, planes: Dict[str, Any]) -> Any:
+    """The planes of an argument: nodes map to their planes, containers recurse, constants have none."""
+    if isinstance(arg, fx.Node):
+        return planes.get(arg.name, ())
+    if isinstance(arg, (tuple, list)):
+        return tuple(_labels_of(a, planes) for a in arg)
+    if isinstance(arg, dict):
+        return {k: _labels_of(v, planes) for k, v in arg.items()}
+    return ()
+
+
+class _Analyzer(fx.Interpreter):
+    """fx Interpreter that, for each node, also applies its op rule to the inputs' planes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.store = Store()
+        self.planes: Dict[str, Any] = {}
+        self.shapes: Dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.shapes[n.name] = _shape_of(value)
+        self.planes[n.name] = self._planes(n, value)
+        return value
+
+    def _planes(self, n: fx.Node, value: Any) -> Any:
+        if n.op == "placeholder":
+            return ()
+        if n.op == "get_attr":
+            return self._param_planes(n, value)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        call = Call(n, self.store, self.module, tuple(args), dict(kwargs), _labels_of(n.args, self.planes),
+                    _labels_of(n.kwargs, self.planes), value, module)
+        if n.op == "output":
+            from .rules_shape import output
+            return output(call)
+        rule = rule_for(n.op, n.target, module)
+        if rule is None:
+            return barrier(call, f"{n.op} {_target_name(n, module)} is not in obafx's op table")
+        try:
+            return rule(call)
+        except ObafxError:
+            raise
+        except Exception as exc:  # a rule that cannot handle this use of its op: be safe, not clever
+            return barrier(call, f"{_target_name(n, module)} used in a way obafx does not model ({type(exc).__name__}: {exc})")
+
+    def _param_planes(self, n: fx.Node, value: Any) -> Tuple[Plane, ...]:
+        """A parameter or buffer read by get_attr: one plane per dim wider than 1 (a 'free' slot each)."""
+        if not isinstance(value, torch.Tensor):
+            return ()
+        planes = []
+        for d, size in enumerate(value.shape):
+            if size > 1:
+                labels = self.store.slot(n.target, d, size, "free", n.target)
+                shape = [1] * value.dim()
+                shape[d] = size
+                planes.append(Plane((d,), labels.reshape(shape)))
+        return tuple(planes)
+
+
+def _target_name(n: fx.Node, module) -> str:
+    if module is not None:
+        return type(module).__name__
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def analyze(traced: Traced) -> ChannelFacts:
+    """Run the channel analysis on ``traced`` (in eval mode, without gradients, on a private copy's values)."""
+    gm = traced.gm
+    was_training = gm.training
+    gm.eval()
+    analyzer = _Analyzer(gm)
+    try:
+        with torch.no_grad():
+            analyzer.run(*traced.inputs)
+    finally:
+        gm.train(was_training)
+    return ChannelFacts(traced, analyzer.store, analyzer.planes, analyzer.shapes)
+
+
+def barrier_report(facts: ChannelFacts) -> List[Dict[str, str]]:
+    """The barriers as rows a person can read: node, op and source line, and why."""
+    nodes = {n.name: n for n in facts.traced.gm.graph.nodes}
+    return [{"node": name, "where": describe_node(nodes[name]), "why": why} for name, why in facts.store.barriers]

@@ -1,0 +1,130 @@
+"""Coupling: the channel analysis's unions in, coupled groups of prunable units out.
+
+Connected components of the union graph are the units (channel classes). A unit is prunable when it is not
+pinned (label 0's component) and some layer produces it (it holds an "out" slot). Units touching exactly the
+same parameter slots form a group.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+from .channel_graph import ChannelFacts, barrier_report
+from .errors import ConfigError
+from .facts import Coupling, Group
+from .labels import PIN, Plane, squeeze_to_dims
+
+
+def _components(n_labels: int, pairs: Sequence[np.ndarray]) -> np.ndarray:
+    """Component id of every label, given union pairs."""
+    edges = np.concatenate(pairs, axis=1) if pairs else np.zeros((2, 0), dtype=np.int64)
+    graph = sp.coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(n_labels, n_labels))
+    _, comp = connected_components(graph, directed=False)
+    return comp
+
+
+def _pin_ignored(facts: ChannelFacts, ignore: Iterable[str]) -> None:
+    """Pin every slot owned by an ignored module (a name or a prefix of module names)."""
+    ignore = list(ignore)
+    matched = set()
+    for (name, _), (slot, labels) in facts.store.slots.items():
+        for prefix in ignore:
+            if name == prefix or name.startswith(prefix + "."):
+                facts.store.pin(labels)
+                matched.add(prefix)
+    unknown = [p for p in ignore if p not in matched]
+    if unknown:
+        owners = sorted({s.owner for s, _ in facts.store.slots.values()})
+        raise ConfigError(
+            f"ignore={unknown} matches no parameter of the traced model. What to do: use module qualified names "
+            f"as in model.named_modules(), e.g. one of {owners[:8]}{' ...' if len(owners) > 8 else ''}."
+        )
+
+
+def _pin_narrow_slots(facts: ChannelFacts) -> None:
+    """A width-1 slot can never shrink (it would vanish), and planes do not carry it: pin it."""
+    for slot, labels in facts.store.slots.values():
+        if labels.shape[0] == 1:
+            facts.store.pin(labels)
+
+
+def _rectangular(facts: ChannelFacts, comp: np.ndarray) -> bool:
+    """Make every multi-dim plane depend on one dim only (so removals stay rectangular); True if unchanged."""
+    stable = True
+    for value in facts.planes.values():
+        for p in _iter_planes(value):
+            if len(p.dims) < 2:
+                continue
+            units = comp[p.arr]
+            if any(np.all(units == squeeze_to_dims(units, (d,))) for d in p.dims):
+                continue
+            keep = max(p.dims, key=lambda d: p.arr.shape[d])
+            facts.store.union(p.arr, squeeze_to_dims(p.arr, (keep,)))
+            stable = False
+    return stable
+
+
+def _iter_planes(value: Any):
+    if isinstance(value, Plane):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _iter_planes(v)
+
+
+def _map_units(value: Any, comp: np.ndarray) -> Any:
+    if isinstance(value, Plane):
+        return Plane(value.dims, comp[value.arr])
+    if isinstance(value, (tuple, list)):
+        return tuple(_map_units(v, comp) for v in value)
+    return value
+
+
+def couple(facts: ChannelFacts, ignore: Iterable[str] = ()) -> Coupling:
+    """Groups of prunable units of ``facts``; ``ignore`` names modules whose widths must not change."""
+    _pin_ignored(facts, ignore)
+    _pin_narrow_slots(facts)
+    for _ in range(16):
+        comp = _components(facts.store.next_label, facts.store.pairs)
+        if _rectangular(facts, comp):
+            break
+    pinned = int(comp[PIN])
+    slot_units = {key: comp[labels] for key, (slot, labels) in facts.store.slots.items()}
+    roles = {key: (slot.role, slot.owner) for key, (slot, _) in facts.store.slots.items()}
+    groups = _groups(slot_units, roles, pinned)
+    node_units = {name: _map_units(v, comp) for name, v in facts.planes.items()}
+    return Coupling(groups, slot_units, roles, node_units, pinned, tuple(barrier_report(facts)))
+
+
+def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
+    """Units with an 'out' slot and not pinned, grouped by the set of slots they touch."""
+    touches: Dict[int, set] = defaultdict(set)
+    for key, units in slot_units.items():
+        for u in np.unique(units):
+            touches[int(u)].add(key)
+    by_members: Dict[frozenset, List[int]] = defaultdict(list)
+    for u, keys in touches.items():
+        if u == pinned or not any(roles[k][0] == "out" for k in keys):
+            continue
+        by_members[frozenset(keys)].append(u)
+    groups = []
+    for members, units in by_members.items():
+        ordered = tuple(sorted(members, key=lambda k: (roles[k][0] != "out", k)))
+        root = ordered[0]
+        units_sorted = tuple(sorted(units, key=lambda u: int(np.argmax(slot_units[root] == u))))
+        groups.append(Group(f"{roles[root][1]}:{root[1]}" if root[1] else roles[root][1], units_sorted, ordered))
+    groups.sort(key=lambda g: g.id)
+    return _unique_ids(groups)
+
+
+def _unique_ids(groups: List[Group]) -> Tuple[Group, ...]:
+    seen: Dict[str, int] = defaultdict(int)
+    out = []
+    for g in groups:
+        seen[g.id] += 1
+        out.append(g if seen[g.id] == 1 else Group(f"{g.id}#{seen[g.id]}", g.units, g.members))
+    return tuple(out)

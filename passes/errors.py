@@ -1,0 +1,66 @@
+"""obafx's user-facing errors.
+
+Every error that reaches a user names what went wrong, where (the fx node, its op and the user's source line
+when there is one) and what to do next.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+
+class ObafxError(Exception):
+    """Base class of every error obafx raises on purpose."""
+
+
+class TraceError(ObafxError):
+    """The model could not be traced by torch.fx."""
+
+
+class ConfigError(ObafxError, ValueError):
+    """An argument is outside what the call accepts (budget, names, data)."""
+
+
+class BudgetError(ObafxError):
+    """The requested budget cannot be met under the constraints."""
+
+
+class PlanError(ObafxError):
+    """A saved plan or weights file does not match the model it is applied to."""
+
+
+class ScoreError(ObafxError):
+    """Importance scores could not be computed (loss not scalar, NaN/inf, wrong data)."""
+
+
+class UnsupportedOpError(ObafxError):
+    """An op whose channel behaviour obafx does not know was asked to be pruned through."""
+
+
+def user_line(node: fx.Node) -> str:
+    """The last frame of the user's source that produced ``node`` (from ``node.stack_trace``), or ''."""
+    trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None) or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    # stack_trace ends with '  File "x.py", line N, in f' then the code line.
+    frames = [ln for ln in lines if ln.startswith("File ")]
+    if not frames:
+        return ""
+    last = frames[-1]
+    idx = lines.index(last)
+    code = lines[idx + 1] if idx + 1 < len(lines) and not lines[idx + 1].startswith("File ") else ""
+    return f"{last}: {code}" if code else last
+
+
+def describe_node(node: fx.Node) -> str:
+    """One line a user can find in their code: node name, op, target and source line."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    where = user_line(node)
+    text = f"node '{node.name}' ({node.op} {target})"
+    return f"{text} at {where}" if where else text
+
+
+def node_error(cls: type, node: Optional[fx.Node], problem: str, hint: str) -> ObafxError:
+    """Build an error of ``cls`` naming ``node`` (if any), the problem and what to do next."""
+    where = f"{describe_node(node)}: " if node is not None else ""
+    return cls(f"{where}{problem}. What to do: {hint}")

@@ -1,0 +1,145 @@
+"""Importance: per-parameter scores in, one normalised score per prunable unit out (OBA.md section 3).
+
+Per coupled group and member (a layer's output side, weight rows + bias, or its input side, weight columns):
+sum each unit's slice of the parameter scores, take the absolute value, average over the members that carry
+any score, then divide by the group's maximum so that all groups rank together under one threshold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, ScoreError
+from .facts import Coupling
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a criterion may use besides the model: calibration batches, the loss, OBA options, a seed."""
+
+    batches: Optional[Any] = None
+    loss_fn: Optional[Callable] = None
+    mode: str = "full"
+    delta: float = 0.0
+    train: bool = False
+    seed: int = 0
+    progress: bool = False
+    chunk_size: Optional[int] = None
+
+
+def _slot_vector(score: torch.Tensor, dim: int) -> np.ndarray:
+    """Sum of ``score`` over every dim but ``dim`` (a row sum for dim 0, a column sum for dim 1)."""
+    others = [d for d in range(score.dim()) if d != dim]
+    vec = score.sum(dim=others) if others else score
+    return vec.detach().double().cpu().numpy()
+
+
+def member_vectors(coupling: Coupling, param_scores: Dict[str, torch.Tensor]) -> Dict[int, Dict[tuple, np.ndarray]]:
+    """Group index -> member -> per-unit summed score. A member is (owner, role) for layer slots (so a bias
+    joins its weight's rows) and (parameter name, dim) for free parameters and norms."""
+    n = max((max(g.units) for g in coupling.groups), default=-1) + 1
+    group_of = np.full(n + 1, -1, dtype=np.int64)
+    local = np.full(n + 1, -1, dtype=np.int64)
+    for gi, g in enumerate(coupling.groups):
+        group_of[list(g.units)] = gi
+        local[list(g.units)] = np.arange(g.width)
+    out: Dict[int, Dict[tuple, np.ndarray]] = {}
+    for key, units in coupling.slot_units.items():
+        name, dim = key
+        if name not in param_scores:
+            continue
+        vec = _slot_vector(param_scores[name], dim)
+        units = np.minimum(units, n)
+        gis = group_of[units]
+        role, owner = coupling.slot_roles[key]
+        member = (owner, role) if role in ("out", "in") else key
+        for gi in np.unique(gis[gis >= 0]):
+            sel = gis == gi
+            acc = out.setdefault(int(gi), {}).setdefault(member, np.zeros(coupling.groups[gi].width))
+            np.add.at(acc, local[units[sel]], vec[sel])
+    return out
+
+
+def aggregate(coupling: Coupling, param_scores: Dict[str, torch.Tensor], reduce: str = "oba") -> Dict[int, float]:
+    """Unit -> score normalised by its group's maximum. ``reduce``: "oba" (mean over scored members of |sum|)
+    or "l2" (square root of the sum over members; for squared magnitudes)."""
+    vectors = member_vectors(coupling, param_scores)
+    scores: Dict[int, float] = {}
+    for gi, g in enumerate(coupling.groups):
+        members = list(vectors.get(gi, {}).values())
+        if reduce == "l2":
+            s = np.sqrt(np.maximum(sum(members), 0.0)) if members else np.zeros(g.width)
+        else:
+            scored = [np.abs(v) for v in members if np.any(v != 0)]
+            s = np.mean(scored, axis=0) if scored else np.zeros(g.width)
+        if not np.all(np.isfinite(s)):
+            raise ScoreError(f"group '{g.id}' has NaN/inf scores. What to do: check the calibration data and loss "
+                             "(finite inputs, labels in range), or score in float64.")
+        top = s.max() if s.size else 0.0
+        s = s / top if top > 0 else s
+        scores.update({u: float(v) for u, v in zip(g.units, s)})
+    return scores
+
+
+def _magnitude(model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
+    squares = {name: p.detach() ** 2 for name, p in model.named_parameters()}
+    return aggregate(coupling, squares, reduce="l2")
+
+
+def _random(model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
+    rng = np.random.default_rng(ctx.seed)
+    units = [u for g in coupling.groups for u in g.units]
+    return dict(zip(units, rng.random(len(units)).tolist()))
+
+
+def _needs_batches(ctx: ScoreContext, name: str):
+    if ctx.batches is None:
+        raise ConfigError(f"importance='{name}' needs calibration data. What to do: pass data=<iterable of batches>.")
+    return ctx.batches
+
+
+def _oba(model, coupling, ctx):
+    from .hvp import parameter_scores
+    s = parameter_scores(model, _needs_batches(ctx, "oba"), loss_fn=ctx.loss_fn, mode=ctx.mode, delta=ctx.delta,
+                         train=ctx.train, chunk_size=ctx.chunk_size, progress=ctx.progress)
+    return aggregate(coupling, s)
+
+
+def _taylor(model, coupling, ctx):
+    from .criteria import taylor_scores
+    return aggregate(coupling, taylor_scores(model, _needs_batches(ctx, "taylor"), loss_fn=ctx.loss_fn))
+
+
+def _obd(model, coupling, ctx):
+    from .criteria import obd_scores
+    return aggregate(coupling, obd_scores(model, _needs_batches(ctx, "obd"), loss_fn=ctx.loss_fn, seed=ctx.seed))
+
+
+def _fisher(model, coupling, ctx):
+    from .criteria import fisher_scores
+    return aggregate(coupling, fisher_scores(model, _needs_batches(ctx, "fisher"), loss_fn=ctx.loss_fn))
+
+
+CRITERIA: Dict[str, Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]] = {
+    "magnitude": _magnitude,
+    "random": _random,
+    "oba": _oba,
+    "taylor": _taylor,
+    "obd": _obd,
+    "fisher": _fisher,
+}
+
+
+def unit_scores(importance: Any, model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
+    """Scores of every prunable unit. ``importance``: a name in CRITERIA, or a callable
+    ``(model, coupling, ctx) -> {unit: score}`` (the seam for user criteria)."""
+    if callable(importance):
+        return importance(model, coupling, ctx)
+    if importance not in CRITERIA:
+        raise ConfigError(f"importance='{importance}' is unknown. What to do: use one of {sorted(CRITERIA)} or a "
+                          "callable (model, coupling, ctx) -> {unit: score}.")
+    return CRITERIA[importance](model, coupling, ctx)

@@ -1,0 +1,191 @@
+"""The vocabulary of channel labels: planes, the union store and the helpers every op rule uses.
+
+Every prunable channel (a row of a conv weight, an element of a free parameter's dim, ...) gets an integer label.
+A tensor value in the graph carries *planes*: a plane says which labels sit at which positions of the tensor along
+the dims it covers (``dims``); ``arr`` has the tensor's rank, the tensor's size on ``dims`` and size 1 elsewhere.
+Running the graph on planes (flatten = numpy reshape, permute = numpy transpose, cat = numpy concatenate) gives
+every index map for free. Op rules record *unions* (these labels must be removed together); label 0 is PIN
+(never removable). Connected components of the unions are the prunable units (see coupling.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PIN = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Plane:
+    """Labels of a tensor along ``dims``: ``arr.ndim`` equals the tensor rank, size 1 outside ``dims``."""
+
+    dims: Tuple[int, ...]
+    arr: np.ndarray
+
+    def moved(self, dims: Tuple[int, ...], arr: np.ndarray) -> "Plane":
+        return Plane(tuple(sorted(dims)), arr)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One dim of one parameter or buffer: ``name`` is its qualified name in the traced module."""
+
+    name: str
+    dim: int
+    role: str  # "out" (a producer's channels), "in" (a consumer's channels) or "through" (norms, free params)
+    owner: str  # the layer (module qualified name or node name) this slot belongs to
+
+
+@dataclass
+class Store:
+    """Mutable collector used during one analysis: fresh labels, unions, parameter slots, barriers."""
+
+    next_label: int = 1
+    pairs: List[np.ndarray] = field(default_factory=list)
+    slots: Dict[Tuple[str, int], Tuple[Slot, np.ndarray]] = field(default_factory=dict)
+    barriers: List[Tuple[str, str]] = field(default_factory=list)
+
+    def fresh(self, n: int) -> np.ndarray:
+        """``n`` new labels."""
+        out = np.arange(self.next_label, self.next_label + n, dtype=np.int64)
+        self.next_label += n
+        return out
+
+    def union(self, a: np.ndarray, b) -> None:
+        """Record that the labels at matching (broadcast) positions of ``a`` and ``b`` go together."""
+        a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        pair = np.stack([a2.ravel(), b2.ravel()])
+        pair = pair[:, pair[0] != pair[1]]
+        if pair.size:
+            self.pairs.append(np.unique(pair, axis=1))
+
+    def pin(self, a: np.ndarray) -> None:
+        self.union(a, PIN)
+
+    def merge(self, a: np.ndarray) -> None:
+        """All labels in ``a`` go together."""
+        flat = np.asarray(a).ravel()
+        if flat.size > 1:
+            self.union(flat[1:], flat[0])
+
+    def slot(self, name: str, dim: int, size: int, role: str, owner: str) -> np.ndarray:
+        """Labels of one parameter dim; the same parameter used twice (shared weights) gets the same labels."""
+        key = (name, dim)
+        if key not in self.slots:
+            self.slots[key] = (Slot(name, dim, role, owner), self.fresh(size))
+        return self.slots[key][1]
+
+    def barrier(self, node_name: str, why: str) -> None:
+        self.barriers.append((node_name, why))
+
+
+def plane_for(labels: np.ndarray, ndim: int, dim: int) -> Plane:
+    """A plane of rank ``ndim`` carrying 1-D ``labels`` along ``dim``."""
+    shape = [1] * ndim
+    shape[dim] = labels.shape[0]
+    return Plane((dim,), labels.reshape(shape))
+
+
+def shifted(p: Plane, ndim: int) -> Plane:
+    """``p`` left-padded to rank ``ndim`` (numpy broadcasting alignment)."""
+    extra = ndim - p.arr.ndim
+    if extra == 0:
+        return p
+    return Plane(tuple(d + extra for d in p.dims), p.arr.reshape((1,) * extra + p.arr.shape))
+
+
+def full(p: Plane, shape: Sequence[int]) -> np.ndarray:
+    """The plane broadcast to the tensor's full shape."""
+    return np.broadcast_to(p.arr, tuple(shape))
+
+
+def squeeze_to_dims(arr: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """Reduce ``arr`` to size 1 on every dim outside ``dims`` (labels there are constant by construction)."""
+    index = tuple(slice(None) if d in dims else slice(0, 1) for d in range(arr.ndim))
+    return np.ascontiguousarray(arr[index])
+
+
+def constant_outside(arr: np.ndarray, dims: Sequence[int]) -> bool:
+    """Whether ``arr`` is constant along every dim outside ``dims``."""
+    return bool(np.all(arr == squeeze_to_dims(arr, dims)))
+
+
+def along(planes: Sequence[Plane], dim: int) -> List[Plane]:
+    """The planes that cover ``dim``."""
+    return [p for p in planes if dim in p.dims]
+
+
+def only_on(planes: Sequence[Plane], dim: int) -> Optional[np.ndarray]:
+    """1-D labels along ``dim`` for planes covering exactly ``dim``; the first one wins (others are unioned)."""
+    hits = [p for p in planes if p.dims == (dim,)]
+    return hits[0].arr.reshape(-1) if hits else None
+
+
+def pin_all(store: Store, planes: Sequence[Plane]) -> None:
+    for p in planes:
+        store.pin(p.arr)
+
+
+def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+    """Pair up dims of a reshape: each (src dims, dst dims) group holds the same number of elements."""
+    groups, i, j = [], 0, 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [], []
+        pi = pj = 1
+        while True:
+            if pi <= pj and i < len(src):
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            elif j < len(dst):
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                break
+            if pi == pj and (i == len(src) or src[i] != 1) and (j == len(dst) or dst[j] != 1):
+                break
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape_plane(p: Plane, src: Sequence[int], dst: Sequence[int]) -> Plane:
+    """``p`` carried through a reshape from shape ``src`` to ``dst``."""
+    arr = full(p, src).reshape(tuple(dst))
+    dims = set()
+    for gi, gj in reshape_groups(src, dst):
+        if set(gi) & set(p.dims):
+            dims.update(d for d in gj if dst[d] > 1)
+    return Plane(tuple(sorted(dims)), squeeze_to_dims(arr, dims))
+
+
+def index_plane(p: Plane, index: tuple, shape: Sequence[int]) -> Optional[Plane]:
+    """``p`` through basic indexing ``x[index]`` (ints, slices, None, Ellipsis); None if unsupported."""
+    idx = list(index) if isinstance(index, tuple) else [index]
+    if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx):
+        return None
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        fill = len(shape) - sum(1 for i in idx if i is not None and i is not Ellipsis)
+        idx = idx[:k] + [slice(None)] * fill + idx[k + 1 :]
+    idx = idx + [slice(None)] * (len(shape) - sum(1 for i in idx if i is not None))
+    new_idx, dims, src, out = [], [], 0, 0
+    for i in idx:
+        if i is None:
+            new_idx.append(None)
+            out += 1
+            continue
+        if src in p.dims:
+            new_idx.append(i)
+            if isinstance(i, slice):
+                dims.append(out)
+        else:
+            new_idx.append(0 if isinstance(i, int) else slice(None))
+        if isinstance(i, slice):
+            out += 1
+        src += 1
+    arr = p.arr[tuple(new_idx)]
+    keep = [d for d in dims if arr.shape[d] > 1]
+    return Plane(tuple(keep), squeeze_to_dims(arr, keep)) if keep else None

@@ -1,0 +1,88 @@
+"""MACs and parameter counts: thop on the real module, and a fast per-layer estimate for selection.
+
+thop counts what module hooks see (conv, linear, norms, pooling); functional matmuls and attention inside
+nn.MultiheadAttention are invisible to it, so `flop_counter_macs` (torch.utils.flop_counter) is offered beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Any, Dict, Set, Tuple
+
+import numpy as np
+import thop
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .facts import Coupling
+
+
+def thop_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> Tuple[float, Dict[str, float]]:
+    """Total MACs (thop) of ``model`` on ``inputs`` and the MACs of each leaf module by qualified name.
+
+    thop registers buffers and hooks, so it runs on a private copy; the model is left untouched.
+    """
+    private = copy.deepcopy(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # thop prints registration notes
+        total, _, tree = thop.profile(private, inputs=tuple(inputs), verbose=False, ret_layer_info=True)
+    per_module: Dict[str, float] = {}
+    _flatten(tree, "", per_module)
+    return float(total), per_module
+
+
+def _flatten(tree: Dict[str, Any], prefix: str, out: Dict[str, float]) -> None:
+    """thop's nested {child: (ops, params, subtree)} as {qualified name: ops} for modules without children."""
+    for name, (ops, _, sub) in tree.items():
+        qual = f"{prefix}{name}"
+        if sub:
+            _flatten(sub, qual + ".", out)
+        else:
+            out[qual] = float(ops)
+
+
+def flop_counter_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> float:
+    """MACs seen by torch's dispatcher-level FlopCounterMode (FLOPs / 2), functional matmuls included."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        model.train(was)
+    return counter.get_total_flops() / 2.0
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class MacModel:
+    """Estimate MACs after removing units: each module's thop MACs scale with the kept fraction of every one
+    of its parameter slots (in and out channels). Exact for conv/linear; corrected by a thop measurement."""
+
+    def __init__(self, coupling: Coupling, per_module: Dict[str, float]):
+        self.fixed = 0.0
+        self.terms = []  # (macs, [unit arrays of the module's weight slots])
+        by_owner: Dict[str, list] = {}
+        for (name, dim), units in coupling.slot_units.items():
+            owner = name.rpartition(".")[0]
+            if name.endswith(".weight") or name.endswith("in_proj_weight") or name.endswith("running_mean"):
+                by_owner.setdefault(owner, []).append(units)
+        for module, macs in per_module.items():
+            slots = by_owner.get(module)
+            if slots:
+                self.terms.append((macs, slots))
+            else:
+                self.fixed += macs
+
+    def estimate(self, removed: Set[int]) -> float:
+        gone = np.array(sorted(removed), dtype=np.int64)
+        total = self.fixed
+        for macs, slots in self.terms:
+            frac = 1.0
+            for units in slots:
+                frac *= float(np.mean(~np.isin(units, gone))) if gone.size else 1.0
+            total += macs * frac
+        return total

@@ -1,0 +1,135 @@
+"""THE table: how each module type, function and method treats channels. An op not in it is a barrier.
+
+Keys: module classes (matched through the MRO, most specific first), function objects, and method names.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rules_layers as L
+from . import rules_shape as S
+
+Rule = Callable
+
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink, nn.Softsign,
+)
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+)
+
+MODULE_RULES = {
+    nn.Conv1d: L.conv, nn.Conv2d: L.conv, nn.Conv3d: L.conv,
+    nn.ConvTranspose1d: L.conv_transpose, nn.ConvTranspose2d: L.conv_transpose,
+    nn.Linear: L.linear,
+    nn.BatchNorm1d: L.batch_norm, nn.BatchNorm2d: L.batch_norm, nn.BatchNorm3d: L.batch_norm,
+    nn.InstanceNorm1d: L.batch_norm, nn.InstanceNorm2d: L.batch_norm,
+    nn.LayerNorm: L.layer_norm, nn.GroupNorm: L.group_norm,
+    nn.PReLU: L.prelu, nn.Embedding: L.embedding,
+    nn.MultiheadAttention: L.multihead_attention,
+    nn.Flatten: S.reshape, nn.Unflatten: S.reshape,
+    nn.PixelShuffle: S.pixel_shuffle,
+    **{m: S.unary for m in _ACTIVATION_MODULES},
+    **{m: S.spatial for m in _POOL_MODULES},
+}
+
+_UNARY_FUNCS = (
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish,
+    F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.softplus, F.mish, F.hardtanh, F.dropout, F.dropout1d,
+    F.dropout2d, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.exp, torch.log, torch.sqrt,
+    torch.rsqrt, torch.abs, torch.neg, operator.neg, torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos,
+    torch.square, F.relu_, torch.relu_, F.normalize,
+)
+_BINARY_FUNCS = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, operator.isub,
+    operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum,
+    torch.minimum, torch.pow, torch.true_divide, operator.floordiv,
+)
+_REDUCE_FUNCS = (torch.sum, torch.mean, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var,
+                 torch.logsumexp, torch.norm, torch.prod)
+_SPATIAL_FUNCS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
+                  F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.pad,
+                  F.adaptive_max_pool2d, torch.roll)
+
+FUNCTION_RULES = {
+    F.conv1d: L.conv, F.conv2d: L.conv, F.conv3d: L.conv, F.linear: L.linear,
+    F.batch_norm: L.batch_norm, F.layer_norm: L.layer_norm, F.group_norm: L.group_norm,
+    torch.matmul: L.matmul, operator.matmul: L.matmul, torch.bmm: L.matmul,
+    F.scaled_dot_product_attention: L.sdpa,
+    torch.flatten: S.reshape, torch.reshape: S.reshape, torch.squeeze: S.reshape, torch.unsqueeze: S.reshape,
+    torch.permute: S.permute, torch.transpose: S.permute, torch.swapaxes: S.permute, torch.movedim: S.permute,
+    torch.t: S.permute,
+    torch.cat: S.cat, torch.concat: S.cat, torch.concatenate: S.cat, torch.stack: S.stack,
+    torch.split: S.split, torch.chunk: S.split, torch.tensor_split: S.split, torch.unbind: S.split,
+    operator.getitem: S.getitem, F.pixel_shuffle: S.pixel_shuffle,
+    getattr: S.no_planes, torch._assert: S.no_planes, math.sqrt: S.no_planes,
+    **{f: S.unary for f in _UNARY_FUNCS},
+    **{f: S.elementwise for f in _BINARY_FUNCS},
+    **{f: S.reduce for f in _REDUCE_FUNCS},
+    **{f: S.spatial for f in _SPATIAL_FUNCS},
+}
+
+_UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp", "clip",
+    "contiguous", "clone", "detach", "float", "double", "half", "to", "type", "type_as", "softmax", "log_softmax",
+    "square", "erf", "sin", "cos", "requires_grad_", "__neg__", "cpu", "cuda", "clamp_min", "clamp_max",
+)
+_BINARY_METHODS = (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill", "masked_fill_", "pow",
+    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "maximum", "minimum", "where",
+)
+
+METHOD_RULES = {
+    "view": S.reshape, "reshape": S.reshape, "flatten": S.reshape, "unflatten": S.reshape,
+    "squeeze": S.reshape, "unsqueeze": S.reshape, "view_as": S.reshape, "reshape_as": S.reshape,
+    "permute": S.permute, "transpose": S.permute, "swapaxes": S.permute, "movedim": S.permute, "t": S.permute,
+    "expand": S.expand, "expand_as": S.expand, "broadcast_to": S.expand, "repeat": S.repeat,
+    "split": S.split, "chunk": S.split, "tensor_split": S.split, "unbind": S.split,
+    "sum": S.reduce, "mean": S.reduce, "amax": S.reduce, "amin": S.reduce, "max": S.reduce, "min": S.reduce,
+    "std": S.reduce, "var": S.reduce, "norm": S.reduce, "logsumexp": S.reduce,
+    "matmul": L.matmul, "bmm": L.matmul, "__matmul__": L.matmul,
+    "size": S.no_planes, "dim": S.no_planes, "numel": S.no_planes, "item": S.no_planes,
+    **{m: S.unary for m in _UNARY_METHODS},
+    **{m: S.elementwise for m in _BINARY_METHODS},
+}
+
+_EXTRA_MODULE_RULES = {}
+try:  # torchvision's Permute and StochasticDepth are plain modules with known channel behaviour.
+    from torchvision.ops.misc import Permute as _TvPermute
+    from torchvision.ops.stochastic_depth import StochasticDepth as _TvStochasticDepth
+
+    from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
+
+    _EXTRA_MODULE_RULES = {_TvPermute: S.permute_module, _TvStochasticDepth: S.unary}
+    FUNCTION_RULES[_tv_stochastic_depth] = S.unary
+except ImportError:  # torchvision is optional
+    pass
+MODULE_RULES.update(_EXTRA_MODULE_RULES)
+
+
+def rule_for(op: str, target, module: Optional[nn.Module] = None) -> Optional[Rule]:
+    """The rule for one fx node, or None (a barrier)."""
+    if op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in MODULE_RULES:
+                return MODULE_RULES[cls]
+        return None
+    if op == "call_function":
+        try:
+            return FUNCTION_RULES.get(target)
+        except TypeError:  # unhashable target
+            return None
+    if op == "call_method":
+        return METHOD_RULES.get(target)
+    return None

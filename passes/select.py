@@ -1,0 +1,99 @@
+"""Select: unit scores and a budget in, the set of units to remove out.
+
+Units of all groups are ranked together by score (scores are normalised per group by the importance stage).
+Each group keeps at least one unit and loses at most ``max_layer_ratio`` of its width; kept widths are rounded up
+to a multiple of ``round_to``. A MAC budget is met by bisection on the ranked list with a per-layer MAC model,
+then checked with thop by the caller.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Set
+
+from .errors import BudgetError, ConfigError
+from .facts import Coupling
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``macs``: fraction of the ORIGINAL MACs to keep; ``channels``: fraction of prunable units to remove."""
+
+    macs: Optional[float] = None
+    channels: Optional[float] = None
+    max_layer_ratio: float = 0.95
+    round_to: int = 1
+
+    def __post_init__(self):
+        if (self.macs is None) == (self.channels is None):
+            raise ConfigError("give exactly one budget: macs=<fraction of MACs to keep> or channels=<fraction of "
+                              "channels to remove>. What to do: e.g. compile_prune(model, x, macs=0.5).")
+        for name in ("macs", "channels"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= 1.0):
+                raise ConfigError(f"{name}={v} is outside (0, 1]. What to do: pass a fraction, e.g. {name}=0.5.")
+        if not (0.0 <= self.max_layer_ratio < 1.0):
+            raise ConfigError(f"max_layer_ratio={self.max_layer_ratio} must be in [0, 1): a layer must keep a channel.")
+        if int(self.round_to) < 1:
+            raise ConfigError(f"round_to={self.round_to} must be a positive integer.")
+
+
+def _caps(coupling: Coupling, budget: Budget) -> Dict[str, int]:
+    """How many units each group may lose at most."""
+    return {g.id: min(g.width - 1, int(math.floor(budget.max_layer_ratio * g.width))) for g in coupling.groups}
+
+
+def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str, int], widths: Dict[str, int],
+          round_to: int) -> Set[int]:
+    """The first ``k`` ranked units that fit the per-group caps, then rounded so kept widths are multiples of
+    ``round_to`` (rounding keeps more, never less)."""
+    taken: Dict[str, List[int]] = {}
+    count = 0
+    for u in ranked:
+        if count >= k:
+            break
+        g = unit_group[u]
+        if len(taken.get(g, [])) < caps[g]:
+            taken.setdefault(g, []).append(u)
+            count += 1
+    removed: Set[int] = set()
+    for g, units in taken.items():
+        n = len(units)
+        if round_to > 1 and widths[g] > round_to:
+            kept = widths[g] - n
+            kept = min(widths[g], int(math.ceil(kept / round_to)) * round_to)
+            n = widths[g] - kept
+        removed.update(units[:n])
+    return removed
+
+
+def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
+           estimate: Optional[Callable[[Set[int]], float]] = None, target_macs: Optional[float] = None) -> Set[int]:
+    """Units to remove. ``scores``: unit -> normalised importance (lower goes first). For a MAC budget,
+    ``estimate(removed) -> MACs`` and the absolute ``target_macs`` are required."""
+    unit_group = coupling.unit_group()
+    ranked = sorted(unit_group, key=lambda u: (scores.get(u, 0.0), u))
+    caps = _caps(coupling, budget)
+    widths = {g.id: g.width for g in coupling.groups}
+    take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to))  # noqa: E731
+    if budget.channels is not None:
+        return take(int(round(budget.channels * len(ranked))))
+    if not ranked:
+        raise BudgetError("the model has no prunable channels (every channel is pinned by the network's output, "
+                          "ignore=, or barriers). What to do: inspect the barriers with obafx.report() / "
+                          "`obafx inspect`, or mark unsupported submodules as leaf_modules.")
+    if estimate(set()) <= target_macs:
+        return set()
+    lo, hi = 0, len(ranked)
+    if estimate(take(hi)) > target_macs:
+        raise BudgetError(
+            f"the MAC budget cannot be met: removing every removable channel (at most {budget.max_layer_ratio:.0%} "
+            f"of each layer) leaves {estimate(take(hi)):.3g} MACs > target {target_macs:.3g}. What to do: ask for "
+            "a larger macs= fraction, raise max_layer_ratio, or drop ignore= entries.")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if estimate(take(mid)) <= target_macs:
+            hi = mid
+        else:
+            lo = mid + 1
+    return take(lo)

@@ -1,0 +1,74 @@
+"""Verify: oracles that check a pruned module against the original.
+
+Masking equivalence: run the ORIGINAL traced graph with every removed unit's positions zeroed after every node;
+the pruned module must give the same output (exactly, up to float round-off, wherever no normalisation or mean
+mixes the pruned channels).
+"""
+from __future__ import annotations
+
+from typing import Any, Set
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .facts import Coupling
+from .labels import Plane
+from .trace import Traced
+
+
+class _Masker(fx.Interpreter):
+    """Interpreter that zeroes the positions of removed units in every intermediate value."""
+
+    def __init__(self, gm: fx.GraphModule, coupling: Coupling, removed: Set[int]):
+        super().__init__(gm)
+        self.coupling = coupling
+        self.removed = np.array(sorted(removed), dtype=np.int64)
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op in ("output", "placeholder"):
+            return value
+        return _mask(value, self.coupling.node_units.get(n.name, ()), self.removed)
+
+
+def _mask(value: Any, planes: Any, removed: np.ndarray) -> Any:
+    if isinstance(value, torch.Tensor):
+        keep = None
+        for p in planes if isinstance(planes, tuple) else ():
+            if isinstance(p, Plane):
+                k = ~np.isin(p.arr, removed)
+                if not k.all():
+                    keep = k if keep is None else keep & k
+        if keep is None:
+            return value
+        mask = torch.from_numpy(np.ascontiguousarray(keep)).to(device=value.device, dtype=value.dtype)
+        return value * mask
+    if isinstance(value, (tuple, list)) and isinstance(planes, tuple) and len(planes) == len(value):
+        masked = [_mask(v, p, removed) for v, p in zip(value, planes)]
+        return type(value)(masked) if isinstance(value, list) else tuple(masked)
+    return value
+
+
+def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=None) -> Any:
+    """The original model's output with every removed unit zeroed everywhere (eval mode, no grad)."""
+    gm = traced.gm
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return _Masker(gm, coupling, removed).run(*(inputs if inputs is not None else traced.inputs))
+    finally:
+        gm.train(was)
+
+
+def max_relative_error(a: Any, b: Any) -> float:
+    """Largest |a-b| / max|a| over (nested) tensor outputs."""
+    if isinstance(a, torch.Tensor):
+        scale = a.abs().max().clamp_min(1e-30)
+        return float(((a - b).abs().max() / scale).item())
+    if isinstance(a, (tuple, list)):
+        return max((max_relative_error(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, dict):
+        return max((max_relative_error(a[k], b[k]) for k in a), default=0.0)
+    return 0.0
