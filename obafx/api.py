@@ -10,6 +10,7 @@ from torch import nn
 from obafx.batches import BatchSource, warn_once
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
+from obafx.passes.errors import ConfigError
 from obafx.passes.facts import PrunePlan
 from obafx.passes.importance import ScoreContext, unit_scores
 from obafx.passes.macs import MacModel, param_count, thop_macs
@@ -28,7 +29,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   loss_fn: Optional[Callable] = None, steps: int = 1, batches_per_step: Optional[int] = None,
                   ignore: Iterable[str] = (), round_to: int = 1, max_layer_ratio: float = 0.95,
                   leaf_modules: Iterable[Any] = (), mode: str = "full", delta: float = 0.0, train: bool = False,
-                  seed: int = 0, progress: bool = False, verify: bool = True,
+                  seed: int = 0, progress: bool = False, verify: bool = True, structure: str = "structured",
+                  sparsity: Optional[float] = None,
                   on_stage: Optional[Callable[[str, Any], None]] = None) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
@@ -37,7 +39,14 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
     OBA, re-scoring on fresh batches from ``data`` before each step. ``ignore``: module names whose widths stay.
     ``on_stage(name, facts)`` is called after every stage (the place for dumps). See obafx.report(pruned).
+    ``structure="unstructured"`` with ``sparsity=`` zeroes that fraction of Conv/Linear weights instead (a traced
+    copy of the same size; importance "oba" or "magnitude"); the report holds the sparsity per weight.
     """
+    if structure == "unstructured":
+        return _unstructured(model, example_input, sparsity, importance, data, loss_fn, mode, delta, train,
+                             leaf_modules, progress)
+    if structure != "structured":
+        raise ConfigError(f"structure={structure!r}. What to do: use 'structured' or 'unstructured'.")
     clock = _Clock()
     budget = Budget(macs, channels, max_layer_ratio, round_to)
     traced = clock("trace", trace, model, example_input, leaf_modules)
@@ -64,6 +73,17 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     return pruned
 
 
+def _unstructured(model, example_input, sparsity, importance, data, loss_fn, mode, delta, train, leaf_modules,
+                  progress):
+    from obafx.unstructured_api import prune_unstructured
+
+    if sparsity is None:
+        raise ConfigError("structure='unstructured' needs sparsity=<fraction of weights to zero>.")
+    return prune_unstructured(model, example_input, sparsity=sparsity, importance=importance, data=data,
+                              loss_fn=loss_fn, mode=mode, delta=delta, train=train, leaf_modules=leaf_modules,
+                              progress=progress)
+
+
 def _prune_step(current: Traced, budget: Budget, step: int, steps: int, macs0: float, importance: Any,
                 source: BatchSource, ctx: ScoreContext, ignore, units0: int, clock, hook):
     """One step: analyse the current module, score, select toward this step's target, rewrite."""
@@ -75,7 +95,8 @@ def _prune_step(current: Traced, budget: Budget, step: int, steps: int, macs0: f
     if budget.channels is not None:
         removed = _select_channels(coupling, scores, budget, step, steps, units0)
     else:
-        removed = clock("select", _select_macs, current, coupling, scores, budget, macs0 * budget.macs ** (step / steps))
+        removed = clock("select", _select_macs, current, coupling, facts.shapes, scores, budget,
+                        macs0 * budget.macs ** (step / steps))
     gm = clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
     hook("rewrite", gm)
     return Traced(gm, current.inputs), plan_from_removed(coupling, removed)
@@ -94,22 +115,18 @@ def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, un
                                            round_to=budget.round_to))
 
 
-def _select_macs(current: Traced, coupling, scores, budget: Budget, target: float):
+def _select_macs(current: Traced, coupling, shapes, scores, budget: Budget, target: float):
     """Select toward an absolute MAC target, correcting the per-layer estimate with thop measurements."""
     _, per_module = thop_macs(current.gm, current.inputs)
     model = MacModel(coupling, per_module)
     aim = target
     for _ in range(4):
         removed = select(coupling, scores, budget, model.estimate, aim)
-        measured, _ = thop_macs(rewrite(current, coupling, _shapes(current), removed), current.inputs)
+        measured, _ = thop_macs(rewrite(current, coupling, shapes, removed), current.inputs)
         if measured <= target * (1 + _MAC_TOLERANCE) or not removed:
             return removed
         aim *= target / measured
     return removed
-
-
-def _shapes(current: Traced):
-    return analyze(current).shapes
 
 
 def _report(traced, pruned, coupling0, removed0, plan, macs0, importance, steps, error, source, clock) -> Report:

@@ -29,6 +29,8 @@ class Report:
     masked_error: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     seconds: Dict[str, float] = field(default_factory=dict)
+    sparsity: Dict[str, float] = field(default_factory=dict)  # unstructured mode: zeroed fraction per weight
+    overall_sparsity: Optional[float] = None  # unstructured mode: zeroed fraction of all scored weights
 
     @property
     def macs_ratio(self) -> float:
@@ -51,6 +53,8 @@ class Report:
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"groups pruned: {sum(1 for g in self.groups if g['width_after'] < g['width_before'])}"
                      f"/{len(self.groups)}, barriers: {len(self.barriers)}, importance: {self.importance}, steps: {self.steps}")
+        if self.sparsity:
+            lines.append(f"unstructured sparsity over prunable weights: {self.overall_sparsity:.3f}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
