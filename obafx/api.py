@@ -19,7 +19,7 @@ from obafx.passes.rewrite import rewrite
 from obafx.passes.select import Budget, select
 from obafx.passes.trace import Traced, trace
 from obafx.passes.verify import masked_output, max_relative_error
-from obafx.report import Report, attach
+from obafx.report import Report, attach, input_spec
 
 _MAC_TOLERANCE = 0.01  # re-select when thop says the step missed its MAC target by more than this
 
@@ -136,7 +136,8 @@ def _report(traced, pruned, coupling0, removed0, plan, macs0, importance, steps,
     notes = [source.note] if source.note and importance not in ("magnitude", "random") else []
     return Report(param_count(traced.gm), param_count(pruned), macs0, macs1,
                   importance if isinstance(importance, str) else getattr(importance, "__name__", "custom"),
-                  int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals)
+                  int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals,
+                  inputs=input_spec(traced.inputs))
 
 
 class _Clock:

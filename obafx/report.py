@@ -31,6 +31,8 @@ class Report:
     seconds: Dict[str, float] = field(default_factory=dict)
     sparsity: Dict[str, float] = field(default_factory=dict)  # unstructured mode: zeroed fraction per weight
     overall_sparsity: Optional[float] = None  # unstructured mode: zeroed fraction of all scored weights
+    inputs: List[Dict[str, Any]] = field(default_factory=list)  # example-input spec, for obafx.load
+
 
     @property
     def macs_ratio(self) -> float:
@@ -57,6 +59,21 @@ class Report:
             lines.append(f"unstructured sparsity over prunable weights: {self.overall_sparsity:.3f}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def input_spec(inputs) -> List[Dict[str, Any]]:
+    """Shape and dtype of each positional example input (constants by value), JSON-ready."""
+    import torch
+
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            out.append({"kind": "tensor", "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")})
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            out.append({"kind": "constant", "value": x})
+        else:
+            out.append({"kind": "opaque", "type": type(x).__name__})
+    return out
 
 
 def attach(gm: fx.GraphModule, rep: Report) -> None:

@@ -11,7 +11,7 @@ from obafx.passes.hvp import parameter_scores, prunable_parameter_names
 from obafx.passes.macs import param_count, thop_macs
 from obafx.passes.trace import trace
 from obafx.passes.unstructured import apply_masks, global_masks, unstructured_scores
-from obafx.report import Report, attach
+from obafx.report import Report, attach, input_spec
 
 
 def prune_unstructured(model, example_input, *, sparsity: float, importance: str, data, loss_fn, mode: str,
@@ -44,6 +44,6 @@ def prune_unstructured(model, example_input, *, sparsity: float, importance: str
     macs, _ = thop_macs(gm, traced.inputs)
     count = param_count(gm)
     rep = Report(count, count, macs, macs, importance, 1, [], [], {}, None, notes, {}, per_tensor,
-                 zeroed / max(total, 1))
+                 zeroed / max(total, 1), input_spec(traced.inputs))
     attach(gm, rep)
     return gm
