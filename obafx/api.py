@@ -5,6 +5,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 import torch.fx as fx
+from tqdm.auto import tqdm
 from torch import nn
 
 from obafx.batches import BatchSource, warn_once
@@ -59,7 +60,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     if source.note and importance not in ("magnitude", "random"):
         warn_once(source.note)
     current, plan = traced, PrunePlan()
-    for step in range(1, int(steps) + 1):
+    for step in tqdm(range(1, int(steps) + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
         current, step_plan = _prune_step(current, budget, step, int(steps), macs0, importance, source,
                                          ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress),
                                          ignore, len([u for g in coupling0.groups for u in g.units]), clock, hook)
