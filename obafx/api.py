@@ -50,6 +50,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         raise ConfigError(f"structure={structure!r}. What to do: use 'structured' or 'unstructured'.")
     clock = _Clock()
     budget = Budget(macs, channels, max_layer_ratio, round_to)
+    _check_importance(importance)
     traced = clock("trace", trace, model, example_input, leaf_modules)
     hook = on_stage or (lambda name, facts: None)
     facts0 = clock("analyze", analyze, traced)
@@ -57,7 +58,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     hook("couple", coupling0)
     macs0, _ = thop_macs(traced.gm, traced.inputs)
     source = BatchSource(data, steps, traced.inputs, batches_per_step)
-    if source.note and importance not in ("magnitude", "random"):
+    if source.note and _needs_data(importance):
         warn_once(source.note)
     current, plan = traced, PrunePlan()
     for step in tqdm(range(1, int(steps) + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
@@ -90,7 +91,7 @@ def _prune_step(current: Traced, budget: Budget, step: int, steps: int, macs0: f
     """One step: analyse the current module, score, select toward this step's target, rewrite."""
     facts = clock("analyze", analyze, current)
     coupling = clock("couple", couple, facts, ignore)
-    ctx = ScoreContext(source.for_step() if importance not in ("magnitude", "random") else None, *_rest(ctx))
+    ctx = ScoreContext(source.for_step() if _needs_data(importance) or callable(importance) else None, *_rest(ctx))
     scores = clock("score", unit_scores, importance, current.gm, coupling, ctx)
     hook("score", scores)
     if budget.channels is not None:
@@ -101,6 +102,18 @@ def _prune_step(current: Traced, budget: Budget, step: int, steps: int, macs0: f
     gm = clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
     hook("rewrite", gm)
     return Traced(gm, current.inputs), plan_from_removed(coupling, removed)
+
+
+def _needs_data(importance: Any) -> bool:
+    return isinstance(importance, str) and importance not in ("magnitude", "random")
+
+
+def _check_importance(importance: Any) -> None:
+    from obafx.passes.importance import CRITERIA
+
+    if not callable(importance) and importance not in CRITERIA:
+        raise ConfigError(f"importance={importance!r} is unknown. What to do: use one of {sorted(CRITERIA)} or a "
+                          "callable (model, coupling, ctx) -> {unit: score}.")
 
 
 def _rest(ctx: ScoreContext):
@@ -134,7 +147,7 @@ def _report(traced, pruned, coupling0, removed0, plan, macs0, importance, steps,
     groups = [{"id": g.id, "width_before": g.width, "width_after": sum(1 for u in g.units if u not in removed0),
                "members": [f"{n}:{d}" for n, d in g.members]} for g in coupling0.groups]
     macs1, _ = thop_macs(pruned, traced.inputs)
-    notes = [source.note] if source.note and importance not in ("magnitude", "random") else []
+    notes = [source.note] if source.note and _needs_data(importance) else []
     return Report(param_count(traced.gm), param_count(pruned), macs0, macs1,
                   importance if isinstance(importance, str) else getattr(importance, "__name__", "custom"),
                   int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals,
