@@ -109,28 +109,29 @@ def _oba(model, coupling, ctx):
     return aggregate(coupling, s)
 
 
-def _taylor(model, coupling, ctx):
-    from .criteria import taylor_scores
-    return aggregate(coupling, taylor_scores(model, _needs_batches(ctx, "taylor"), loss_fn=ctx.loss_fn))
+def _baseline(name: str):
+    """A criterion from criteria.py, called with the same data and options as OBA."""
 
+    def score(model, coupling, ctx):
+        from . import criteria
 
-def _obd(model, coupling, ctx):
-    from .criteria import obd_scores
-    return aggregate(coupling, obd_scores(model, _needs_batches(ctx, "obd"), loss_fn=ctx.loss_fn, seed=ctx.seed))
+        fn = getattr(criteria, f"{name}_scores")
+        extra = {"seed": ctx.seed} if name == "obd" else {}
+        s = fn(model, _needs_batches(ctx, name), loss_fn=ctx.loss_fn, train=ctx.train, chunk_size=ctx.chunk_size,
+               progress=ctx.progress, **extra)
+        return aggregate(coupling, s)
 
-
-def _fisher(model, coupling, ctx):
-    from .criteria import fisher_scores
-    return aggregate(coupling, fisher_scores(model, _needs_batches(ctx, "fisher"), loss_fn=ctx.loss_fn))
+    score.__name__ = name
+    return score
 
 
 CRITERIA: Dict[str, Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]] = {
     "magnitude": _magnitude,
     "random": _random,
     "oba": _oba,
-    "taylor": _taylor,
-    "obd": _obd,
-    "fisher": _fisher,
+    "taylor": _baseline("taylor"),
+    "obd": _baseline("obd"),
+    "fisher": _baseline("fisher"),
 }
 
 
