@@ -135,11 +135,23 @@ CRITERIA: Dict[str, Callable[[nn.Module, Coupling, ScoreContext], Dict[int, floa
 }
 
 
+def _checked(scores: Any, coupling: Coupling, name: str) -> Dict[int, float]:
+    """A user criterion's result must be {unit: finite float} covering the prunable units."""
+    if not isinstance(scores, dict):
+        raise ScoreError(f"importance '{name}' returned {type(scores).__name__}, not a dict. What to do: return "
+                         "{unit id: score} for the units in coupling.groups[i].units.")
+    bad = [u for u, v in scores.items() if not np.isfinite(float(v))]
+    if bad:
+        raise ScoreError(f"importance '{name}' gave NaN/inf scores for {len(bad)} units (e.g. unit {bad[0]}). "
+                         "What to do: check the criterion and its data.")
+    return scores
+
+
 def unit_scores(importance: Any, model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
     """Scores of every prunable unit. ``importance``: a name in CRITERIA, or a callable
     ``(model, coupling, ctx) -> {unit: score}`` (the seam for user criteria)."""
     if callable(importance):
-        return importance(model, coupling, ctx)
+        return _checked(importance(model, coupling, ctx), coupling, getattr(importance, "__name__", "custom"))
     if importance not in CRITERIA:
         raise ConfigError(f"importance='{importance}' is unknown. What to do: use one of {sorted(CRITERIA)} or a "
                           "callable (model, coupling, ctx) -> {unit: score}.")

@@ -25,6 +25,10 @@ class Budget:
     round_to: int = 1
 
     def __post_init__(self):
+        for name in ("macs", "channels", "max_layer_ratio", "round_to"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{name}={v!r} is not a number. What to do: pass e.g. {name}=0.5.")
         if (self.macs is None) == (self.channels is None):
             raise ConfigError("give exactly one budget: macs=<fraction of MACs to keep> or channels=<fraction of "
                               "channels to remove>. What to do: e.g. compile_prune(model, x, macs=0.5).")
@@ -76,12 +80,12 @@ def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
     caps = _caps(coupling, budget)
     widths = {g.id: g.width for g in coupling.groups}
     take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to))  # noqa: E731
-    if budget.channels is not None:
-        return take(int(round(budget.channels * len(ranked))))
     if not ranked:
         raise BudgetError("the model has no prunable channels (every channel is pinned by the network's output, "
                           "ignore=, or barriers). What to do: inspect the barriers with obafx.report() / "
                           "`obafx inspect`, or mark unsupported submodules as leaf_modules.")
+    if budget.channels is not None:
+        return take(int(round(budget.channels * len(ranked))))
     if estimate(set()) <= target_macs:
         return set()
     lo, hi = 0, len(ranked)

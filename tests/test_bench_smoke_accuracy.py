@@ -1,0 +1,28 @@
+"""Smoke run of benchmarks/accuracy.py on a tiny setting: the JSON has the documented shape."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from obafx.data import default_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not any(default_root().glob("*")), reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+def test_accuracy_quick(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the model cache goes under the tmp dir
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "acc.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = [r for r in data["rows"] if r["method"] != "dense"]
+    assert {r["method"] for r in rows} == {"oba_full", "magnitude", "tp_taylor"}
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["macs_ratio"] < 0.75 and 0 <= r["acc_finetuned"] <= 1
+    assert {s["method"] for s in data["summary"]} == {"oba_full", "magnitude", "tp_taylor"}
+    assert "machine" in data and "command" in data
