@@ -43,11 +43,14 @@ def _flatten(tree: Dict[str, Any], prefix: str, out: Dict[str, float]) -> None:
 
 
 def flop_counter_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> float:
-    """MACs seen by torch's dispatcher-level FlopCounterMode (FLOPs / 2), functional matmuls included."""
+    """MACs seen by torch's dispatcher-level FlopCounterMode (FLOPs / 2), functional matmuls included.
+
+    Runs with autograd enabled: under no_grad, nn.MultiheadAttention takes a fused fast path that FlopCounterMode
+    does not count."""
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
             model(*inputs)
     finally:
         model.train(was)

@@ -1,0 +1,75 @@
+"""Smoke test: benchmarks/throughput.py --quick runs end to end and writes the promised JSON and PNG, with
+speed-ups, throughputs and MAC ratios that follow from the medians and counts stored beside them."""
+import importlib.util
+import json
+import math
+import os
+import statistics
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "throughput.py")
+NUMBER = (int, float)
+ROW_NUMBERS = ("budget", "round_to", "batch_throughput", "prune_s", "macs_thop_dense", "macs_thop_pruned",
+               "macs_flopcounter_dense", "macs_flopcounter_pruned", "params_dense", "params_pruned",
+               "mac_ratio_thop", "mac_ratio_flopcounter", "latency_dense_s", "latency_pruned_s", "throughput_dense",
+               "throughput_pruned", "speedup_latency", "speedup_throughput", "speedup_throughput_paired",
+               "speedup_latency_over_mac_ratio", "speedup_throughput_over_mac_ratio")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput") / "throughput.json"
+    returned = load_script().main(["--quick", "--out", str(out)])
+    return out, returned, json.loads(out.read_text())
+
+
+def test_quick_run_writes_json_and_plot(quick):
+    out, returned, report = quick
+    assert report == json.loads(json.dumps(returned))
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"torch", "cpu_count", "device_name", "threads"} <= report["machine"].keys()
+    assert report["settings"]["quick"] is True and report["settings"]["compile_models"] == []
+    assert report["machine"]["threads"] == report["settings"]["threads"] >= 1
+    assert report["runtime_s"] > 0 and report["target"]["checks"] == []  # no resnet50 in the quick run
+
+
+def test_rows_cover_both_budgets_eager_only(quick):
+    rows = quick[2]["rows"]
+    assert [(r["model"], r["budget_label"], r["mode"]) for r in rows] == [("resnet20", "2x", "eager"),
+                                                                          ("resnet20", "3x", "eager")]
+    for r in rows:
+        assert r["error"] is None and r["device"] in ("cpu", "cuda") and isinstance(r["masked_error"], float)
+        for key in ROW_NUMBERS:
+            assert isinstance(r[key], NUMBER) and not isinstance(r[key], bool) and r[key] > 0, key
+
+
+def test_derived_numbers_are_consistent(quick):
+    reps = quick[2]["settings"]["reps"]
+    for r in quick[2]["rows"]:
+        for side in ("dense", "pruned"):
+            lat, bat = r[f"latency_rounds_{side}_s"], r[f"batch_rounds_{side}_s"]
+            assert len(lat) == len(bat) == reps
+            assert math.isclose(r[f"latency_{side}_s"], statistics.median(lat))
+            assert math.isclose(r[f"throughput_{side}"], r["batch_throughput"] / statistics.median(bat))
+        assert math.isclose(r["speedup_latency"], r["latency_dense_s"] / r["latency_pruned_s"])
+        assert math.isclose(r["speedup_throughput"], statistics.median(r["batch_rounds_dense_s"])
+                            / statistics.median(r["batch_rounds_pruned_s"]))
+        assert math.isclose(r["mac_ratio_thop"], r["macs_thop_dense"] / r["macs_thop_pruned"])
+        assert math.isclose(r["speedup_throughput_over_mac_ratio"],
+                            r["speedup_throughput"] / r["mac_ratio_flopcounter"])
+        # the pruning met its thop budget (1 % tolerance of select) and removed parameters
+        assert r["macs_thop_pruned"] <= r["budget"] * r["macs_thop_dense"] * 1.01
+        assert r["params_pruned"] < r["params_dense"]
+
+
+def test_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        load_script().main(["--models", "no_such_model"])
