@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .labels import Plane, Store, plane_for
+from .labels import Plane, Store, Width, plane_for
 
 
 @dataclass(eq=False)
@@ -51,6 +51,16 @@ class Call:
     def lx(self) -> Tuple[Plane, ...]:
         return tuple(self.largs[0] or ())
 
+    def widths(self) -> List[Width]:
+        """Every Width among the node's arguments (nested in tuples, lists, dicts and slices)."""
+        found: List[Width] = []
+        collect_widths(self.store, (self.node.args, self.node.kwargs), found)
+        return found
+
+    def width_of(self, arg: Any) -> Any:
+        """The Width (or tuple of them) recorded for an argument node, or None."""
+        return self.store.widths.get(arg.name) if isinstance(arg, fx.Node) else None
+
     def owner(self) -> str:
         return self.node.target if self.node.op == "call_module" else self.node.name
 
@@ -74,3 +84,17 @@ def out_planes(labels: Optional[np.ndarray], ndim: int, dim: int, keep: Sequence
     """Planes ``keep`` plus, when ``labels`` exist and are wider than 1, a plane of ``labels`` along ``dim``."""
     extra = (plane_for(labels, ndim, dim),) if labels is not None and labels.shape[0] > 1 else ()
     return tuple(keep) + extra
+
+
+def collect_widths(store: Store, arg: Any, found: List[Width]) -> None:
+    if isinstance(arg, fx.Node):
+        w = store.widths.get(arg.name)
+        found.extend(x for x in (w if isinstance(w, tuple) else (w,)) if isinstance(x, Width))
+    elif isinstance(arg, (tuple, list)):
+        for a in arg:
+            collect_widths(store, a, found)
+    elif isinstance(arg, dict):
+        for a in arg.values():
+            collect_widths(store, a, found)
+    elif isinstance(arg, slice):
+        collect_widths(store, (arg.start, arg.stop, arg.step), found)

@@ -1,4 +1,4 @@
-"""Channel graph: run the traced graph once on real values and on channel planes side by side.
+"""Channel graph: walk the traced graph once on (meta) values and on channel planes side by side.
 
 In: a `Traced` model. Out: `ChannelFacts` - every node's planes and real shapes, every parameter slot, every
 union the op rules recorded and every barrier. Ops without a rule are barriers (see ops.py); no guessing.
@@ -17,7 +17,7 @@ from .errors import ObafxError, describe_node
 from .labels import Plane, Store
 from .ops import rule_for
 from .rules_shape import barrier
-from .trace import Traced
+from .trace import Traced, record_values
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,16 +50,17 @@ def _labels_of(arg: Any, planes: Dict[str, Any]) -> Any:
 
 
 class _Analyzer(fx.Interpreter):
-    """fx Interpreter that, for each node, also applies its op rule to the inputs' planes."""
+    """fx Interpreter that replays recorded node values and applies each node's op rule to the inputs' planes."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, values: Dict[str, Any]):
         super().__init__(gm)
+        self.values = values
         self.store = Store()
         self.planes: Dict[str, Any] = {}
         self.shapes: Dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
+        value = self.values[n.name]  # recorded by trace.record_values: no compute here
         self.shapes[n.name] = _shape_of(value)
         self.planes[n.name] = self._planes(n, value)
         return value
@@ -107,16 +108,14 @@ def _target_name(n: fx.Node, module) -> str:
 
 
 def analyze(traced: Traced) -> ChannelFacts:
-    """Run the channel analysis on ``traced`` (in eval mode, without gradients, on a private copy's values)."""
+    """Run the channel analysis on ``traced`` (its recorded node values, or one fresh eval-mode run's)."""
     gm = traced.gm
-    was_training = gm.training
-    gm.eval()
-    analyzer = _Analyzer(gm)
-    try:
-        with torch.no_grad():
-            analyzer.run(*traced.inputs)
-    finally:
-        gm.train(was_training)
+    values = traced.recorded_values()
+    if values is None:
+        values = record_values(gm, traced.inputs)
+    analyzer = _Analyzer(gm, values)
+    with torch.no_grad():
+        analyzer.run(*traced.inputs)
     return ChannelFacts(traced, analyzer.store, analyzer.planes, analyzer.shapes)
 
 

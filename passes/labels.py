@@ -38,6 +38,18 @@ class Slot:
     owner: str  # the layer (module qualified name or node name) this slot belongs to
 
 
+@dataclass(frozen=True, eq=False)
+class Width:
+    """A Python number that depends on the width of a labelled tensor dim (``x.size(d)``, ``x.shape[d]`` and
+    arithmetic on them): pruning that dim changes the number. The number is exactly width * mul // div
+    (div None: some other function of the width)."""
+
+    planes: Tuple[Plane, ...]  # the planes covering the measured dim of the measured tensor
+    dim: int
+    div: Optional[int] = 1
+    mul: int = 1
+
+
 @dataclass
 class Store:
     """Mutable collector used during one analysis: fresh labels, unions, parameter slots, barriers."""
@@ -46,6 +58,8 @@ class Store:
     pairs: List[np.ndarray] = field(default_factory=list)
     slots: Dict[Tuple[str, int], Tuple[Slot, np.ndarray]] = field(default_factory=dict)
     barriers: List[Tuple[str, str]] = field(default_factory=list)
+    log: List[Tuple[str, int]] = field(default_factory=list)  # slot keys in the order rules touched them
+    widths: Dict[str, object] = field(default_factory=dict)  # node name -> Width (or a tuple of Width/None)
 
     def fresh(self, n: int) -> np.ndarray:
         """``n`` new labels."""
@@ -71,14 +85,37 @@ class Store:
             self.union(flat[1:], flat[0])
 
     def slot(self, name: str, dim: int, size: int, role: str, owner: str) -> np.ndarray:
-        """Labels of one parameter dim; the same parameter used twice (shared weights) gets the same labels."""
+        """Labels of one parameter dim; the same parameter used twice (shared weights) gets the same labels.
+        A layer that uses a free parameter (a get_attr weight passed to F.conv2d / F.linear / matmul) claims
+        its role, so the parameter's rows count as produced channels."""
         key = (name, dim)
         if key not in self.slots:
             self.slots[key] = (Slot(name, dim, role, owner), self.fresh(size))
+        elif self.slots[key][0].role == "free" and role != "free":
+            self.slots[key] = (Slot(name, dim, role, owner), self.slots[key][1])
+        self.log.append(key)
         return self.slots[key][1]
+
+    def mark(self) -> Tuple[int, int]:
+        """A point to roll back to if an op rule fails half-way."""
+        return len(self.pairs), len(self.log)
+
+    def rollback(self, mark: Tuple[int, int]) -> None:
+        """Forget the unions recorded since ``mark`` and pin every slot touched since then: a layer used in a
+        way its rule cannot model must keep all its widths."""
+        pairs, log = mark
+        touched = self.log[log:]
+        del self.pairs[pairs:]
+        for key in touched:
+            self.pin(self.slots[key][1])
 
     def barrier(self, node_name: str, why: str) -> None:
         self.barriers.append((node_name, why))
+
+    def pin_width(self, width: "Width") -> None:
+        """The measured dim keeps its width (so the number stays what the model was written for)."""
+        for p in width.planes:
+            self.pin(p.arr)
 
 
 def plane_for(labels: np.ndarray, ndim: int, dim: int) -> Plane:
@@ -126,6 +163,33 @@ def only_on(planes: Sequence[Plane], dim: int) -> Optional[np.ndarray]:
 def pin_all(store: Store, planes: Sequence[Plane]) -> None:
     for p in planes:
         store.pin(p.arr)
+
+
+def merge_along(store: Store, p: Plane, dims) -> Plane:
+    """Make ``p``'s labels independent of ``dims`` (its coordinates there can never be removed one by one):
+    every position goes with the position at index 0 of ``dims``. Returns the plane reduced to the other dims
+    (size 1 on ``dims``); an empty-dims plane when nothing is left."""
+    rest = tuple(d for d in p.dims if d not in set(dims))
+    reduced = squeeze_to_dims(p.arr, rest)
+    store.union(p.arr, reduced)
+    return Plane(rest, reduced)
+
+
+def couple_facing(store: Store, p: Plane, facing, partners: Sequence[Plane]) -> None:
+    """``p`` meets another operand elementwise on dims ``facing`` (where that operand has real extent):
+    union with the partner planes covering any of them (broadcasting), and for facing dims no partner covers
+    (fixed width there) merge ``p`` along them, or pin ``p`` when it has no other dim left."""
+    covered = set()
+    for q in partners:
+        store.union(p.arr, q.arr)
+        covered |= set(q.dims)
+    loose = set(facing) - covered
+    if not loose:
+        return
+    if set(p.dims) <= loose:
+        store.pin(p.arr)
+    else:
+        merge_along(store, p, loose)
 
 
 def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> List[Tuple[List[int], List[int]]]:

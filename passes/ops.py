@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rules_index as I
 from . import rules_layers as L
 from . import rules_shape as S
 
@@ -35,11 +36,11 @@ MODULE_RULES = {
     nn.Linear: L.linear,
     nn.BatchNorm1d: L.batch_norm, nn.BatchNorm2d: L.batch_norm, nn.BatchNorm3d: L.batch_norm,
     nn.InstanceNorm1d: L.batch_norm, nn.InstanceNorm2d: L.batch_norm,
-    nn.LayerNorm: L.layer_norm, nn.GroupNorm: L.group_norm,
-    nn.PReLU: L.prelu, nn.Embedding: L.embedding,
+    nn.LayerNorm: L.layer_norm, nn.RMSNorm: L.layer_norm, nn.GroupNorm: L.group_norm,
+    nn.PReLU: L.prelu, nn.Embedding: L.embedding, nn.GLU: L.glu,
     nn.MultiheadAttention: L.multihead_attention,
-    nn.Flatten: S.reshape, nn.Unflatten: S.reshape,
-    nn.PixelShuffle: S.pixel_shuffle,
+    nn.Flatten: S.reshape, nn.Unflatten: S.unflatten_module,
+    nn.PixelShuffle: S.pixel_shuffle, nn.PixelUnshuffle: S.pixel_unshuffle,
     **{m: S.unary for m in _ACTIVATION_MODULES},
     **{m: S.spatial for m in _POOL_MODULES},
 }
@@ -54,17 +55,19 @@ _UNARY_FUNCS = (
 _BINARY_FUNCS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, operator.isub,
     operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum,
-    torch.minimum, torch.pow, torch.true_divide, operator.floordiv,
+    torch.minimum, torch.pow, torch.true_divide, operator.floordiv, operator.gt, operator.lt, operator.ge,
+    operator.le, operator.eq, operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
 )
 _REDUCE_FUNCS = (torch.sum, torch.mean, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var,
                  torch.logsumexp, torch.norm, torch.prod)
 _SPATIAL_FUNCS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
                   F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.pad,
-                  F.adaptive_max_pool2d, torch.roll)
+                  F.adaptive_max_pool2d)
 
 FUNCTION_RULES = {
     F.conv1d: L.conv, F.conv2d: L.conv, F.conv3d: L.conv, F.linear: L.linear,
-    F.batch_norm: L.batch_norm, F.layer_norm: L.layer_norm, F.group_norm: L.group_norm,
+    F.prelu: L.prelu, F.glu: L.glu, F.embedding: L.embedding, F.instance_norm: L.batch_norm,
+    F.batch_norm: L.batch_norm, F.layer_norm: L.layer_norm, F.rms_norm: L.layer_norm, F.group_norm: L.group_norm,
     torch.matmul: L.matmul, operator.matmul: L.matmul, torch.bmm: L.matmul,
     F.scaled_dot_product_attention: L.sdpa,
     torch.flatten: S.reshape, torch.reshape: S.reshape, torch.squeeze: S.reshape, torch.unsqueeze: S.reshape,
@@ -72,8 +75,9 @@ FUNCTION_RULES = {
     torch.t: S.permute,
     torch.cat: S.cat, torch.concat: S.cat, torch.concatenate: S.cat, torch.stack: S.stack,
     torch.split: S.split, torch.chunk: S.split, torch.tensor_split: S.split, torch.unbind: S.split,
-    operator.getitem: S.getitem, F.pixel_shuffle: S.pixel_shuffle,
-    getattr: S.no_planes, torch._assert: S.no_planes, math.sqrt: S.no_planes,
+    operator.getitem: I.getitem, F.pixel_shuffle: S.pixel_shuffle, F.pixel_unshuffle: S.pixel_unshuffle,
+    torch.repeat_interleave: S.repeat_interleave, torch.roll: S.roll, getattr: I.attribute, torch._assert: S.no_planes,
+    **{f: I.scalar for f in (math.sqrt, math.log, math.exp, math.pow, math.floor, math.ceil, abs)},
     **{f: S.unary for f in _UNARY_FUNCS},
     **{f: S.elementwise for f in _BINARY_FUNCS},
     **{f: S.reduce for f in _REDUCE_FUNCS},
@@ -88,6 +92,7 @@ _UNARY_METHODS = (
 _BINARY_METHODS = (
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill", "masked_fill_", "pow",
     "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "maximum", "minimum", "where",
+    "gt", "lt", "ge", "le", "eq", "ne",
 )
 
 METHOD_RULES = {
@@ -95,11 +100,12 @@ METHOD_RULES = {
     "squeeze": S.reshape, "unsqueeze": S.reshape, "view_as": S.reshape, "reshape_as": S.reshape,
     "permute": S.permute, "transpose": S.permute, "swapaxes": S.permute, "movedim": S.permute, "t": S.permute,
     "expand": S.expand, "expand_as": S.expand, "broadcast_to": S.expand, "repeat": S.repeat,
+    "repeat_interleave": S.repeat_interleave, "roll": S.roll,
     "split": S.split, "chunk": S.split, "tensor_split": S.split, "unbind": S.split,
     "sum": S.reduce, "mean": S.reduce, "amax": S.reduce, "amin": S.reduce, "max": S.reduce, "min": S.reduce,
     "std": S.reduce, "var": S.reduce, "norm": S.reduce, "logsumexp": S.reduce,
     "matmul": L.matmul, "bmm": L.matmul, "__matmul__": L.matmul,
-    "size": S.no_planes, "dim": S.no_planes, "numel": S.no_planes, "item": S.no_planes,
+    "size": I.size, "numel": I.size, "dim": S.no_planes, "item": S.no_planes,
     **{m: S.unary for m in _UNARY_METHODS},
     **{m: S.elementwise for m in _BINARY_METHODS},
 }
@@ -119,7 +125,13 @@ MODULE_RULES.update(_EXTRA_MODULE_RULES)
 
 
 def rule_for(op: str, target, module: Optional[nn.Module] = None) -> Optional[Rule]:
-    """The rule for one fx node, or None (a barrier)."""
+    """The rule for one fx node, or None (a barrier). A rule that fails half-way leaves no half-recorded
+    unions behind (see `_all_or_nothing`)."""
+    rule = _lookup(op, target, module)
+    return _all_or_nothing(rule) if rule is not None else None
+
+
+def _lookup(op: str, target, module: Optional[nn.Module]) -> Optional[Rule]:
     if op == "call_module":
         for cls in type(module).__mro__:
             if cls in MODULE_RULES:
@@ -133,3 +145,35 @@ def rule_for(op: str, target, module: Optional[nn.Module] = None) -> Optional[Ru
     if op == "call_method":
         return METHOD_RULES.get(target)
     return None
+
+
+# Rules whose ops may take sizes computed from a pruned width (view(b, c // g, ...), expand, split sizes,
+# slice bounds): rewrite rewrites changed literal sizes, and getitem checks its bounds itself.
+_WIDTH_ARGS_OK = (S.reshape, S.expand, S.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes)
+
+
+def _all_or_nothing(rule: Rule) -> Rule:
+    """``rule`` that, when it raises, first forgets its unions and pins every slot it touched (the caller then
+    treats the node as a barrier, which pins the inputs). Any other op that computes a tensor from a number
+    measured on a prunable dim (``scores / math.sqrt(q.size(-1))``) pins that dim: pruning would change the
+    number."""
+    def run(call):
+        mark = call.store.mark()
+        try:
+            planes = rule(call)
+        except Exception:
+            call.store.rollback(mark)
+            raise
+        if rule not in _WIDTH_ARGS_OK and _has_tensor(call.out):
+            for w in call.widths():
+                call.store.pin_width(w)
+        return planes
+    run.__name__ = getattr(rule, "__name__", "rule")
+    run.__doc__ = rule.__doc__
+    return run
+
+
+def _has_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(_has_tensor(v) for v in value)

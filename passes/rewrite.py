@@ -85,7 +85,7 @@ def _update_module(m: nn.Module, node: fx.Node, new_shapes: Dict[str, Any]) -> N
         m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
     elif isinstance(m, nn.modules.batchnorm._NormBase):
         m.num_features = x[1]
-    elif isinstance(m, nn.LayerNorm):
+    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         m.normalized_shape = tuple(x[len(x) - len(m.normalized_shape):])
     elif isinstance(m, nn.GroupNorm):
         m.num_channels = x[1]
@@ -114,7 +114,7 @@ def _rewrite_literals(node: fx.Node, shapes, kept, new_shapes) -> None:
         _rewrite_split(node, old, new)
     elif target is operator.getitem:
         _rewrite_getitem(node, shapes, kept)
-    elif target is F.layer_norm:
+    elif target is F.layer_norm or target is F.rms_norm:
         _rewrite_layer_norm(node, new_shapes)
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from .call import Call, out_planes
-from .labels import Plane, along, pin_all, shifted, squeeze_to_dims
+from .labels import Plane, along, couple_facing, merge_along, pin_all, shifted
 
 
 def couple_dim(call: Call, planes: Sequence[Plane], dim: int, slots: Sequence[Optional[np.ndarray]]) -> None:
@@ -122,12 +121,20 @@ def batch_norm(call: Call):
         slots = [call.param(0, n, n, 0, "through") for n in names]
     else:
         slots = [call.param(i, n, n, 0, "through") for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-    couple_dim(call, call.lx, 1, slots)
+    _couple_norm(call, 1, slots)
     return call.lx
 
 
+def _couple_norm(call: Call, dim: int, slots) -> None:
+    """A norm's per-channel parameters go with the channels of ``dim``; a norm without parameters (affine=False,
+    no running stats) works on any width and constrains nothing."""
+    if any(s is not None for s in slots):
+        couple_dim(call, call.lx, dim, slots)
+
+
 def layer_norm(call: Call):
-    """LayerNorm over the last dim (normalized over more dims: those dims are pinned)."""
+    """LayerNorm / RMSNorm / F.layer_norm / F.rms_norm over the last dim (normalized over more dims: those dims
+    are pinned). RMSNorm has no bias: the bias slot is absent (module) or arg 3 is eps (function)."""
     shape = call.module.normalized_shape if call.module is not None else call.arg(1, "normalized_shape")
     n = call.x.dim()
     if len(tuple(shape)) != 1:
@@ -135,7 +142,7 @@ def layer_norm(call: Call):
         pin_all(call.store, [p for p in call.lx if set(p.dims) & normed])
         return tuple(p for p in call.lx if not set(p.dims) & normed)
     slots = [call.param(2, "weight", "weight", 0, "through"), call.param(3, "bias", "bias", 0, "through")]
-    couple_dim(call, call.lx, n - 1, slots)
+    _couple_norm(call, n - 1, slots)
     return call.lx
 
 
@@ -146,12 +153,29 @@ def group_norm(call: Call):
         grid = p.arr.reshape(p.arr.shape[:1] + (groups, -1) + p.arr.shape[2:])
         call.store.union(grid, np.take(grid, [0], axis=1))
     slots = [call.param(2, "weight", "weight", 0, "through"), call.param(3, "bias", "bias", 0, "through")]
-    couple_dim(call, call.lx, 1, slots)
+    _couple_norm(call, 1, slots)
     return call.lx
 
 
+def glu(call: Call):
+    """nn.GLU / F.glu(x, dim): a * sigmoid(b) over the two halves of ``dim``: position i of the first half goes
+    with position i of the second (so the pruned halves still meet), the output carries the first half."""
+    n = call.x.dim()
+    dim = (call.module.dim if call.module is not None else call.arg(1, "dim", -1)) % n
+    out = []
+    for p in call.lx:
+        if dim not in p.dims:
+            out.append(p)
+            continue
+        half = p.arr.shape[dim] // 2
+        first = np.take(p.arr, range(half), axis=dim)
+        call.store.union(first, np.take(p.arr, range(half, 2 * half), axis=dim))
+        out.append(Plane(p.dims, first))
+    return tuple(out)
+
+
 def prelu(call: Call):
-    """PReLU with one slope per channel (dim 1); a single shared slope needs nothing."""
+    """PReLU / F.prelu with one slope per channel (dim 1); a single shared slope needs nothing."""
     weight = call.param(1, "weight", "weight", 0, "through")
     if weight is not None and weight.shape[0] > 1:
         couple_dim(call, call.lx, 1, [weight])
@@ -165,130 +189,107 @@ def embedding(call: Call):
 
 
 def multihead_attention(call: Call):
-    """nn.MultiheadAttention with packed in_proj: embed_dim shrinks by the same head-dim indices in every
-    head, so num_heads stays and head_dim = embed_dim / num_heads stays an integer."""
-    m = call.module
-    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
-        pin_all(call.store, [p for lv in call.largs[:3] for p in (lv or ())])
-        call.store.barrier(call.node.name, "MultiheadAttention with separate kdim/vdim")
-        return ((), ())
-    e, h = m.embed_dim, m.num_heads
-    cols = call.param(0, "", "in_proj_weight", 1, "in")
-    rows = call.param(0, "", "in_proj_weight", 0, "out")
-    store = call.store
-    grid = rows.reshape(3, h, e // h)
-    store.union(grid, grid[:1, :1])  # q, k, v and every head share the head-dim index
-    store.union(cols.reshape(h, -1), grid[0, :1])
-    for slot in (call.param(0, "", "in_proj_bias", 0, "out"), store_out(call, "out_proj.weight", 0, "out"),
-                 store_out(call, "out_proj.weight", 1, "in"), store_out(call, "out_proj.bias", 0, "out")):
-        if slot is not None:
-            store.union(slot, cols)
-    for i in range(3):
-        value = call.arg(i, ("query", "key", "value")[i])
-        if isinstance(value, torch.Tensor):
-            last = value.dim() - 1
-            labels = call.larg(i, ("query", "key", "value")[i]) or ()
-            couple_dim(_Shim(call, value), labels, last, [cols])
-            pin_all(store, [p for p in labels if last not in p.dims])
+    """nn.MultiheadAttention is one opaque call: its embed_dim (the query/key/value width, the head layout and
+    the softmax scale 1/sqrt(embed_dim/num_heads)) stays, so the inputs' last dims are pinned. Only out_proj's
+    rows (the output features) may shrink, for packed in_proj weights (the form rewrite updates)."""
+    m, store = call.module, call.store
+    for i, name in enumerate(("query", "key", "value")):
+        pin_all(store, call.larg(i, name) or ())
     attn = call.out[0]
-    return (out_planes(cols, attn.dim(), attn.dim() - 1), ())
-
-
-class _Shim:
-    """A Call whose ``x`` is another argument (couple_dim reads the rank from ``call.x``)."""
-
-    def __init__(self, call: Call, x: torch.Tensor):
-        self.store, self.x = call.store, x
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        return ((), ())
+    rows = store_out(call, "out_proj.weight", 0, "out")
+    bias = store_out(call, "out_proj.bias", 0, "out")
+    if bias is not None:
+        store.union(bias, rows)
+    return (out_planes(rows, attn.dim(), attn.dim() - 1), ())
 
 
 def store_out(call: Call, qualname: str, dim: int, role: str) -> Optional[np.ndarray]:
     """Labels of a nested parameter of the called module (e.g. MultiheadAttention's out_proj.weight)."""
-    tensor = call.module.get_parameter(qualname) if qualname in dict(call.module.named_parameters()) else None
+    tensor = dict(call.module.named_parameters()).get(qualname)
     if tensor is None:
         return None
     return call.store.slot(f"{call.node.target}.{qualname}", dim, tensor.shape[dim], role, call.owner())
 
 
+def _only_on(store, p: Plane, dim: int) -> np.ndarray:
+    """1-D labels of ``p`` along ``dim`` after merging it along its other dims (heads keep their count: the
+    same indices go in every head)."""
+    return merge_along(store, p, set(p.dims) - {dim}).arr.reshape(-1)
+
+
+def _contract(store, a_k: List[np.ndarray], b_k: List[np.ndarray]) -> None:
+    """The contracted dim: A's and B's labels go index by index; a side facing an unlabelled side is pinned."""
+    for p in a_k:
+        for q in b_k:
+            store.union(p, q)
+    if not (a_k and b_k):
+        for lab in a_k + b_k:
+            store.pin(lab)
+
+
+def _couple_batch(store, mine: List[Plane], s_theirs, theirs: List[Plane], batch) -> None:
+    """Batch dims of a matmul couple like an elementwise op (broadcasting included)."""
+    for p in mine:
+        facing = {d for d in p.dims if d in batch and s_theirs[d] > 1}
+        if facing:
+            couple_facing(store, p, facing, [q for q in theirs if set(q.dims) & facing])
+
+
 def matmul_planes(store, sa, pa, sb, pb) -> Tuple[Plane, ...]:
-    """A @ B with A [..., n, k] and B [..., k, m] (both at least 2-D): the contracted dim couples A's and B's
-    labels index by index; a plane spanning k and batch dims (attention heads) merges along k into a per-head
-    label; batch dims couple like an elementwise op."""
+    """A @ B with A [..., n, k] and B [..., k, m] (both at least 2-D). The contracted dim couples A's and B's
+    labels index by index; a plane spanning k and other dims (attention heads) is merged along the others
+    first, so heads keep their count and lose the same head-dim indices. Row/column planes pass to the output;
+    batch dims couple like an elementwise op."""
     r = max(len(sa), len(sb))
     sa, sb = (1,) * (r - len(sa)) + tuple(sa), (1,) * (r - len(sb)) + tuple(sb)
     pa, pb = [shifted(p, r) for p in pa], [shifted(p, r) for p in pb]
     ka, kb = r - 1, r - 2
-    a_k = [_fold(store, p, keep=ka, drop=r - 2) for p in pa if ka in p.dims]
-    b_k = [_fold(store, p, keep=kb, drop=r - 1) for p in pb if kb in p.dims]
-    for p in a_k:
-        partners = [q.arr.swapaxes(-1, -2) for q in b_k]
-        for q in partners:
-            store.union(p.arr, q)
-        if not partners:
-            store.pin(p.arr)
-    if a_k == [] and b_k:
-        for q in b_k:
-            store.pin(q.arr)
-    heads_a = [_merge_k(store, p, ka) for p in a_k if set(p.dims) - {ka}]
-    heads_b = [_merge_k(store, p, kb) for p in b_k if set(p.dims) - {kb}]
-    rest_a = [p for p in pa if ka not in p.dims] + heads_a
-    rest_b = [p for p in pb if kb not in p.dims] + heads_b
+    _contract(store, [_only_on(store, p, ka) for p in pa if ka in p.dims],
+              [_only_on(store, p, kb) for p in pb if kb in p.dims])
+    rest_a = [p for p in pa if ka not in p.dims]
+    rest_b = [p for p in pb if kb not in p.dims]
     batch = set(range(r - 2))
-    _couple_batch(store, rest_a, rest_b, sa, sb, batch)
-    _couple_batch(store, rest_b, rest_a, sb, sa, batch)
+    _couple_batch(store, rest_a, sb, rest_b, batch)
+    _couple_batch(store, rest_b, sa, rest_a, batch)
     out = list(rest_a)
     out += [q for q in rest_b if not (set(q.dims) <= batch and any(p.dims == q.dims for p in rest_a))]
     return tuple(out)
 
 
-def _fold(store, p: Plane, keep: int, drop: int) -> Plane:
-    """Merge a plane along the row/column dim ``drop`` so it depends on batch dims and ``keep`` only."""
-    if drop in p.dims:
-        rest = tuple(d for d in p.dims if d != drop)
-        store.union(p.arr, squeeze_to_dims(p.arr, rest))
-        return Plane(rest, squeeze_to_dims(p.arr, rest))
-    return p
-
-
-def _merge_k(store, p: Plane, k: int) -> Plane:
-    rest = tuple(d for d in p.dims if d != k)
-    store.union(p.arr, squeeze_to_dims(p.arr, rest))
-    return Plane(rest, squeeze_to_dims(p.arr, rest))
-
-
-def _couple_batch(store, mine: List[Plane], theirs: List[Plane], s_mine, s_theirs, batch) -> None:
-    for p in mine:
-        bd = set(p.dims) & batch
-        if not bd:
-            continue
-        if all(s_theirs[d] == 1 for d in bd):
-            continue
-        partners = [q for q in theirs if set(q.dims) & bd]
-        for q in partners:
-            store.union(p.arr.take([0], axis=-1).take([0], axis=-2), q.arr.take([0], axis=-1).take([0], axis=-2))
-        if not partners:
-            store.pin(p.arr)
-
-
 def matmul(call: Call):
-    """torch.matmul / @ / bmm on operands of rank >= 2 (1-D operands are barriers)."""
+    """torch.matmul / @ / bmm on operands of rank >= 2 (1-D operands are barriers). A 2-D get_attr weight is a
+    layer: x @ W produces W's columns, W @ x produces W's rows."""
     a, b = call.args[0], call.args[1]
     if a.dim() < 2 or b.dim() < 2:
         pin_all(call.store, list(call.largs[0] or ()) + list(call.largs[1] or ()))
         call.store.barrier(call.node.name, "matmul with a 1-D operand")
         return ()
+    for i, (in_dim, out_dim) in ((1, (0, 1)), (0, (1, 0))):
+        if (call.args[i].dim() == 2 and call.param(i, "", "", out_dim, "out") is not None):
+            call.param(i, "", "", in_dim, "in")
     return matmul_planes(call.store, tuple(a.shape), call.largs[0] or (), tuple(b.shape), call.largs[1] or ())
 
 
 def sdpa(call: Call):
-    """F.scaled_dot_product_attention(q, k, v): q @ kᵀ then @ v, on planes."""
-    q, k, v = call.args[0], call.args[1], call.args[2]
-    lq, lk, lv = (call.larg(i, n) or () for i, n in enumerate(("query", "key", "value")))
-    if q.dim() < 2:
-        return matmul(call)
-    n = k.dim()
-    kt = [Plane(tuple(sorted({n - 1: n - 2, n - 2: n - 1}.get(d, d) for d in p.dims)), p.arr.swapaxes(-1, -2)) for p in lk]
-    kt_shape = tuple(k.shape[:-2]) + (k.shape[-1], k.shape[-2])
-    att = matmul_planes(call.store, tuple(q.shape), lq, kt_shape, kt)
-    att_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
-    att = [p for p in att if p.arr.ndim and (len(att_shape) - 1) not in p.dims]  # no labels on key positions
-    return matmul_planes(call.store, att_shape, att, tuple(v.shape), lv)
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa): q and k
+    share head-dim indices (the same in every head), v's head dim becomes the output's. With the default
+    scale 1/sqrt(q.size(-1)) the q/k head dim stays (pruning it would change the scale)."""
+    store = call.store
+    names = ("query", "key", "value")
+    values = [call.arg(i, n) for i, n in enumerate(names)]
+    planes = [call.larg(i, n) or () for i, n in enumerate(names)]
+    pin_all(store, call.larg(3, "attn_mask") or ())
+    last = [v.dim() - 1 for v in values]
+    for p_list, d in zip(planes, last):
+        pin_all(store, [p for p in p_list if d not in p.dims])
+    qk = [[_only_on(store, p, d) for p in p_list if d in p.dims] for p_list, d in zip(planes[:2], last[:2])]
+    _contract(store, qk[0], qk[1])
+    if call.arg(6, "scale", None) is None:
+        for lab in qk[0] + qk[1]:
+            store.pin(lab)
+    v_lab = [_only_on(store, p, last[2]) for p in planes[2] if last[2] in p.dims]
+    for lab in v_lab[1:]:
+        store.union(lab, v_lab[0])
+    return out_planes(v_lab[0] if v_lab else None, call.out.dim(), call.out.dim() - 1)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .call import Call
-from .labels import Plane, along, full, index_plane, pin_all, reshape_plane, shifted, squeeze_to_dims
+from .labels import Plane, couple_facing, merge_along, pin_all, reshape_plane, shifted, squeeze_to_dims
+from .rules_index import check_size_args, scalar
 
 
 def _shape(v) -> Tuple[int, ...]:
@@ -20,6 +21,8 @@ def _shape(v) -> Tuple[int, ...]:
 
 def unary(call: Call):
     """Shape-preserving ops (activations, dropout, casts, softmax): planes pass unchanged."""
+    if not isinstance(call.out, torch.Tensor):
+        return scalar(call)
     return call.lx
 
 
@@ -31,34 +34,33 @@ def no_planes(call: Call):
 def elementwise_planes(store, out_shape: Sequence[int], operands: Sequence[Tuple[Tuple[int, ...], Sequence[Plane]]]):
     """Broadcasting elementwise op over ``operands`` [(tensor shape, planes)] -> output planes.
 
-    Planes of two operands that cover the same (non-broadcast) dims are unioned position by position. A plane
-    facing an operand that has real, unlabelled extent on its dims is pinned: that operand's size is fixed.
-    An operand broadcast (size 1) along a plane's dims creates no relation.
+    A plane meets every other operand on the dims where that operand has real extent (not broadcast): it is
+    unioned with the partner planes there, merged along the dims where the partner is unlabelled (fixed
+    width), and pinned when all its dims face fixed width. Dims where the other operand is broadcast (size 1)
+    create no relation.
     """
     n = len(out_shape)
     ops = []
     for shape, planes in operands:
         shape = (1,) * (n - len(shape)) + tuple(shape)
-        bdims = {d for d in range(n) if shape[d] == 1 and out_shape[d] > 1}
-        ops.append((shape, bdims, [shifted(p, n) for p in planes]))
+        ops.append((shape, [shifted(p, n) for p in planes]))
     out: List[Plane] = []
-    for i, (_, _, planes) in enumerate(ops):
+    for i, (_, planes) in enumerate(ops):
         for p in planes:
-            for j, (shape_j, bdims_j, planes_j) in enumerate(ops):
-                if j == i or set(p.dims) <= bdims_j:
+            for j, (shape_j, planes_j) in enumerate(ops):
+                facing = {d for d in p.dims if shape_j[d] > 1}
+                if j == i or not facing:
                     continue
-                partners = [q for q in planes_j if set(q.dims) & set(p.dims)]
-                if set(p.dims) & bdims_j or not partners:
-                    store.pin(p.arr)
-                for q in partners:
-                    store.union(p.arr, q.arr)
+                couple_facing(store, p, facing, [q for q in planes_j if set(q.dims) & facing])
             if not any(q.dims == p.dims for q in out):
                 out.append(p)
     return tuple(out)
 
 
 def elementwise(call: Call):
-    """add/sub/mul/div/where/...: every tensor argument takes part."""
+    """add/sub/mul/div/where/...: every tensor argument takes part (on Python numbers: see `scalar`)."""
+    if not isinstance(call.out, torch.Tensor):
+        return scalar(call)
     operands = []
     for v, lv in zip(list(call.args) + list(call.kwargs.values()), list(call.largs) + list(call.lkwargs.values())):
         if isinstance(v, torch.Tensor):
@@ -68,14 +70,30 @@ def elementwise(call: Call):
 
 def reshape(call: Call):
     """view/reshape/flatten/unflatten/squeeze/unsqueeze: numpy reshape of each plane."""
-    src, dst = _shape(call.x), _shape(call.out)
-    return tuple(q for q in (reshape_plane(p, src, dst) for p in call.lx) if q.dims)
+    out = _reshaped(call.lx, _shape(call.x), _shape(call.out))
+    check_size_args(call, out)
+    return out
+
+
+def _reshaped(planes: Sequence[Plane], src, dst) -> Tuple[Plane, ...]:
+    return tuple(q for q in (reshape_plane(p, src, dst) for p in planes) if q.dims)
+
+
+def unflatten_module(call: Call):
+    """nn.Unflatten(dim, sizes): rewrite does not update the module's ``unflattened_size``, so the unflattened
+    dim keeps its width (pinned); planes on other dims pass like a reshape. (x.unflatten / torch.unflatten are
+    plain reshapes: rewrite fixes their sizes.)"""
+    dim = call.module.dim % call.x.dim()
+    pin_all(call.store, [p for p in call.lx if dim in p.dims])
+    return _reshaped([p for p in call.lx if dim not in p.dims], _shape(call.x), _shape(call.out))
 
 
 def expand(call: Call):
     """expand/expand_as/broadcast_to: only size-1 dims grow, and planes never cover those."""
     n = len(_shape(call.out))
-    return tuple(shifted(p, n) for p in call.lx)
+    out = tuple(shifted(p, n) for p in call.lx)
+    check_size_args(call, out)
+    return out
 
 
 def repeat(call: Call):
@@ -127,90 +145,38 @@ def permute_module(call: Call):
     return tuple(Plane(tuple(sorted(inverse[d] for d in p.dims)), p.arr.transpose(order)) for p in call.lx)
 
 
-def getitem(call: Call):
-    """x[index] on tensors (basic indexing) and on tuples/lists of values."""
-    container, index = call.args[0], call.args[1]
-    if not isinstance(container, torch.Tensor):
-        labels = call.largs[0]
-        return labels[index] if labels else ()
-    shape = tuple(container.shape)
-    idx = index if isinstance(index, tuple) else (index,)
-    if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx):
-        pin_all(call.store, call.lx)
-        call.store.barrier(call.node.name, "advanced (tensor) indexing")
-        return ()
-    out = []
-    for p in call.lx:
-        dims_by_int = _int_indexed_dims(idx, len(shape))
-        stepped = _stepped_dims(idx, len(shape))
-        if set(p.dims) & stepped:
-            call.store.pin(p.arr)
-            continue
-        for d in set(p.dims) & set(dims_by_int):
-            call.store.pin(np.take(p.arr, [dims_by_int[d] % shape[d]], axis=d))
-        q = index_plane(p, idx, shape)
-        if q is not None:
-            out.append(q)
-    return tuple(out)
-
-
-def _expand_ellipsis(idx: tuple, ndim: int) -> list:
-    idx = list(idx)
-    if Ellipsis in idx:
-        k = idx.index(Ellipsis)
-        fill = ndim - sum(1 for i in idx if i is not None and i is not Ellipsis)
-        idx = idx[:k] + [slice(None)] * fill + idx[k + 1 :]
-    return idx
-
-
-def _int_indexed_dims(idx: tuple, ndim: int) -> dict:
-    out, src = {}, 0
-    for i in _expand_ellipsis(idx, ndim):
-        if i is None:
-            continue
-        if isinstance(i, int):
-            out[src] = i
-        src += 1
-    return out
-
-
-def _stepped_dims(idx: tuple, ndim: int) -> set:
-    out, src = set(), 0
-    for i in _expand_ellipsis(idx, ndim):
-        if i is None:
-            continue
-        if isinstance(i, slice) and i.step not in (None, 1):
-            out.add(src)
-        src += 1
-    return out
-
-
 def cat(call: Call):
-    """torch.cat along ``dim``: planes on ``dim`` concatenate (unlabelled parts are pinned positions);
-    planes on other dims are coupled across the pieces like an elementwise op."""
+    """torch.cat along ``dim``: the planes on ``dim`` concatenate (unlabelled pieces are pinned positions;
+    a piece's plane may also span other dims, e.g. rotate_half on a (heads, head_dim) plane); planes on other
+    dims are coupled across the pieces like an elementwise op."""
     tensors = call.arg(0, "tensors")
     labels = call.larg(0, "tensors") or ((),) * len(tensors)
     n = tensors[0].dim()
     dim = call.arg(1, "dim", 0) % n
     out_shape = _shape(call.out)
-    pieces, others = [], []
+    pieces, others, cover = [], [], {dim}
     for t, planes in zip(tensors, labels):
-        on_dim = [p for p in planes if dim in p.dims]
         piece = None
-        for p in on_dim:
-            if p.dims == (dim,) and piece is None:
-                piece = p.arr
-            else:
-                call.store.pin(p.arr)
+        for p in (p for p in planes if dim in p.dims):
+            if piece is None:
+                piece = p
+            else:  # two labellings of the same positions go together
+                call.store.union(piece.arr, p.arr)
         if piece is None:
             shape = [1] * n
             shape[dim] = t.shape[dim]
-            piece = np.zeros(shape, dtype=np.int64)
+            piece = Plane((dim,), np.zeros(shape, dtype=np.int64))
         pieces.append(piece)
+        cover |= set(piece.dims)
         rest = tuple(t.shape[:dim]) + (1,) + tuple(t.shape[dim + 1 :])
         others.append((rest, tuple(p for p in planes if dim not in p.dims)))
-    joined = np.concatenate(pieces, axis=dim)
-    out = [Plane((dim,), joined)] if np.any(joined) else []
+    grids = []
+    for t, piece in zip(tensors, pieces):
+        grid = [out_shape[d] if d in cover else 1 for d in range(n)]
+        grid[dim] = t.shape[dim]
+        grids.append(np.broadcast_to(piece.arr, grid))
+    joined = np.ascontiguousarray(np.concatenate(grids, axis=dim))
+    out = [Plane(tuple(sorted(cover)), joined)] if np.any(joined) else []
     ref = list(out_shape)
     ref[dim] = 1
     out += list(elementwise_planes(call.store, ref, others))
@@ -228,40 +194,56 @@ def stack(call: Call):
 
 
 def split(call: Call):
-    """split/chunk/tensor_split/unbind: each output piece gets the slice of the planes it holds."""
+    """split/chunk/tensor_split/unbind: each output piece gets the slice of the planes it holds. A piece of
+    width 1 along a plane's only dim pins that channel (the piece would vanish); on a multi-dim plane the split
+    dim keeps every coordinate (the plane is merged along it)."""
     name = call.node.target if isinstance(call.node.target, str) else call.node.target.__name__
     n = call.x.dim()
     dim = call.arg(2, "dim", 0) if name in ("split", "chunk", "tensor_split") else call.arg(1, "dim", 0)
     dim = dim % n
+    lx = list(call.lx)
+    sizes = [1 if name == "unbind" else piece.shape[dim] for piece in call.out]
+    if min(sizes) == 1 or name == "tensor_split":  # rewrite fixes split/chunk sizes, not tensor_split's
+        lx = [merge_along(call.store, p, {dim}) if dim in p.dims and len(p.dims) > 1 else p for p in lx]
+        if name == "tensor_split":
+            pin_all(call.store, [p for p in lx if dim in p.dims])
     pieces, start = [], 0
-    for piece in call.out:
-        size = 1 if name == "unbind" else piece.shape[dim]
+    for size in sizes:
         planes = []
-        for p in call.lx:
+        for p in lx:
             if dim not in p.dims:
-                q = p if name != "unbind" else Plane(tuple(d - (d > dim) for d in p.dims), p.arr.squeeze(dim))
-                planes.append(q)
+                planes.append(p if name != "unbind" else Plane(tuple(d - (d > dim) for d in p.dims), p.arr.squeeze(dim)))
                 continue
             arr = np.take(p.arr, range(start, start + size), axis=dim)
-            if name == "unbind":
+            if size == 1:
                 call.store.pin(arr)
                 continue
-            dims = tuple(d for d in p.dims if arr.shape[d] > 1)
-            if dim not in dims:
-                call.store.pin(arr)
-            if dims:
-                planes.append(Plane(dims, squeeze_to_dims(arr, dims)))
+            planes.append(Plane(p.dims, arr))
         pieces.append(tuple(planes))
         start += size
     return tuple(pieces)
 
 
+def repeat_interleave(call: Call):
+    """x.repeat_interleave(r, dim) with an int r (grouped-query attention's k/v heads): output position j along
+    ``dim`` holds input position j // r, so its labels repeat r times. A tensor of repeats or no dim: pinned."""
+    repeats, dim = call.arg(1, "repeats"), call.arg(2, "dim", None)
+    if dim is None or not isinstance(repeats, int):
+        pin_all(call.store, call.lx)
+        return ()
+    dim = dim % call.x.dim()
+    return tuple(Plane(p.dims, np.repeat(p.arr, repeats, axis=dim)) if dim in p.dims else p for p in call.lx)
+
+
 def _reduced_dims(call: Call) -> Tuple[Sequence[int], bool]:
+    """The reduced dims and keepdim. torch.norm(x, p, dim, keepdim) and std/var(x, dim, unbiased, keepdim)
+    place their arguments differently from sum(x, dim, keepdim)."""
     n = call.x.dim()
-    dim = call.arg(1, "dim", None)
-    if dim is None and call.node.target in ("max", "min", torch.max, torch.min) and len(call.args) < 2:
-        dim = None
-    keep = bool(call.arg(2, "keepdim", False))
+    name = call.node.target if isinstance(call.node.target, str) else getattr(call.node.target, "__name__", "")
+    dim_pos = 2 if name == "norm" else 1
+    keep_pos = 3 if name in ("norm", "std", "var") else 2
+    dim = call.arg(dim_pos, "dim", None)
+    keep = bool(call.arg(keep_pos, "keepdim", False))
     if dim is None:
         return list(range(n)), keep
     dims = dim if isinstance(dim, (tuple, list)) else [dim]
@@ -286,6 +268,27 @@ def reduce(call: Call):
         out.append(Plane(rest, arr))
     if isinstance(call.out, tuple):  # max/min with dim return (values, indices)
         return tuple(tuple(out) for _ in call.out)
+    return tuple(out)
+
+
+def roll(call: Call):
+    """torch.roll(x, shifts, dims): a fixed shift along a prunable dim would move other channels after pruning,
+    so rolled dims keep their width (pinned; merged along for planes with other dims); other dims pass."""
+    n = call.x.dim()
+    dims = call.arg(2, "dims", None)
+    if dims is None:  # rolls the flattened tensor
+        pin_all(call.store, call.lx)
+        return ()
+    rolled = {d % n for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+    out = []
+    for p in call.lx:
+        hit = set(p.dims) & rolled
+        if not hit:
+            out.append(p)
+        elif set(p.dims) <= hit:
+            call.store.pin(p.arr)
+        else:
+            out.append(merge_along(call.store, p, hit))
     return tuple(out)
 
 
@@ -318,9 +321,23 @@ def pixel_shuffle(call: Call):
     return tuple(out)
 
 
+def pixel_unshuffle(call: Call):
+    """PixelUnshuffle(r): input channel c becomes output channels c*r*r .. c*r*r+r*r-1."""
+    r = call.module.downscale_factor if call.module is not None else call.arg(1, "downscale_factor")
+    out = []
+    for p in call.lx:
+        if p.dims != (1,):
+            call.store.pin(p.arr)
+            continue
+        out.append(Plane((1,), np.repeat(p.arr, r * r, axis=1)))
+    return tuple(out)
+
+
 def output(call: Call):
-    """The graph's output: nothing leaving the network may change width."""
+    """The graph's output: nothing leaving the network may change width (nor a size it returns)."""
     _pin_nested(call.store, call.largs[0])
+    for w in call.widths():
+        call.store.pin_width(w)
     return ()
 
 
@@ -337,14 +354,27 @@ def _pin_nested(store, labels) -> None:
 
 def barrier(call: Call, why: str = "op not in obafx's table"):
     """An op obafx does not know: every channel going in is pinned, nothing comes out labelled."""
-    touched = []
+    touched = False
+    for w in call.widths():  # e.g. torch.arange(x.size(1)): the measured width must stay
+        touched = True
+        call.store.pin_width(w)
     for lv in list(call.largs) + list(call.lkwargs.values()):
-        if lv:
-            touched.append(lv)
+        if _has_planes(lv):
+            touched = True
             _pin_nested(call.store, lv)
-    if touched:
+    if touched:  # an unknown op on values without channels (sizes, factories, masks) is no barrier to report
         call.store.barrier(call.node.name, why)
     return _empty_like(call.out)
+
+
+def _has_planes(labels) -> bool:
+    if isinstance(labels, Plane):
+        return True
+    if isinstance(labels, (tuple, list)):
+        return any(_has_planes(x) for x in labels)
+    if isinstance(labels, dict):
+        return any(_has_planes(x) for x in labels.values())
+    return False
 
 
 def _empty_like(value):

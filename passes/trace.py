@@ -2,12 +2,17 @@
 
 The user's model is deep-copied first, so nothing the pipeline does (tracing, shape propagation, pruning) can
 touch it. Tracing failures become `TraceError`s that name the line and say what to do.
+
+The check that the example input fits runs the graph once on *meta* tensors (shapes, dtypes, no compute, no
+memory) and records every node's value as a meta "skeleton"; the channel analysis replays those instead of running
+the model again. Where the meta run cannot go (an op without a meta kernel, a tensor made on a real device inside
+forward, data-dependent Python), it runs for real and records the same skeletons from the real values.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Iterable, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -17,11 +22,29 @@ from .errors import ConfigError, TraceError
 
 
 @dataclass(frozen=True, eq=False)
+class Recorded:
+    """Every node's value (tensors as meta tensors) from one run of a module, and that module's fingerprint."""
+
+    key: Tuple[Any, ...]
+    values: Dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
 class Traced:
-    """A traced private copy of the model and the example inputs it was traced for."""
+    """A traced private copy of the model and the example inputs it was traced for.
+
+    ``recorded`` (optional) holds the node values of the check run; `recorded_values` hands them out only while
+    the module still has the graph and parameter shapes they were recorded for.
+    """
 
     gm: fx.GraphModule
     inputs: Tuple[Any, ...]
+    recorded: Optional[Recorded] = field(default=None, repr=False)
+
+    def recorded_values(self) -> Optional[Dict[str, Any]]:
+        """The recorded node values if they still describe ``gm`` (else None: run it again)."""
+        rec = self.recorded
+        return rec.values if rec is not None and rec.key == _fingerprint(self.gm, self.inputs) else None
 
 
 class _LeafTracer(fx.Tracer):
@@ -81,8 +104,8 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(model.training)
-    _check_runs(gm, inputs)
-    return Traced(gm, inputs)
+    values = _check_runs(gm, inputs)
+    return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
 
 
 def _trace_failure(exc: Exception) -> str:
@@ -103,18 +126,145 @@ def _trace_failure(exc: Exception) -> str:
     )
 
 
-def _check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
-    """Run the traced copy once so that a wrong example input fails here, with a clear message."""
-    was_training = gm.training
-    gm.eval()  # eval: a forward pass in train mode would update the copy's BatchNorm statistics
+def _check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+    """Run the traced copy once so that a wrong example input fails here, with a clear message; returns the
+    recorded node values (see `record_values`)."""
     try:
-        with torch.no_grad():
-            gm(*inputs)
+        _check_devices_and_dtypes(gm, inputs)
+        return record_values(gm, inputs)
     except Exception as exc:  # any failure here means the input does not fit the model
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
         raise ConfigError(
             f"the model does not run on the example input (shapes {shapes}): {type(exc).__name__}: {exc}. "
             "What to do: pass an example input shaped like one real batch for this model, on the model's device."
         ) from exc
+
+
+def _check_devices_and_dtypes(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
+    """What a meta run cannot see: inputs on another device than the parameters, or floating inputs of another
+    dtype (meta kernels of some ops, e.g. linear, do not compare dtypes). Raises RuntimeError like torch would."""
+    params = [p for p in gm.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise RuntimeError(f"input on {x.device}, parameters on {device}")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+            raise RuntimeError(f"input of dtype {x.dtype}, parameters of dtype {dtype}")
+
+
+def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+    """Run ``gm`` once (eval mode, no grad) and return {node name: its value with tensors as meta tensors}.
+
+    Runs on a meta copy first (no compute); falls back to a real run when the meta run fails. Errors of the
+    real run propagate. ``gm`` and ``inputs`` are left untouched.
+    """
+    was_training = gm.training
+    gm.eval()  # eval: a forward pass in train mode would update the copy's BatchNorm statistics
+    try:
+        with torch.no_grad():
+            try:
+                return _Recorder(_meta_twin(gm)).record(tuple(_to_meta(x) for x in inputs))
+            except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
+                return _Recorder(gm).record(inputs)
     finally:
         gm.train(was_training)
+
+
+class _Recorder(fx.Interpreter):
+    """Interpreter that keeps every node's value as a meta skeleton (shapes and Python values, no data)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: Dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.values[n.name] = _to_meta(value)
+        return value
+
+    def call_module(self, target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        # Meta batch/layer norms and some activations run torch's Python decompositions (1-2 ms each, most of
+        # a meta run); their output is shaped like their input whenever the input fits them, so skip those.
+        module = self.fetch_attr(target)
+        if len(args) == 1 and not kwargs and _keeps_shape_on_meta(module, args[0]):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+    def record(self, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+        self.run(*inputs)
+        return self.values
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ELEMENTWISE = frozenset((nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
+                          nn.Dropout, nn.Identity))  # exact classes only: subclasses may override forward
+
+
+def _keeps_shape_on_meta(module: nn.Module, x: Any) -> bool:
+    """Whether ``module`` (an exact torch activation or batch/layer norm, without hooks) maps meta ``x`` to a
+    tensor of ``x``'s shape."""
+    if not isinstance(x, torch.Tensor) or not x.is_meta or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if type(module) in _ELEMENTWISE:
+        return True
+    if type(module) in _BATCH_NORMS:
+        try:
+            module._check_input_dim(x)
+        except ValueError:  # the real module call reports it
+            return False
+        return x.shape[1] == module.num_features
+    if type(module) is nn.LayerNorm:
+        n = len(module.normalized_shape)
+        return x.dim() >= n and tuple(x.shape[x.dim() - n:]) == tuple(module.normalized_shape)
+    return False
+
+
+def _meta_twin(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose parameters, buffers and tensor attributes are meta tensors (no data is copied)."""
+    memo: Dict[int, Any] = {}
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for node in gm.graph.nodes:  # constants fx stored as plain attributes
+        if node.op == "get_attr":
+            value = _get_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                tensors.append((node.target, value))
+    for _, t in tensors:
+        if id(t) not in memo:
+            meta = t.to("meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(gm, memo)
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr, None)
+
+
+def _to_meta(value: Any) -> Any:
+    """``value`` with every tensor (also inside tuples, lists and dicts) replaced by its meta twin."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_meta else value.to("meta")
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        items = [_to_meta(v) for v in value]
+        if type(value) in (tuple, list):
+            return type(value)(items)
+        try:  # namedtuples take fields, structseqs (torch.return_types) a sequence
+            return type(value)(*items) if hasattr(type(value), "_fields") else type(value)(items)
+        except TypeError:
+            return tuple(items)
+    if isinstance(value, dict):
+        out = copy.copy(value)
+        for k, v in value.items():
+            out[k] = _to_meta(v)
+        return out
+    return value
+
+
+def _fingerprint(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """What recorded values depend on: the graph, its code, parameter/buffer shapes and the input shapes."""
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return (id(gm.graph), len(gm.graph.nodes), gm.code,
+            tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors),
+            tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in inputs))

@@ -1,0 +1,127 @@
+"""Analysis speed: obafx's trace + analyze + couple against Torch-Pruning's DependencyGraph, side by side.
+
+For each model (torchvision, weights=None, eval, float32) both tools analyse the same model on the same input in
+the same process, alternating, ``--reps`` times each; the JSON holds wall-clock medians, every time, CPU-time
+medians (process time: steadier than wall clock on a shared machine), the ratios obafx / Torch-Pruning, obafx's
+per-stage medians and what the model's deep copy alone costs. Models: resnet50 and densenet121 at 64x64, vit_b_16 at
+224x224 (``--quick``: resnet18 and mobilenet_v3_small at 32x32). Target: ratio <= 1.
+
+Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--out PATH]
+Writes JSON (default benchmarks/results/analysis_speed.json).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, write_json  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "analysis_speed.json")
+MODELS = {"resnet50": 64, "densenet121": 64, "vit_b_16": 224}
+QUICK_MODELS = {"resnet18": 32, "mobilenet_v3_small": 32}
+
+
+def obafx_analysis(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
+    """obafx's trace, analyze and couple on ``model``; returns each stage's seconds and the group count."""
+    from obafx.passes.channel_graph import analyze
+    from obafx.passes.coupling import couple
+    from obafx.passes.trace import trace
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    traced = trace(model, x)
+    t1 = time.perf_counter()
+    facts = analyze(traced)
+    t2 = time.perf_counter()
+    coupling = couple(facts)
+    t3 = time.perf_counter()
+    return {"trace": t1 - t0, "analyze": t2 - t1, "couple": t3 - t2, "total": t3 - t0,
+            "cpu": time.process_time() - c0, "groups": len(coupling.groups), "barriers": len(coupling.barriers)}
+
+
+def tp_analysis(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
+    """Torch-Pruning's DependencyGraph.build_dependency on ``model``; returns seconds and its group count."""
+    import torch_pruning as tp
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TP warns about parameters it cannot attribute (ViT's class token)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"total": total, "cpu": cpu, "groups": sum(1 for _ in dg.get_all_groups())}
+
+
+def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
+    """Both analyses on one model, alternating so that machine load hits both alike; medians and raw times."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, size, size)
+    obafx_analysis(model, x)  # warm-up: first calls pay for imports and lazy initialisation
+    tp_analysis(model, x)
+    runs: Dict[str, List[Dict[str, Any]]] = {"obafx": [], "torch_pruning": []}
+    for _ in range(reps):
+        runs["obafx"].append(obafx_analysis(model, x))
+        runs["torch_pruning"].append(tp_analysis(model, x))
+    entry: Dict[str, Any] = {"input": [1, 3, size, size], "params": sum(p.numel() for p in model.parameters())}
+    for tool, rows in runs.items():
+        entry[tool] = {"median_s": statistics.median(r["total"] for r in rows), "times_s": [r["total"] for r in rows],
+                       "cpu_median_s": statistics.median(r["cpu"] for r in rows), "groups": rows[-1]["groups"]}
+    entry["obafx"]["stages_median_s"] = {k: statistics.median(r[k] for r in runs["obafx"])
+                                         for k in ("trace", "analyze", "couple")}
+    entry["obafx"]["barriers"] = runs["obafx"][-1]["barriers"]
+    start = time.process_time()
+    copy.deepcopy(model)  # what the private copy alone costs (trace.py must copy: the user's model stays untouched)
+    entry["obafx"]["deepcopy_cpu_s"] = time.process_time() - start
+    entry["ratio_obafx_over_tp"] = entry["obafx"]["median_s"] / entry["torch_pruning"]["median_s"]
+    entry["cpu_ratio_obafx_over_tp"] = entry["obafx"]["cpu_median_s"] / entry["torch_pruning"]["cpu_median_s"]
+    entry["meets_target"] = entry["ratio_obafx_over_tp"] <= 1.0
+    return entry
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions per tool and model (median reported)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated torchvision names (input 224 for vit/swin/maxvit, else 64; 32 with --quick)")
+    p.add_argument("--quick", action="store_true", help="two small models at 32x32 (smoke test)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
+    return p.parse_args(argv)
+
+
+def _selected(args: argparse.Namespace) -> Dict[str, int]:
+    if args.models:
+        big = ("vit", "swin", "maxvit")
+        return {m: (224 if m.startswith(big) else 32 if args.quick else 64) for m in args.models.split(",") if m}
+    return dict(QUICK_MODELS if args.quick else MODELS)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the benchmark; returns the report that was written to ``--out``."""
+    args = parse_args(argv)
+    report: Dict[str, Any] = {
+        "machine": machine_info(),
+        "settings": {"reps": args.reps, "quick": args.quick, "dtype": "float32", "warmup": 1},
+        "models": {},
+    }
+    for name, size in _selected(args).items():
+        entry = bench_model(name, size, args.reps)
+        report["models"][name] = entry
+        ob, tp = entry["obafx"], entry["torch_pruning"]
+        print(f"{name:20s} obafx {ob['median_s']:.3f}s (cpu {ob['cpu_median_s']:.3f}s)  tp {tp['median_s']:.3f}s "
+              f"(cpu {tp['cpu_median_s']:.3f}s)  ratio {entry['ratio_obafx_over_tp']:.2f}", flush=True)
+    report["all_meet_target"] = all(e["meets_target"] for e in report["models"].values())
+    write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

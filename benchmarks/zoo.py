@@ -1,0 +1,410 @@
+"""Model-zoo benchmark: every torchvision classification model pruned to half its MACs by obafx and by
+Torch-Pruning, each result verified. Per model: weights=None, eval, every parameter and buffer randomised (norms
+are not identities, values distinct); input 64x64, else 128 or 224, the first size the model runs on; float64,
+except float32 for models over 100M parameters or needing 224x224 (exactness tolerance 1e-9, float32: 1e-4).
+
+- obafx: ``compile_prune(m, x, macs=0.5)``; checks: output shape, the masking oracle (exact where no LayerNorm /
+  GroupNorm normalises over a pruned dim; where one does the model is "inexact-norm" and the oracle is checked
+  exactly on a removal that avoids norm-coupled groups), MACs ratio within 2% of 0.5 (thop, as in the report),
+  re-trace, ``torch.jit.trace``, keep-all identity (bit-identical).
+- Torch-Pruning: ``MetaPruner`` (magnitude p=2, not global, final classifier ignored) stepped until its own
+  ``count_ops_and_params`` MACs are at most half; checks: runs, output shape, MACs ratio; and the masking oracle
+  on the channels it removed (decoded from the pruned tensors, mapped onto obafx's coupled units).
+
+Each (model, tool) runs in its own subprocess with ``--timeout``, so a hang or crash costs one entry only.
+
+Usage: python3 benchmarks/zoo.py [--models a,b] [--quick] [--timeout 240] [--jobs 1] [--out PATH]
+Writes JSON (default benchmarks/results/zoo.json), rewritten after every model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import error_entry, machine_info, run_isolated, write_json  # noqa: E402
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo.json")
+QUICK_MODELS = ("resnet18", "mobilenet_v3_small")
+TARGET, MAC_TOL = 0.5, 0.02  # MACs ratio must land in TARGET * (1 -/+ MAC_TOL)
+FLOAT64_MAX_PARAMS = 100e6
+TOOLS = ("obafx", "torch_pruning")
+
+
+# ------------------------------------------------------------------------------------------- model set-up
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give biases, norm affines and constant-initialised tensors distinct random values (norm scales near 1,
+    running variances positive); other tensors keep their (random) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+            if name.endswith("running_var"):
+                t.copy_(0.5 + noise.abs())
+            elif t.dim() <= 1 or not t.any() or (t.numel() <= 1e6 and t.unique().numel() < t.numel()):
+                base = 1.0 if name.endswith("weight") and t.dim() == 1 else 0.0
+                t.copy_(base + 0.1 * noise)
+
+
+def build(name: str, sizes: Tuple[int, ...]) -> Tuple[torch.nn.Module, torch.Tensor, str]:
+    """The randomised eval-mode model, the first input size (of ``sizes``) it runs on, and its dtype name:
+    float64, or float32 for models over 100M parameters or that need 224x224 (time on a 2-core machine)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    randomise(model)
+    errors = []
+    for size in sizes:
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception as exc:  # the model refuses this size: try the next one
+            errors.append(f"{size}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        big = sum(p.numel() for p in model.parameters()) > FLOAT64_MAX_PARAMS or size >= 224
+        dtype = torch.float32 if big else torch.float64
+        return model.to(dtype), x.to(dtype), str(dtype).replace("torch.", "")
+    raise RuntimeError(f"no input size runs: {errors}")
+
+
+def exact_tol(x: torch.Tensor) -> float:
+    return 1e-9 if x.dtype == torch.float64 else 1e-4
+
+
+def rel_err(a: Any, b: Any) -> float:
+    from obafx.passes.verify import max_relative_error
+    return max_relative_error(a, b)
+
+
+def macs_ok(ratio: Optional[float]) -> bool:
+    return ratio is not None and abs(ratio / TARGET - 1.0) <= MAC_TOL
+
+
+def analyse(model: torch.nn.Module, x: torch.Tensor):
+    """obafx's low-level analysis: (traced, facts, coupling)."""
+    from obafx.passes.channel_graph import analyze
+    from obafx.passes.coupling import couple
+    from obafx.passes.trace import trace
+
+    traced = trace(model, x)
+    facts = analyze(traced)
+    return traced, facts, couple(facts)
+
+
+# ------------------------------------------------------------------------------------------------ obafx
+
+_NORM_FUNCS = ("layer_norm", "group_norm")
+
+
+def norm_owners(gm: torch.fx.GraphModule) -> set:
+    """Owners (module names, or node names of functional calls) of LayerNorm/GroupNorm work in ``gm``."""
+    owners = {name for name, m in gm.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in _NORM_FUNCS:
+            owners.add(n.name)
+            owners.update(a.target.rpartition(".")[0] for a in n.all_input_nodes if a.op == "get_attr")
+    return owners
+
+
+def _norm_sig(m: torch.nn.Module) -> Tuple[Any, ...]:
+    w = getattr(m, "weight", None)
+    return getattr(m, "normalized_shape", None), getattr(m, "num_channels", None), getattr(w, "shape", None)
+
+
+def norm_changed(traced_gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule) -> List[str]:
+    """Norms whose normalised size changed: module attributes/weights, or functional normalized_shape args."""
+    mods = dict(pruned.named_modules())
+    changed = [name for name, m in traced_gm.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+               and name in mods and _norm_sig(m) != _norm_sig(mods[name])]
+    after = {n.name: n for n in pruned.graph.nodes}
+    return changed + [n.name for n in traced_gm.graph.nodes if n.op == "call_function" and n.name in after
+                      and getattr(n.target, "__name__", "") in _NORM_FUNCS and n.args[1:2] != after[n.name].args[1:2]]
+
+
+def subset_check(traced, facts, coupling, x: torch.Tensor) -> Dict[str, Any]:
+    """The exact masking oracle on a removal (about 1/3 of each group) that avoids every norm-coupled group."""
+    from obafx.passes.rewrite import rewrite
+    from obafx.passes.verify import masked_output
+
+    owners = norm_owners(traced.gm)
+    rng = np.random.default_rng(0)
+    removed, used = set(), 0
+    for g in coupling.groups:
+        if g.width < 2 or any(coupling.slot_roles[k][1] in owners or k[0].rpartition(".")[0] in owners
+                              for k in g.members):
+            continue
+        removed.update(rng.choice(g.units, max(1, g.width // 3), replace=False).tolist())
+        used += 1
+    if not removed:
+        return {"groups": 0, "error": None, "ok": None}
+    pruned = rewrite(traced, coupling, facts.shapes, removed)
+    with torch.no_grad():
+        err = rel_err(masked_output(traced, coupling, removed), pruned(x))
+    return {"groups": used, "of_groups": len(coupling.groups), "error": err, "ok": err < exact_tol(x)}
+
+
+def run_obafx(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
+    """compile_prune to half the MACs and every check; returns the entry (status, why, numbers, times)."""
+    import obafx
+    from obafx.passes.rewrite import rewrite
+    from obafx.passes.trace import trace
+
+    r: Dict[str, Any] = {"times_s": {}}
+    t0 = time.perf_counter()
+    pruned = obafx.compile_prune(model, x, macs=TARGET)
+    r["times_s"]["prune"] = time.perf_counter() - t0
+    rep = obafx.report(pruned)
+    with torch.no_grad():
+        y0, y1 = model(x), pruned(x)
+    r.update(macs_ratio=rep.macs_ratio, params_ratio=rep.params_after / rep.params_before,
+             masked_error=rep.masked_error, barriers=len(rep.barriers), groups=len(rep.groups),
+             stage_s=rep.seconds, shape_ok=tuple(y0.shape) == tuple(y1.shape))
+    t1 = time.perf_counter()
+    traced, facts, coupling = analyse(model, x)
+    with torch.no_grad():
+        r["keep_all_identical"] = bool(torch.equal(rewrite(traced, coupling, facts.shapes, set())(x), y0))
+    r["inexact_norm"] = norm_changed(traced.gm, pruned)
+    r["oracle"] = "exact" if r["masked_error"] < exact_tol(x) else ("inexact-norm" if r["inexact_norm"] else "broken")
+    if r["oracle"] == "inexact-norm":
+        r["subset"] = subset_check(traced, facts, coupling, x)
+    with torch.no_grad():
+        r["retrace_ok"] = rel_err(y1, trace(pruned, x).gm(x)) == 0.0
+        r["jit_error"] = rel_err(y1, torch.jit.trace(pruned, x, check_trace=False)(x))
+    # jit.trace itself is not bit-exact on some models (swin_t float64: 2.6e-8 before any pruning)
+    r["jit_ok"] = r["jit_error"] < (1e-6 if x.dtype == torch.float64 else 1e-3)
+    r["times_s"]["checks"] = time.perf_counter() - t1
+    return _verdict(r)
+
+
+def _verdict(r: Dict[str, Any]) -> Dict[str, Any]:
+    why = []
+    if not r["shape_ok"]:
+        why.append("output shape changed")
+    if r["oracle"] == "broken":
+        why.append(f"masking oracle error {r['masked_error']:.2e} with no norm over a pruned dim")
+    if r["oracle"] == "inexact-norm" and r["subset"]["ok"] is False:
+        why.append(f"masking oracle on norm-free groups: error {r['subset']['error']:.2e}")
+    if not macs_ok(r["macs_ratio"]):
+        why.append(f"MACs ratio {r['macs_ratio']:.4f} not within {MAC_TOL:.0%} of {TARGET}")
+    for key, what in (("keep_all_identical", "keep-all not bit-identical"), ("retrace_ok", "re-trace differs"),
+                      ("jit_ok", "jit.trace differs")):
+        if not r[key]:
+            why.append(what)
+    r["status"], r["why"] = ("fail", "; ".join(why)) if why else ("pass", "")
+    return r
+
+
+# ---------------------------------------------------------------------------------------- Torch-Pruning
+
+def final_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The final classifier: the last Linear/Conv module in definition order."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    return layers[-1]
+
+
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> Tuple[torch.nn.Module, float, float]:
+    """A copy of ``model`` pruned one-shot by MetaPruner at channel ``ratio``; (copy, MACs, params) by TP."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                                  ignored_layers=[final_layer(m)], global_pruning=False)
+    pruner.step()
+    macs, params = tp.utils.count_ops_and_params(m, x)
+    return m, macs, params
+
+
+def run_tp(model: torch.nn.Module, x: torch.Tensor, tries: int = 5) -> Dict[str, Any]:
+    """MetaPruner aimed at half the MACs: the channel ratio is searched (MACs ~ (1-ratio)^a, a fitted from each
+    try) until TP's own count lands in [0.49, 0.5]; the closest try at or below half is kept."""
+    import torch_pruning as tp
+    from obafx.passes.macs import thop_macs
+
+    r: Dict[str, Any] = {"times_s": {}}
+    base_macs, base_params = tp.utils.count_ops_and_params(model, x)
+    t0 = time.perf_counter()
+    ratio, best, tried = 1 - TARGET ** 0.5, None, []
+    for _ in range(tries):
+        m, macs, params = tp_prune(model, x, ratio)
+        tried.append((round(ratio, 4), macs / base_macs))
+        if macs <= base_macs * TARGET and (best is None or macs > best[1]):
+            best = (m, macs, params, ratio)
+        if abs(macs / base_macs / TARGET - 1) <= MAC_TOL and macs <= base_macs * TARGET:
+            break
+        a = np.log(max(macs / base_macs, 1e-6)) / np.log(1 - ratio) if 0 < macs < base_macs else 2.0
+        ratio = float(np.clip(1 - (TARGET * (1 - MAC_TOL / 2)) ** (1 / max(a, 0.2)), 0.01, 0.95))
+    m, macs, params, ratio = best if best is not None else (m, macs, params, ratio)
+    r["times_s"]["prune"] = time.perf_counter() - t0
+    with torch.no_grad():
+        y0, y1 = model(x), m(x)
+    r.update(pruning_ratio=ratio, tries=tried, macs_ratio_tp=macs / base_macs, params_ratio=params / base_params,
+             macs_ratio=thop_macs(m, (x,))[0] / thop_macs(model, (x,))[0], shape_ok=tuple(y0.shape) == tuple(y1.shape))
+    t1 = time.perf_counter()
+    r["masked"] = tp_masked(model, m, x, y1)
+    r["times_s"]["checks"] = time.perf_counter() - t1
+    why = [] if r["shape_ok"] else ["output shape changed"]
+    if r["macs_ratio_tp"] > TARGET * (1 + MAC_TOL):
+        why.append(f"MACs ratio {r['macs_ratio_tp']:.4f} after tries {tried}")
+    r["status"], r["why"] = ("fail", "; ".join(why)) if why else ("pass", "")
+    return r
+
+
+def decode_kept(orig: torch.Tensor, pruned: torch.Tensor) -> Optional[List[np.ndarray]]:
+    """Kept indices per dim of ``pruned`` = ``orig`` sub-indexed on every dim (values must be distinct); None
+    if it cannot be decoded."""
+    o, p = orig.detach().cpu().numpy(), pruned.detach().cpu().numpy()
+    if o.shape == p.shape:
+        return [np.arange(s) for s in o.shape]
+    if p.ndim != o.ndim or p.size == 0:
+        return None
+    hits = np.argwhere(o == p.flat[0])
+    if len(hits) != 1:
+        return None
+    anchor, kept = hits[0], []
+    for d in range(o.ndim):
+        line_o = o[tuple(slice(None) if e == d else anchor[e] for e in range(o.ndim))]
+        line_p = p[tuple(slice(None) if e == d else 0 for e in range(o.ndim))]
+        order = np.argsort(line_o)
+        pos = np.searchsorted(line_o, line_p, sorter=order)
+        idx = order[np.clip(pos, 0, len(order) - 1)]
+        if not np.array_equal(line_o[idx], line_p):
+            return None
+        kept.append(idx)
+    return kept
+
+
+def tp_masked(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, y1) -> Dict[str, Any]:
+    """Map Torch-Pruning's removals onto obafx's units; then the masking oracle against TP's output."""
+    from obafx.passes.plan import plan_from_removed
+    from obafx.passes.verify import masked_output
+
+    traced, _, coupling = analyse(original, x)
+    after = dict(pruned.named_parameters())
+    after.update(pruned.named_buffers())
+    before = dict(original.named_parameters())
+    before.update(original.named_buffers())
+    removed, decoded, disagree = set(), {}, []
+    for (name, dim), units in coupling.slot_units.items():
+        if name not in after or name not in before:
+            continue
+        kept = decode_kept(before[name], after[name])
+        if kept is None:
+            continue
+        decoded[(name, dim)] = kept[dim]
+        removed.update(np.unique(np.delete(units, kept[dim])).tolist())
+    if coupling.pinned in removed:
+        return {"ok": False, "why": "TP removes channels obafx must keep (coupling disagrees)"}
+    predicted = plan_from_removed(coupling, removed).kept
+    for name, t in after.items():  # every tensor's shape as obafx would prune it
+        if name not in before:
+            continue
+        want = list(before[name].shape)
+        for d, idx in predicted.get(name, {}).items():
+            want[d] = len(idx)
+        if tuple(want) != tuple(t.shape):
+            disagree.append(f"{name}: TP {tuple(t.shape)}, obafx's coupling {tuple(want)}")
+    if disagree:
+        return {"ok": False, "why": "coupling disagrees: " + "; ".join(disagree[:5]), "count": len(disagree)}
+    with torch.no_grad():
+        err = rel_err(masked_output(traced, coupling, removed), y1)
+    owners = norm_owners(traced.gm)
+    norm = any(coupling.slot_roles[(name, d)][1] in owners or name.rpartition(".")[0] in owners
+               for name, dims in predicted.items() for d in dims)
+    exact = err < exact_tol(x)
+    return {"ok": True if exact else (None if norm else False), "error": err, "slots_decoded": len(decoded),
+            "oracle": "exact" if exact else ("inexact-norm" if norm else "broken")}
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+def worker(name: str, tool: str, quick: bool) -> Dict[str, Any]:
+    """One (model, tool) in this process; exceptions become an 'error' entry with their origin."""
+    t0 = time.perf_counter()
+    entry: Dict[str, Any] = {}
+    try:
+        model, x, dtype = build(name, (32, 64, 224) if quick else (64, 128, 224))
+        entry.update(input=list(x.shape), dtype=dtype)
+        entry.update(run_obafx(model, x) if tool == "obafx" else run_tp(model, x))
+    except Exception as exc:  # every failure is a result to record, not a crash
+        entry.update(error_entry(exc))
+    entry["wall_s"] = time.perf_counter() - t0
+    return entry
+
+
+def summarise(models: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    out = {}
+    for tool in TOOLS:
+        entries = [m[tool] for m in models.values() if tool in m]
+        out[tool] = {s: sum(1 for e in entries if e.get("status") == s) for s in ("pass", "fail", "error")}
+    ob = [m["obafx"] for m in models.values() if m.get("obafx", {}).get("status") in ("pass", "fail")]
+    out["obafx"]["inexact_norm"] = sum(1 for e in ob if e.get("oracle") == "inexact-norm")
+    tpm = [m["torch_pruning"].get("masked", {}) for m in models.values() if "masked" in m.get("torch_pruning", {})]
+    out["torch_pruning"]["masked_agree"] = sum(1 for e in tpm if e.get("ok"))
+    return out
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=None, help="comma-separated torchvision model names (default: all)")
+    p.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)} at 32x32 (smoke test)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per model and tool")
+    p.add_argument("--jobs", type=int, default=1, help="subprocesses at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
+    p.add_argument("--tools", default=",".join(TOOLS), help="obafx,torch_pruning (default both)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tool", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def model_names(args: argparse.Namespace) -> List[str]:
+    import torchvision
+
+    if args.models:
+        return [m for m in args.models.split(",") if m]
+    return list(QUICK_MODELS) if args.quick else torchvision.models.list_models(module=torchvision.models)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the benchmark (or, with --worker, one model and tool); returns the report written to --out."""
+    args = parse_args(argv)
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        entry = worker(args.worker, args.tool, args.quick)
+        write_json(args.result, entry)
+        return entry
+    tools = [t for t in args.tools.split(",") if t]
+    report: Dict[str, Any] = {"machine": machine_info(), "models": {}, "summary": {},
+                              "settings": {"quick": args.quick, "timeout_s": args.timeout, "target_macs": TARGET,
+                                           "mac_tolerance": MAC_TOL, "tools": tools, "jobs": args.jobs,
+                                           "threads": args.threads}}
+    jobs = [(n, t) for n in model_names(args) for t in tools]
+    base = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    run = lambda job: run_isolated(base + ["--worker", job[0], "--tool", job[1]], args.timeout)  # noqa: E731
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for (name, tool), entry in zip(jobs, pool.map(run, jobs)):
+            report["models"].setdefault(name, {})[tool] = entry
+            report["summary"] = summarise(report["models"])
+            write_json(args.out, report)  # partial results survive an interrupted run
+            print(f"{name:22s} {tool:14s} {entry.get('status'):6s} {entry.get('wall_s', 0):7.1f}s "
+                  f"macs {entry.get('macs_ratio', float('nan')):.3f} {entry.get('why', '')[:150]}", flush=True)
+    write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
