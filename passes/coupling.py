@@ -64,7 +64,7 @@ def _rectangular(facts: ChannelFacts, comp: np.ndarray) -> bool:
                 continue
             keep = max(p.dims, key=lambda d: p.arr.shape[d])
             facts.store.union(p.arr, squeeze_to_dims(p.arr, (keep,)))
-            stable = False
+            return False  # components are stale now: recompute before judging another plane
     return stable
 
 
@@ -88,7 +88,7 @@ def couple(facts: ChannelFacts, ignore: Iterable[str] = ()) -> Coupling:
     """Groups of prunable units of ``facts``; ``ignore`` names modules whose widths must not change."""
     _pin_ignored(facts, ignore)
     _pin_narrow_slots(facts)
-    for _ in range(16):
+    while True:  # each pass merges at least two units, so this ends
         comp = _components(facts.store.next_label, facts.store.pairs)
         if _rectangular(facts, comp):
             break

@@ -42,8 +42,8 @@ def _mask(value: Any, planes: Any, removed: np.ndarray) -> Any:
                     keep = k if keep is None else keep & k
         if keep is None:
             return value
-        mask = torch.from_numpy(np.ascontiguousarray(keep)).to(device=value.device, dtype=value.dtype)
-        return value * mask
+        mask = torch.from_numpy(np.ascontiguousarray(keep)).to(device=value.device)
+        return torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
     if isinstance(value, (tuple, list)) and isinstance(planes, tuple) and len(planes) == len(value):
         masked = [_mask(v, p, removed) for v, p in zip(value, planes)]
         return type(value)(masked) if isinstance(value, list) else tuple(masked)

@@ -19,10 +19,7 @@ from tests.prune_oracles import analyse, check_compile, check_low_level, one_thr
 from tests.small_models import CASES
 
 # Known limitations outside the rule files, reported to the lead (strict: the mark must go once fixed).
-XFAIL = {
-    "channel_shuffle_literal": "coupling._rectangular merges several planes per pass with stale components, so "
-                               "a view/transpose/view shuffle collapses into one unit (nothing prunable)",
-}
+XFAIL: dict = {}
 
 
 def _cases():
