@@ -95,7 +95,7 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
         raise ConfigError(f"compile_prune needs an nn.Module, got {type(model).__name__}.")
     check_precision(model)
     inputs = as_inputs(example_input)
-    private = copy.deepcopy(model)
+    private = private_copy(model)
     tracer = _LeafTracer(leaf_modules)
     try:
         graph = tracer.trace(private)
@@ -106,6 +106,31 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     gm.train(model.training)
     values = _check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
+
+
+# Copy CPU parameters and buffers lazily (torch._lazy_clone: storage shared until either side writes, then the
+# writer gets its own copy). Values behave exactly as after a deep copy, at no cost for the bytes. One visible
+# difference: the side that writes first moves to a new allocation, so a numpy array made from the user's tensor
+# before pruning stops aliasing it after the user's next in-place write. Shared-memory and non-CPU tensors are
+# copied eagerly. Set to False to restore plain deep copies.
+COPY_ON_WRITE = True
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``; plain CPU parameters and buffers are copied on write (see COPY_ON_WRITE)."""
+    memo: Dict[int, Any] = {}
+    if COPY_ON_WRITE and hasattr(torch, "_lazy_clone"):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if _lazy_ok(t) and id(t) not in memo:
+                lazy = torch._lazy_clone(t.detach())
+                memo[id(t)] = nn.Parameter(lazy, requires_grad=t.requires_grad) if type(t) is nn.Parameter else lazy
+    return copy.deepcopy(model, memo)
+
+
+def _lazy_ok(t: torch.Tensor) -> bool:
+    """Plain strided CPU tensors only (no subclasses, shared memory, quantised data or Python attributes)."""
+    plain = type(t) is nn.Parameter or (type(t) is torch.Tensor and not t.__dict__ and not t.requires_grad)
+    return plain and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized and not t.is_shared()
 
 
 def _trace_failure(exc: Exception) -> str:
@@ -165,7 +190,7 @@ def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]
     try:
         with torch.no_grad():
             try:
-                return _Recorder(_meta_twin(gm)).record(tuple(_to_meta(x) for x in inputs))
+                return _Recorder(_meta_twin(gm), gm.graph).record(tuple(_to_meta(x) for x in inputs))
             except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
                 return _Recorder(gm).record(inputs)
     finally:
@@ -175,8 +200,8 @@ def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]
 class _Recorder(fx.Interpreter):
     """Interpreter that keeps every node's value as a meta skeleton (shapes and Python values, no data)."""
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, module: nn.Module, graph: Optional[fx.Graph] = None):
+        super().__init__(module, graph=graph)
         self.values: Dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -221,20 +246,33 @@ def _keeps_shape_on_meta(module: nn.Module, x: Any) -> bool:
     return False
 
 
-def _meta_twin(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose parameters, buffers and tensor attributes are meta tensors (no data is copied)."""
+def _meta_twin(gm: fx.GraphModule) -> nn.Module:
+    """A module tree shaped like ``gm`` whose parameters, buffers and tensor attributes are meta tensors.
+
+    Modules are copied shallowly (their own attribute dicts, shared non-tensor values) and the root is a plain
+    Module: a deep copy of a GraphModule regenerates its code and copies its graph, which cost more than the meta
+    run itself. Run it with ``fx.Interpreter(twin, graph=gm.graph)``.
+    """
     memo: Dict[int, Any] = {}
-    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-    for node in gm.graph.nodes:  # constants fx stored as plain attributes
-        if node.op == "get_attr":
-            value = _get_attr(gm, node.target)
-            if isinstance(value, torch.Tensor):
-                tensors.append((node.target, value))
-    for _, t in tensors:
+
+    def meta(t: Any) -> Any:
         if id(t) not in memo:
-            meta = t.to("meta")
-            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(gm, memo)
+            m = t.to("meta")
+            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        return memo[id(t)]
+
+    def twin(module: nn.Module, root: bool = False) -> nn.Module:
+        new = nn.Module() if root else copy.copy(module)
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants, unregistered tensors)
+                new.__dict__[key] = meta(value)
+        new.__dict__["_parameters"] = {k: None if v is None else meta(v) for k, v in module._parameters.items()}
+        new.__dict__["_buffers"] = {k: None if v is None else meta(v) for k, v in module._buffers.items()}
+        new.__dict__["_modules"] = {k: None if v is None else twin(v) for k, v in module._modules.items()}
+        new.__dict__["training"] = module.training
+        return new
+
+    return twin(gm, root=True)
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:

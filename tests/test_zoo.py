@@ -124,8 +124,9 @@ class DataDependent(nn.Module):
 def test_falls_back_to_a_real_run_where_meta_cannot_go():
     model = DataDependent().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = trace_mod.trace(model, x).gm
     with pytest.raises(Exception):  # the premise: this model does not run on meta tensors
-        trace_mod._Recorder(trace_mod._meta_twin(trace_mod.trace(model, x).gm)).record((x.to("meta"),))
+        trace_mod._Recorder(trace_mod._meta_twin(gm), gm.graph).record((x.to("meta"),))
     traced = trace_mod.trace(model, x)
     assert_same_facts(traced, traced.recorded_values(), real_values(traced))
     assert any(("conv.weight", 0) in g.members for g in couple(analyze(traced)).groups)
