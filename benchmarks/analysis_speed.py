@@ -3,10 +3,10 @@
 For each model (torchvision, weights=None, eval, float32) both tools analyse the same model on the same input in
 the same process, alternating, ``--reps`` times each; the JSON holds wall-clock medians, every time, CPU-time
 medians (process time: steadier than wall clock on a shared machine), the ratios obafx / Torch-Pruning, obafx's
-per-stage medians and what the model's deep copy alone costs. Models: resnet50 and densenet121 at 64x64, vit_b_16 at
+per-stage medians and what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy). Models: resnet50 and densenet121 at 64x64, vit_b_16 at
 224x224 (``--quick``: resnet18 and mobilenet_v3_small at 32x32). Target: ratio <= 1.
 
-Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--out PATH]
+Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--threads 1] [--out PATH]
 Writes JSON (default benchmarks/results/analysis_speed.json).
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, write_json  # noqa: E402
+from obafx.passes.trace import private_copy  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "analysis_speed.json")
 MODELS = {"resnet50": 64, "densenet121": 64, "vit_b_16": 224}
@@ -78,9 +79,10 @@ def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
     entry["obafx"]["stages_median_s"] = {k: statistics.median(r[k] for r in runs["obafx"])
                                          for k in ("trace", "analyze", "couple")}
     entry["obafx"]["barriers"] = runs["obafx"][-1]["barriers"]
-    start = time.process_time()
-    copy.deepcopy(model)  # what the private copy alone costs (trace.py must copy: the user's model stays untouched)
-    entry["obafx"]["deepcopy_cpu_s"] = time.process_time() - start
+    for key, copier in (("deepcopy_cpu_s", copy.deepcopy), ("private_copy_cpu_s", private_copy)):
+        start = time.process_time()
+        copier(model)  # what trace.py's private copy costs (copy-on-write) against a plain deep copy
+        entry["obafx"][key] = time.process_time() - start
     entry["ratio_obafx_over_tp"] = entry["obafx"]["median_s"] / entry["torch_pruning"]["median_s"]
     entry["cpu_ratio_obafx_over_tp"] = entry["obafx"]["cpu_median_s"] / entry["torch_pruning"]["cpu_median_s"]
     entry["meets_target"] = entry["ratio_obafx_over_tp"] <= 1.0
@@ -93,6 +95,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--models", default=None,
                    help="comma-separated torchvision names (input 224 for vit/swin/maxvit, else 64; 32 with --quick)")
     p.add_argument("--quick", action="store_true", help="two small models at 32x32 (smoke test)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared machine, idle OpenMP threads spin and inflate every time)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     return p.parse_args(argv)
 
@@ -107,9 +111,18 @@ def _selected(args: argparse.Namespace) -> Dict[str, int]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the benchmark; returns the report that was written to ``--out``."""
     args = parse_args(argv)
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "machine": machine_info(),
-        "settings": {"reps": args.reps, "quick": args.quick, "dtype": "float32", "warmup": 1},
+        "settings": {"reps": args.reps, "quick": args.quick, "dtype": "float32", "warmup": 1, "threads": args.threads},
         "models": {},
     }
     for name, size in _selected(args).items():

@@ -14,9 +14,10 @@ elsewhere ru_maxrss growth, which can only under-count). tracemalloc does not se
 not used. On CUDA: torch.cuda.max_memory_allocated above the allocation before the run.
 Time: one subprocess per model warms each operation up once, then runs ``--reps`` rounds of
 gradient/full/residual interleaved, so a change in machine load hits all three alike; reported are the median
-wall-clock and process-CPU times per operation (ratios use wall clock).
+wall-clock and process-CPU times per operation and the ratios of both (on a shared machine the load averages
+recorded in the JSON tell how far wall-clock times were inflated).
 
-Usage: python3 benchmarks/hvp_cost.py [--reps 5] [--batch 128] [--quick] [--device cpu] [--out PATH]
+Usage: python3 benchmarks/hvp_cost.py [--reps 5] [--batch 128] [--threads N] [--quick] [--device cpu] [--out PATH]
 Writes JSON (default benchmarks/results/hvp_cost.json). Targets: full <= 4x and residual <= 7x the gradient's
 time, peak memory <= 4x.
 """
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 
 OPS = ("gradient", "full", "residual")
 MODELS = ("resnet56", "vit")
-TARGETS = {"full_time": 4.0, "residual_time": 7.0, "full_mem": 4.0, "residual_mem": 4.0}
+TARGETS = {"full_time": 4.0, "residual_time": 7.0, "full_cpu": 4.0, "residual_cpu": 7.0, "full_mem": 4.0,
+           "residual_mem": 4.0}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hvp_cost.json")
 
 
@@ -219,7 +221,7 @@ def _in_subprocess(args, *worker: str) -> dict:
         return memory_worker(name, op[0], args.batch, True, args.device, args.source) if kind == "memory" \
             else timing_worker(name, args.batch, args.reps, True, args.device, args.source)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *worker, "--batch", str(args.batch),
-           "--reps", str(args.reps), "--device", args.device, "--source", args.source]
+           "--reps", str(args.reps), "--device", args.device, "--source", args.source, "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {worker} failed:\n{done.stderr[-3000:]}")
@@ -243,6 +245,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny models, batch 4, 1 repetition, no subprocesses (smoke test only)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per measurement (0: torch's default). 1 gives stable ratios on a "
+                             "shared machine, where waiting OpenMP threads spin and inflate every time")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + str(MODELS))
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # memory MODEL OP | time MODEL
@@ -251,11 +256,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ratios(ops: dict) -> dict:
+    """Wall-clock, process-CPU and peak-memory ratios of full and residual scoring to the gradient."""
     base = ops["gradient"]
     mem = max(base["peak_mem_mib"], 1e-9)
     return {"full_time": ops["full"]["time_s"] / base["time_s"],
             "residual_time": ops["residual"]["time_s"] / base["time_s"],
+            "full_cpu": ops["full"]["cpu_s"] / base["cpu_s"], "residual_cpu": ops["residual"]["cpu_s"] / base["cpu_s"],
             "full_mem": ops["full"]["peak_mem_mib"] / mem, "residual_mem": ops["residual"]["peak_mem_mib"] / mem}
+
+
+def _load() -> list:
+    """The 1/5/15-minute load averages (empty where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else []
 
 
 def main(argv=None) -> dict:
@@ -264,6 +276,8 @@ def main(argv=None) -> dict:
     if args.quick:
         args.batch, args.reps = min(args.batch, 4), 1
     args.source = args.source or model_source()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.worker:
         kind, name, *op = args.worker
         result = memory_worker(name, op[0], args.batch, args.quick, args.device, args.source) \
@@ -273,6 +287,7 @@ def main(argv=None) -> dict:
     report = {"machine": {"torch": torch.__version__, "python": platform.python_version(),
                           "platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "device": args.device,
+                          "load_average_at_start": _load(),
                           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
                           else platform.processor() or platform.machine()},
               "settings": {"batch": args.batch, "reps": args.reps, "quick": args.quick, "image": [3, 32, 32],
@@ -286,6 +301,7 @@ def main(argv=None) -> dict:
         report["models"][name] = {"ops": ops, "ratios": ratios,
                                   "meets_targets": {k: v <= TARGETS[k] for k, v in ratios.items()}}
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), file=sys.stderr)
+    report["machine"]["load_average_at_end"] = _load()  # other work on the machine inflates wall-clock times
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as out:
         json.dump(report, out, indent=1)

@@ -1,18 +1,17 @@
 """Model-zoo benchmark: every torchvision classification model pruned to half its MACs by obafx and by
 Torch-Pruning, each result verified. Per model: weights=None, eval, every parameter and buffer randomised (norms
 are not identities, values distinct); input 64x64, else 128 or 224, the first size the model runs on; float64,
-except float32 for models over 100M parameters or needing 224x224 (exactness tolerance 1e-9, float32: 1e-4).
+except float32 for models over 150M parameters or needing 224x224 (exactness tolerance 1e-9, float32: 1e-4).
 
 - obafx: ``compile_prune(m, x, macs=0.5)``; checks: output shape, the masking oracle (exact where no LayerNorm /
   GroupNorm normalises over a pruned dim; where one does the model is "inexact-norm" and the oracle is checked
   exactly on a removal that avoids norm-coupled groups), MACs ratio within 2% of 0.5 (thop, as in the report),
   re-trace, ``torch.jit.trace``, keep-all identity (bit-identical).
-- Torch-Pruning: ``MetaPruner`` (magnitude p=2, not global, final classifier ignored) stepped until its own
-  ``count_ops_and_params`` MACs are at most half; checks: runs, output shape, MACs ratio; and the masking oracle
+- Torch-Pruning: one-shot ``MetaPruner`` (magnitude p=2, not global, final classifier ignored), its channel ratio
+  searched until its own MAC count is at most half; checks: runs, output shape, MACs ratio, and the masking oracle
   on the channels it removed (decoded from the pruned tensors, mapped onto obafx's coupled units).
 
-Each (model, tool) runs in its own subprocess with ``--timeout``, so a hang or crash costs one entry only.
-
+Each (model, tool) runs in its own subprocess with ``--timeout``: a hang or a crash costs one entry only.
 Usage: python3 benchmarks/zoo.py [--models a,b] [--quick] [--timeout 240] [--jobs 1] [--out PATH]
 Writes JSON (default benchmarks/results/zoo.json), rewritten after every model.
 """
@@ -21,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,22 +28,31 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torchvision
+
+import obafx
+from obafx.passes.channel_graph import analyze
+from obafx.passes.coupling import couple
+from obafx.passes.macs import thop_macs
+from obafx.passes.plan import plan_from_removed
+from obafx.passes.rewrite import rewrite
+from obafx.passes.trace import trace
+from obafx.passes.verify import masked_output, max_relative_error
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import error_entry, machine_info, run_isolated, write_json  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo.json")
-QUICK_MODELS = ("resnet18", "mobilenet_v3_small")
+QUICK_MODELS = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
 TARGET, MAC_TOL = 0.5, 0.02  # MACs ratio must land in TARGET * (1 -/+ MAC_TOL)
-FLOAT64_MAX_PARAMS = 100e6
+FLOAT64_MAX_PARAMS = 150e6  # float32 beyond: deep random nets amplify float32 round-off past 1e-4
 TOOLS = ("obafx", "torch_pruning")
 
 
-# ------------------------------------------------------------------------------------------- model set-up
-
 def randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give biases, norm affines and constant-initialised tensors distinct random values (norm scales near 1,
-    running variances positive); other tensors keep their (random) initialisation."""
+    """Give biases, norm affines and constant-initialised tensors random values (norm scales near 1, running
+    variances positive) and jitter every other tensor (relative 1e-6), so that values are distinct in the model's
+    dtype (decode_kept tracks channels by value)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -53,18 +62,16 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
             if name.endswith("running_var"):
                 t.copy_(0.5 + noise.abs())
             elif t.dim() <= 1 or not t.any() or (t.numel() <= 1e6 and t.unique().numel() < t.numel()):
-                base = 1.0 if name.endswith("weight") and t.dim() == 1 else 0.0
-                t.copy_(base + 0.1 * noise)
+                t.copy_((1.0 if name.endswith("weight") and t.dim() == 1 else 0.0) + 0.1 * noise)
+            else:
+                t.mul_(1 + 1e-6 * noise)
 
 
 def build(name: str, sizes: Tuple[int, ...]) -> Tuple[torch.nn.Module, torch.Tensor, str]:
     """The randomised eval-mode model, the first input size (of ``sizes``) it runs on, and its dtype name:
-    float64, or float32 for models over 100M parameters or that need 224x224 (time on a 2-core machine)."""
-    import torchvision
-
+    float64, or float32 for models over 150M parameters or that need 224x224 (time on a 2-core machine)."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
-    randomise(model)
     errors = []
     for size in sizes:
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -76,7 +83,9 @@ def build(name: str, sizes: Tuple[int, ...]) -> Tuple[torch.nn.Module, torch.Ten
             continue
         big = sum(p.numel() for p in model.parameters()) > FLOAT64_MAX_PARAMS or size >= 224
         dtype = torch.float32 if big else torch.float64
-        return model.to(dtype), x.to(dtype), str(dtype).replace("torch.", "")
+        model = model.to(dtype)
+        randomise(model)
+        return model, x.to(dtype), str(dtype).replace("torch.", "")
     raise RuntimeError(f"no input size runs: {errors}")
 
 
@@ -85,7 +94,6 @@ def exact_tol(x: torch.Tensor) -> float:
 
 
 def rel_err(a: Any, b: Any) -> float:
-    from obafx.passes.verify import max_relative_error
     return max_relative_error(a, b)
 
 
@@ -95,16 +103,10 @@ def macs_ok(ratio: Optional[float]) -> bool:
 
 def analyse(model: torch.nn.Module, x: torch.Tensor):
     """obafx's low-level analysis: (traced, facts, coupling)."""
-    from obafx.passes.channel_graph import analyze
-    from obafx.passes.coupling import couple
-    from obafx.passes.trace import trace
-
     traced = trace(model, x)
     facts = analyze(traced)
     return traced, facts, couple(facts)
 
-
-# ------------------------------------------------------------------------------------------------ obafx
 
 _NORM_FUNCS = ("layer_norm", "group_norm")
 
@@ -136,9 +138,6 @@ def norm_changed(traced_gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule) 
 
 def subset_check(traced, facts, coupling, x: torch.Tensor) -> Dict[str, Any]:
     """The exact masking oracle on a removal (about 1/3 of each group) that avoids every norm-coupled group."""
-    from obafx.passes.rewrite import rewrite
-    from obafx.passes.verify import masked_output
-
     owners = norm_owners(traced.gm)
     rng = np.random.default_rng(0)
     removed, used = set(), 0
@@ -158,10 +157,6 @@ def subset_check(traced, facts, coupling, x: torch.Tensor) -> Dict[str, Any]:
 
 def run_obafx(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
     """compile_prune to half the MACs and every check; returns the entry (status, why, numbers, times)."""
-    import obafx
-    from obafx.passes.rewrite import rewrite
-    from obafx.passes.trace import trace
-
     r: Dict[str, Any] = {"times_s": {}}
     t0 = time.perf_counter()
     pruned = obafx.compile_prune(model, x, macs=TARGET)
@@ -199,15 +194,11 @@ def _verdict(r: Dict[str, Any]) -> Dict[str, Any]:
         why.append(f"masking oracle on norm-free groups: error {r['subset']['error']:.2e}")
     if not macs_ok(r["macs_ratio"]):
         why.append(f"MACs ratio {r['macs_ratio']:.4f} not within {MAC_TOL:.0%} of {TARGET}")
-    for key, what in (("keep_all_identical", "keep-all not bit-identical"), ("retrace_ok", "re-trace differs"),
-                      ("jit_ok", "jit.trace differs")):
-        if not r[key]:
-            why.append(what)
+    why += [what for key, what in (("keep_all_identical", "keep-all not bit-identical"),
+                                   ("retrace_ok", "re-trace differs"), ("jit_ok", "jit.trace differs")) if not r[key]]
     r["status"], r["why"] = ("fail", "; ".join(why)) if why else ("pass", "")
     return r
 
-
-# ---------------------------------------------------------------------------------------- Torch-Pruning
 
 def final_layer(model: torch.nn.Module) -> torch.nn.Module:
     """The final classifier: the last Linear/Conv module in definition order."""
@@ -231,7 +222,6 @@ def run_tp(model: torch.nn.Module, x: torch.Tensor, tries: int = 5) -> Dict[str,
     """MetaPruner aimed at half the MACs: the channel ratio is searched (MACs ~ (1-ratio)^a, a fitted from each
     try) until TP's own count lands in [0.49, 0.5]; the closest try at or below half is kept."""
     import torch_pruning as tp
-    from obafx.passes.macs import thop_macs
 
     r: Dict[str, Any] = {"times_s": {}}
     base_macs, base_params = tp.utils.count_ops_and_params(model, x)
@@ -277,6 +267,8 @@ def decode_kept(orig: torch.Tensor, pruned: torch.Tensor) -> Optional[List[np.nd
     for d in range(o.ndim):
         line_o = o[tuple(slice(None) if e == d else anchor[e] for e in range(o.ndim))]
         line_p = p[tuple(slice(None) if e == d else 0 for e in range(o.ndim))]
+        if np.unique(line_o).size < line_o.size:  # repeated values: positions are ambiguous
+            return None
         order = np.argsort(line_o)
         pos = np.searchsorted(line_o, line_p, sorter=order)
         idx = order[np.clip(pos, 0, len(order) - 1)]
@@ -287,48 +279,42 @@ def decode_kept(orig: torch.Tensor, pruned: torch.Tensor) -> Optional[List[np.nd
 
 
 def tp_masked(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, y1) -> Dict[str, Any]:
-    """Map Torch-Pruning's removals onto obafx's units; then the masking oracle against TP's output."""
-    from obafx.passes.plan import plan_from_removed
-    from obafx.passes.verify import masked_output
-
+    """Map Torch-Pruning's removals onto obafx's units (an index of a tensor obafx couples to others); then the
+    masking oracle against TP's output. ``inconsistent``: units TP removed from some of their tensors but kept in
+    others (its network then computes no masking of the original); ``disagree``: tensor shapes TP chose that
+    obafx's coupling would not give."""
     traced, _, coupling = analyse(original, x)
-    after = dict(pruned.named_parameters())
-    after.update(pruned.named_buffers())
-    before = dict(original.named_parameters())
-    before.update(original.named_buffers())
-    removed, decoded, disagree = set(), {}, []
+    after, before = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (pruned, original))
+    removed, kept_any, decoded = set(), set(), 0
     for (name, dim), units in coupling.slot_units.items():
-        if name not in after or name not in before:
-            continue
-        kept = decode_kept(before[name], after[name])
-        if kept is None:
-            continue
-        decoded[(name, dim)] = kept[dim]
-        removed.update(np.unique(np.delete(units, kept[dim])).tolist())
-    if coupling.pinned in removed:
-        return {"ok": False, "why": "TP removes channels obafx must keep (coupling disagrees)"}
-    predicted = plan_from_removed(coupling, removed).kept
-    for name, t in after.items():  # every tensor's shape as obafx would prune it
-        if name not in before:
-            continue
+        kept = decode_kept(before[name], after[name]) if name in after and name in before else None
+        if kept is not None:  # undecodable tensors (repeated values) are checked by shape below
+            decoded += 1
+            removed.update(np.unique(np.delete(units, kept[dim])).tolist())
+            kept_any.update(np.unique(units[kept[dim]]).tolist())
+    r: Dict[str, Any] = {"slots_decoded": decoded, "inconsistent": len(removed & kept_any), "ok": False}
+    if r["inconsistent"] or coupling.pinned in removed:
+        r["why"] = (f"TP removed {r['inconsistent']} channels from some of the tensors that carry them and kept them "
+                    "in others" if r["inconsistent"] else "TP removes channels obafx must keep")
+        return r
+    predicted, disagree = plan_from_removed(coupling, removed).kept, []
+    for name, t in ((n, t) for n, t in after.items() if n in before):  # every shape as obafx would prune it
         want = list(before[name].shape)
         for d, idx in predicted.get(name, {}).items():
             want[d] = len(idx)
         if tuple(want) != tuple(t.shape):
             disagree.append(f"{name}: TP {tuple(t.shape)}, obafx's coupling {tuple(want)}")
     if disagree:
-        return {"ok": False, "why": "coupling disagrees: " + "; ".join(disagree[:5]), "count": len(disagree)}
+        return {**r, "why": "coupling disagrees: " + "; ".join(disagree[:5]), "disagree": len(disagree)}
     with torch.no_grad():
         err = rel_err(masked_output(traced, coupling, removed), y1)
     owners = norm_owners(traced.gm)
     norm = any(coupling.slot_roles[(name, d)][1] in owners or name.rpartition(".")[0] in owners
                for name, dims in predicted.items() for d in dims)
     exact = err < exact_tol(x)
-    return {"ok": True if exact else (None if norm else False), "error": err, "slots_decoded": len(decoded),
+    return {**r, "ok": True if exact else (None if norm else False), "error": err,
             "oracle": "exact" if exact else ("inexact-norm" if norm else "broken")}
 
-
-# ------------------------------------------------------------------------------------------ the driver
 
 def worker(name: str, tool: str, quick: bool) -> Dict[str, Any]:
     """One (model, tool) in this process; exceptions become an 'error' entry with their origin."""
@@ -345,14 +331,15 @@ def worker(name: str, tool: str, quick: bool) -> Dict[str, Any]:
 
 
 def summarise(models: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    out = {}
-    for tool in TOOLS:
-        entries = [m[tool] for m in models.values() if tool in m]
-        out[tool] = {s: sum(1 for e in entries if e.get("status") == s) for s in ("pass", "fail", "error")}
-    ob = [m["obafx"] for m in models.values() if m.get("obafx", {}).get("status") in ("pass", "fail")]
-    out["obafx"]["inexact_norm"] = sum(1 for e in ob if e.get("oracle") == "inexact-norm")
-    tpm = [m["torch_pruning"].get("masked", {}) for m in models.values() if "masked" in m.get("torch_pruning", {})]
-    out["torch_pruning"]["masked_agree"] = sum(1 for e in tpm if e.get("ok"))
+    """Counts per tool: pass/fail/error, obafx's inexact-norm models, TP results the masking oracle confirms and
+    TP results with inconsistent removals (see tp_masked)."""
+    rows = {tool: [m[tool] for m in models.values() if tool in m] for tool in TOOLS}
+    out = {tool: {s: sum(1 for e in rows[tool] if e.get("status") == s) for s in ("pass", "fail", "error")}
+           for tool in TOOLS}
+    out["obafx"]["inexact_norm"] = sum(1 for e in rows["obafx"] if e.get("oracle") == "inexact-norm")
+    masked = [e.get("masked", {}) for e in rows["torch_pruning"]]
+    out["torch_pruning"]["masked_agree"] = sum(1 for e in masked if e.get("ok"))
+    out["torch_pruning"]["masked_inconsistent"] = sum(1 for e in masked if e.get("inconsistent"))
     return out
 
 
@@ -363,6 +350,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model and tool")
     p.add_argument("--jobs", type=int, default=1, help="subprocesses at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
+    p.add_argument("--mem-gb", type=float, default=12.0, help="address-space limit per subprocess (0: none)")
     p.add_argument("--tools", default=",".join(TOOLS), help="obafx,torch_pruning (default both)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -372,8 +360,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def model_names(args: argparse.Namespace) -> List[str]:
-    import torchvision
-
     if args.models:
         return [m for m in args.models.split(",") if m]
     return list(QUICK_MODELS) if args.quick else torchvision.models.list_models(module=torchvision.models)
@@ -384,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.worker:
         torch.set_num_threads(args.threads)
+        if args.mem_gb > 0:  # a model too big for the machine fails alone instead of waking the OOM killer
+            resource.setrlimit(resource.RLIMIT_AS, (int(args.mem_gb * 2**30),) * 2)
         entry = worker(args.worker, args.tool, args.quick)
         write_json(args.result, entry)
         return entry
@@ -391,9 +379,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     report: Dict[str, Any] = {"machine": machine_info(), "models": {}, "summary": {},
                               "settings": {"quick": args.quick, "timeout_s": args.timeout, "target_macs": TARGET,
                                            "mac_tolerance": MAC_TOL, "tools": tools, "jobs": args.jobs,
-                                           "threads": args.threads}}
+                                           "threads": args.threads, "mem_gb": args.mem_gb}}
     jobs = [(n, t) for n in model_names(args) for t in tools]
-    base = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    base = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--mem-gb", str(args.mem_gb)]
+    base += ["--quick"] if args.quick else []
     run = lambda job: run_isolated(base + ["--worker", job[0], "--tool", job[1]], args.timeout)  # noqa: E731
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for (name, tool), entry in zip(jobs, pool.map(run, jobs)):

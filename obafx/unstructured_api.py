@@ -1,9 +1,6 @@
 """compile_prune's unstructured branch: same tracing and scoring, weights zeroed instead of channels removed."""
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 import torch.fx as fx
 
 from obafx.batches import BatchSource, warn_once

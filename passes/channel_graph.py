@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.fx as fx
 
@@ -17,7 +16,7 @@ from .errors import ObafxError, describe_node
 from .labels import Plane, Store
 from .ops import rule_for
 from .rules_shape import barrier
-from .trace import Traced, record_values
+from .trace import Traced, record_values, tensor_aliases
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +54,7 @@ class _Analyzer(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, values: Dict[str, Any]):
         super().__init__(gm)
         self.values = values
-        self.store = Store()
+        self.store = Store(aliases=tensor_aliases(gm))
         self.planes: Dict[str, Any] = {}
         self.shapes: Dict[str, Any] = {}
 

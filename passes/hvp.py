@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_leaves
 
-from .errors import ConfigError, ScoreError
+from .errors import ConfigError, ObafxError, ScoreError
 
 __all__ = ["parameter_scores", "prunable_parameter_names", "PRUNABLE_TYPES", "MHA_PARAMETERS"]
 
@@ -331,6 +331,13 @@ def _hvp(setup: _Setup, args, targets, vec: Scores, mode: str = "full", force: O
             if setup.backend is not None:
                 raise
             continue
+        except ObafxError:
+            raise
+        except Exception as err:  # raised by loss_fn or the model itself: no other backend would fare better
+            first_line = (str(err).splitlines() or [""])[0]
+            raise ScoreError(f"scoring one batch raised {type(err).__name__}: {first_line}. What to do: check that loss_fn(model(inputs), targets) runs on one of your "
+                             f"batches outside obafx (targets of the batch's length, labels within the output's "
+                             f"classes)") from err
         setup.backend = backend
         if force is None:  # a forced choice is a test's, not a finding about the model
             memory[setup.train] = backend

@@ -7,7 +7,7 @@ any score, then divide by the group's maximum so that all groups rank together u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch

@@ -60,6 +60,7 @@ class Store:
     barriers: List[Tuple[str, str]] = field(default_factory=list)
     log: List[Tuple[str, int]] = field(default_factory=list)  # slot keys in the order rules touched them
     widths: Dict[str, object] = field(default_factory=dict)  # node name -> Width (or a tuple of Width/None)
+    aliases: Dict[str, str] = field(default_factory=dict)  # tensor name -> canonical name (tied weights)
 
     def fresh(self, n: int) -> np.ndarray:
         """``n`` new labels."""
@@ -88,7 +89,7 @@ class Store:
         """Labels of one parameter dim; the same parameter used twice (shared weights) gets the same labels.
         A layer that uses a free parameter (a get_attr weight passed to F.conv2d / F.linear / matmul) claims
         its role, so the parameter's rows count as produced channels."""
-        key = (name, dim)
+        key = (self.aliases.get(name, name), dim)  # a tied tensor is one slot under all of its names
         if key not in self.slots:
             self.slots[key] = (Slot(name, dim, role, owner), self.fresh(size))
         elif self.slots[key][0].role == "free" and role != "free":

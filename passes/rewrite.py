@@ -18,7 +18,7 @@ from torch import nn
 
 from .facts import Coupling
 from .plan import node_kept, plan_from_removed
-from .trace import Traced
+from .trace import Traced, tensor_aliases
 
 _RESHAPES = {"view", "reshape", torch.reshape}
 _EXPANDS = {"expand", "broadcast_to"}
@@ -29,8 +29,9 @@ def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed:
     """A new GraphModule without the ``removed`` units; ``traced`` is left as it was."""
     gm = copy.deepcopy(traced.gm)
     plan = plan_from_removed(coupling, removed)
+    aliases = tensor_aliases(gm)
     for name, dims in plan.kept.items():
-        _slice_tensor(gm, name, dims)
+        _slice_tensor(gm, name, dims, [a for a, canonical in aliases.items() if canonical == name])
     kept = node_kept(coupling, shapes, removed)
     new_shapes = {n: _new_shape(shapes[n], kept[n]) for n in shapes}
     nodes = list(gm.graph.nodes)
@@ -45,19 +46,28 @@ def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed:
     return gm
 
 
-def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[int]]) -> None:
-    """Replace parameter/buffer ``qualname`` by its slice keeping ``dims[d]`` along each dim d."""
-    owner_name, _, attr = qualname.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    old = getattr(owner, attr)
+def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[int]], aliases=()) -> None:
+    """Replace parameter/buffer ``qualname`` by its slice keeping ``dims[d]`` along each dim d; its ``aliases``
+    (other names of the same tied tensor) get the same new tensor, so the tie survives."""
+    old = gm.get_parameter(qualname) if _is_parameter(gm, qualname) else gm.get_buffer(qualname)
     new = old.detach()
     for d, idx in sorted(dims.items()):
         new = new.index_select(d, torch.as_tensor(list(idx), dtype=torch.long, device=new.device))
     new = new.clone().contiguous()
     if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = new
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    for name in (qualname, *aliases):
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if isinstance(new, nn.Parameter):
+            setattr(owner, attr, new)
+        else:
+            owner._buffers[attr] = new
+
+
+def _is_parameter(gm: fx.GraphModule, qualname: str) -> bool:
+    owner_name, _, attr = qualname.rpartition(".")
+    return attr in (gm.get_submodule(owner_name) if owner_name else gm)._parameters
 
 
 def _new_shape(shape: Any, kept: Any) -> Any:

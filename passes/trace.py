@@ -11,6 +11,7 @@ forward, data-dependent Python), it runs for real and records the same skeletons
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -95,17 +96,49 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
         raise ConfigError(f"compile_prune needs an nn.Module, got {type(model).__name__}.")
     check_precision(model)
     inputs = as_inputs(example_input)
+    leaf_modules = _checked_leaf_modules(model, leaf_modules)
     private = private_copy(model)
     tracer = _LeafTracer(leaf_modules)
     try:
         graph = tracer.trace(private)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): report them all.
         raise TraceError(_trace_failure(exc)) from exc
+    for node in graph.nodes:  # annotations left as strings (``from __future__ import annotations``) break jit.script
+        if isinstance(node.type, str):
+            node.type = None
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(model.training)
     values = _check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
+
+
+def tensor_aliases(module: nn.Module) -> Dict[str, str]:
+    """{name: canonical name} for every parameter/buffer reachable under more than one name (tied weights).
+    The canonical name is the one ``named_parameters()`` / ``named_buffers()`` report."""
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        canonical = first.setdefault(id(t), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
+
+
+def _checked_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple:
+    """``leaf_modules`` as a tuple of submodule names and module classes; raises ConfigError for an entry that is
+    neither, or for a name that matches no submodule (a typo would otherwise be silently ignored)."""
+    leaves = tuple(leaf_modules)
+    names = {n for n, _ in model.named_modules() if n}
+    for leaf in leaves:
+        if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
+            raise ConfigError(f"leaf_modules entry {leaf!r} is a {type(leaf).__name__}. What to do: pass submodule "
+                              f"names (as in model.named_modules()) or nn.Module classes")
+        if isinstance(leaf, str) and leaf not in names:
+            close = difflib.get_close_matches(leaf, names, n=5) or sorted(names)[:8]
+            raise ConfigError(f"leaf_modules name '{leaf}' matches no submodule of {type(model).__name__}. "
+                              f"What to do: use a name from model.named_modules(), e.g. {close}")
+    return leaves
 
 
 # Copy CPU parameters and buffers lazily (torch._lazy_clone: storage shared until either side writes, then the
@@ -155,7 +188,6 @@ def _check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     """Run the traced copy once so that a wrong example input fails here, with a clear message; returns the
     recorded node values (see `record_values`)."""
     try:
-        _check_devices_and_dtypes(gm, inputs)
         return record_values(gm, inputs)
     except Exception as exc:  # any failure here means the input does not fit the model
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
@@ -165,34 +197,30 @@ def _check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
         ) from exc
 
 
-def _check_devices_and_dtypes(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
-    """What a meta run cannot see: inputs on another device than the parameters, or floating inputs of another
-    dtype (meta kernels of some ops, e.g. linear, do not compare dtypes). Raises RuntimeError like torch would."""
-    params = [p for p in gm.parameters() if p.is_floating_point()]
-    if not params:
-        return
-    device, dtype = params[0].device, params[0].dtype
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.device != device:
-            raise RuntimeError(f"input on {x.device}, parameters on {device}")
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
-            raise RuntimeError(f"input of dtype {x.dtype}, parameters of dtype {dtype}")
+def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
+    """Whether a meta run fails exactly where a real one would: one device and one floating dtype across
+    parameters, buffers and inputs (meta kernels of some ops, e.g. linear, do not compare dtypes; a model may
+    also move or cast its inputs itself). Otherwise the real run decides."""
+    tensors = [t for t in (*gm.parameters(), *gm.buffers(), *inputs) if isinstance(t, torch.Tensor)]
+    return len({t.device for t in tensors}) <= 1 and len({t.dtype for t in tensors if t.is_floating_point()}) <= 1
 
 
 def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     """Run ``gm`` once (eval mode, no grad) and return {node name: its value with tensors as meta tensors}.
 
-    Runs on a meta copy first (no compute); falls back to a real run when the meta run fails. Errors of the
-    real run propagate. ``gm`` and ``inputs`` are left untouched.
+    Runs on a meta copy (no compute) where that can stand in for a real run; falls back to a real run when the
+    meta run fails. Errors of the real run propagate. ``gm`` and ``inputs`` are left untouched.
     """
     was_training = gm.training
     gm.eval()  # eval: a forward pass in train mode would update the copy's BatchNorm statistics
     try:
         with torch.no_grad():
-            try:
-                return _Recorder(_meta_twin(gm), gm.graph).record(tuple(_to_meta(x) for x in inputs))
-            except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
-                return _Recorder(gm).record(inputs)
+            if _meta_can_stand_in(gm, inputs):
+                try:
+                    return _Recorder(_meta_twin(gm), gm.graph).record(tuple(_to_meta(x) for x in inputs))
+                except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
+                    pass
+            return _Recorder(gm).record(inputs)
     finally:
         gm.train(was_training)
 

@@ -29,7 +29,8 @@ def test_quick_run_writes_the_json_schema(tmp_path):
         for op in entry["ops"].values():
             assert op["time_s"] > 0 and op["cpu_s"] >= 0 and len(op["times_s"]) == 1
             assert isinstance(op["peak_mem_mib"], float) and op["params"] > 0
-        assert set(entry["ratios"]) == {"full_time", "residual_time", "full_mem", "residual_mem"}
+        assert set(entry["ratios"]) == {"full_time", "residual_time", "full_cpu", "residual_cpu", "full_mem",
+                                        "residual_mem"}
         assert all(v > 0 for k, v in entry["ratios"].items() if k.endswith("time"))
         assert set(entry["meets_targets"]) == set(entry["ratios"])
 

@@ -47,15 +47,15 @@ def test_zoo_quick_run_writes_the_json_schema(tmp_path):
     assert summary["torch_pruning"]["masked_agree"] == 1
 
 
-def test_zoo_records_errors_and_timeouts_instead_of_stopping(tmp_path):
+def test_zoo_records_errors_and_timeouts_instead_of_stopping():
     zoo = load("zoo")
-    out = tmp_path / "zoo.json"
-    report = zoo.main(["--models", "no_such_model", "--tools", "obafx", "--timeout", "120", "--out", str(out)])
-    entry = report["models"]["no_such_model"]["obafx"]
-    assert entry["status"] == "error" and "no_such_model" in entry["why"]
+    entry = zoo.worker("no_such_model", "obafx", quick=True)  # in-process: what a subprocess would write
+    assert entry["status"] == "error" and "no_such_model" in entry["why"] and entry["where"]
     from common import run_isolated
     hung = run_isolated([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
     assert hung["status"] == "error" and "timeout" in hung["why"]
+    crashed = run_isolated([sys.executable, "-c", "import sys; sys.exit(3)"], timeout=30)
+    assert crashed["status"] == "error" and "exited with 3" in crashed["why"]
 
 
 def test_analysis_speed_quick_run_writes_the_json_schema(tmp_path):

@@ -1,10 +1,8 @@
 """Graph dumps and the command line."""
 import json
 import shutil
-import sys
 
 import networkx as nx
-import pytest
 import torch
 
 from obafx import cli

@@ -178,8 +178,6 @@ def test_steps_must_be_positive(steps):
         prune(steps=steps)
 
 
-@pytest.mark.xfail(strict=True, reason="passes/trace.py _LeafTracer ignores leaf_modules names that match no "
-                                       "module; it should raise ConfigError listing valid names")
 def test_leaf_modules_matching_nothing_is_a_config_error():
     with pytest.raises(ConfigError, match="nope"):
         prune(leaf_modules=["nope"])
@@ -203,8 +201,6 @@ def test_calibration_batch_of_wrong_shape():
     assert "What to do" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="passes/hvp.py: exceptions raised by loss_fn (ValueError, IndexError, any) "
-                                       "escape _hvp, which only catches RuntimeError/NotImplementedError")
 @pytest.mark.parametrize("targets", [torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 7, 0, 1])],
                          ids=["wrong-batch", "label-out-of-range"])
 def test_targets_that_do_not_fit_the_output(targets):
@@ -269,3 +265,8 @@ def test_empty_calibration_data():
 def test_not_a_module():
     with pytest.raises(ConfigError, match="nn.Module"):
         prune(lambda t: t)
+
+
+def test_leaf_modules_entry_that_is_neither_a_name_nor_a_class():
+    with pytest.raises(ConfigError, match="leaf_modules entry 3"):
+        prune(leaf_modules=[3])

@@ -5,7 +5,6 @@ attention (qkv split into heads, softmax, proj), and a model built around nn.Mul
 compared with the pruned module's own eager output on a FRESH input (not the example input it was traced on)
 and, where shapes may vary, on another batch size.
 """
-import copy
 import shutil
 import warnings
 
@@ -112,24 +111,12 @@ def test_jit_trace(pruned, name):
     check(traced(x5), gm, x5)
 
 
-def script_ready(gm):
-    """A copy without string type annotations. torch.fx turns the annotations of a module written under
-    ``from __future__ import annotations`` (as obafx.models is) into names like ``_torch_Tensor_`` that
-    TorchScript cannot resolve, with or without pruning; dropping them leaves the code unchanged."""
-    gm = copy.deepcopy(gm)
-    for node in gm.graph.nodes:
-        if isinstance(node.type, str):
-            node.type = None
-    gm.recompile()
-    return gm
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_script(pruned, name):
     gm, x, x5 = pruned[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scripted = torch.jit.script(script_ready(gm))
+        scripted = torch.jit.script(gm)  # string annotations were dropped by trace
     check(scripted(x), gm, x)
     check(scripted(x5), gm, x5)
 

@@ -245,14 +245,32 @@ def test_integer_inputs_flags_and_buffers(tmp_path):
     assert loaded.shift.shape == p.shift.shape and loaded.shift.shape[0] < 16  # the buffer was pruned too
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a Parameter shared by two modules is sliced twice, "
-                   "independently, so the tie breaks (channel_graph/coupling/rewrite)")
 def test_tied_weights_stay_tied():
     torch.manual_seed(0)
     model = Tokens()
     model.head.weight = model.emb.weight
-    p = obafx.compile_prune(model, torch.randint(0, 11, (3, 5)), channels=0.5)
+    ids = torch.randint(0, 11, (3, 5))
+    p = obafx.compile_prune(model, ids, channels=0.5)
     assert p.head.weight is p.emb.weight
+    # the tie couples emb's columns with out's rows: both shrink together and the output stays masking-exact
+    assert p.emb.weight.shape[1] == p.out.weight.shape[0] < 12
+    assert obafx.report(p).masked_error < 1e-5
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (11, 12)  # the user's model
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "oba"])
+def test_tied_weights_save_and_load(tmp_path, importance):
+    torch.manual_seed(0)
+    model = Tokens()
+    model.head.weight = model.emb.weight
+    ids = torch.randint(0, 11, (4, 5))
+    p = obafx.compile_prune(model, ids, channels=0.5, importance=importance)
+    save(p, tmp_path / "tied.safetensors")
+    fresh = Tokens()
+    fresh.head.weight = fresh.emb.weight
+    back = load(tmp_path / "tied.safetensors", fresh)
+    assert back.head.weight is back.emb.weight
+    assert torch.equal(back(ids), p(ids))
 
 
 class Untraceable(nn.Module):

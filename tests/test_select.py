@@ -40,7 +40,6 @@ def test_caps_keep_a_channel_and_respect_ratio():
 
 def test_lowest_scores_go_first():
     c = coupling()
-    g = c.groups[0]
     scores = {u: float(i) for gr in c.groups for i, u in enumerate(gr.units)}
     removed = select(c, scores, Budget(channels=0.2))
     for gr in c.groups:

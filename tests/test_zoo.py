@@ -148,3 +148,19 @@ def test_wrong_input_is_still_a_config_error():
     for bad in (torch.randn(1, 4, 10, 10), torch.randn(1, 3, 12, 12), torch.randn(1, 3, 10, 10).double()):
         with pytest.raises(ConfigError, match="does not run on the example input"):
             trace_mod.trace(model, bad)
+
+
+class CastsItsInput(nn.Module):
+    """Takes float64 input into a float32 model: fine for a real run, so fine for trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.conv(x.float()).relu()
+
+
+def test_an_input_the_model_casts_itself_is_accepted():
+    traced = trace_mod.trace(CastsItsInput().eval(), torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert analyze(traced).shapes["relu"] == (1, 8, 6, 6)
