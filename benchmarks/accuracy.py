@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -191,11 +192,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (of 64) per step")
     p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 when several jobs share the cores)")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated JSON files of earlier runs (e.g. one per model, run side by side): their "
+                        "rows are combined into --out and the plot; nothing is run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge.split(","), Path(args.out))
     cfg = config(args)
-    training.set_threads()
+    training.set_threads(args.threads)
     loaders = fmnist.loaders(batch_size=128, train_limit=cfg["train_limit"], test_limit=cfg["test_limit"])
     rows: List[Dict[str, Any]] = []
     out = Path(args.out)
@@ -217,6 +224,18 @@ def main(argv=None) -> int:
     _write(out, args, cfg, rows)
     if not args.quick:
         plot(summarise(rows), out.with_suffix(".png"))
+    return 0
+
+
+def merge(paths: List[str], out: Path) -> int:
+    """Combine the rows of several result files (same protocol, e.g. one model each) into ``out`` + its plot."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for part in parts for r in part["rows"]]
+    write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
+                          "commands": [part["command"] for part in parts], "config": [part["config"] for part in parts],
+                          "machine": parts[0]["machine"], "tp_hessian_note": parts[0]["tp_hessian_note"],
+                          "rows": rows, "summary": summarise(rows)})
+    plot(summarise(rows), out.with_suffix(".png"))
     return 0
 
 

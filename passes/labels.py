@@ -73,8 +73,10 @@ class Store:
         a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
         pair = np.stack([a2.ravel(), b2.ravel()])
         pair = pair[:, pair[0] != pair[1]]
+        if pair.shape[1] > 4096:  # broadcast planes repeat pairs: dedupe big ones (small ones cost more to dedupe)
+            pair = np.unique(pair, axis=1)
         if pair.size:
-            self.pairs.append(np.unique(pair, axis=1))
+            self.pairs.append(pair)
 
     def pin(self, a: np.ndarray) -> None:
         self.union(a, PIN)

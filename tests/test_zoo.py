@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from obafx.passes import record as record_mod
 from obafx.passes import trace as trace_mod
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
@@ -81,7 +82,7 @@ def real_values(traced):
     """Node values from a real forward pass (as meta skeletons): what the analysis saw before the meta run."""
     gm = traced.gm
     with torch.no_grad():
-        return trace_mod._Recorder(gm).record(traced.inputs)
+        return record_mod._Recorder(gm).record(traced.inputs)
 
 
 def assert_same_facts(traced, values_a, values_b):
@@ -126,7 +127,7 @@ def test_falls_back_to_a_real_run_where_meta_cannot_go():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     gm = trace_mod.trace(model, x).gm
     with pytest.raises(Exception):  # the premise: this model does not run on meta tensors
-        trace_mod._Recorder(trace_mod._meta_twin(gm), gm.graph).record((x.to("meta"),))
+        record_mod._Recorder(record_mod._meta_twin(gm), gm.graph).record((x.to("meta"),))
     traced = trace_mod.trace(model, x)
     assert_same_facts(traced, traced.recorded_values(), real_values(traced))
     assert any(("conv.weight", 0) in g.members for g in couple(analyze(traced)).groups)

@@ -1,0 +1,87 @@
+"""The private copy every public call works on, so that the user's model is never modified.
+
+Semantically ``copy.deepcopy(model)``, built faster for module trees: each module gets its own attribute dict
+and its own copies of the containers in it (parameter, buffer, submodule and hook dicts, lists, sets), while
+immutable values are shared; any other object goes through ``copy.deepcopy`` with the same memo, so ties between
+objects survive exactly as under deepcopy. Plain CPU parameters and buffers are copied lazily
+(``torch._lazy_clone``: storage shared until either side writes, then the writer gets its own copy): values behave
+exactly as after a deep copy, at no cost for the bytes. One visible difference: the side that writes first moves
+to a new allocation, so a numpy array made from the user's tensor before pruning stops aliasing it after the
+user's next in-place write. Shared-memory and non-CPU tensors are copied eagerly. COPY_ON_WRITE = False and
+FAST_MODULE_COPY = False restore a plain deep copy.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from collections import OrderedDict
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+COPY_ON_WRITE = True
+FAST_MODULE_COPY = True
+_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type(Ellipsis),
+           type, range, slice)
+_SHARED_CALLABLES = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (see the module docstring)."""
+    memo: Dict[int, Any] = {}
+    if COPY_ON_WRITE and hasattr(torch, "_lazy_clone"):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if _lazy_ok(t) and id(t) not in memo:
+                lazy = torch._lazy_clone(t.detach())
+                memo[id(t)] = nn.Parameter(lazy, requires_grad=t.requires_grad) if type(t) is nn.Parameter else lazy
+    if not FAST_MODULE_COPY or not _plain_module_tree(model):
+        return copy.deepcopy(model, memo)
+    return _copy_value(model, memo)
+
+
+def _plain_module_tree(model: nn.Module) -> bool:
+    """Modules that deepcopy the default way (no __deepcopy__/__reduce_ex__/__getstate__ of their own, no
+    __slots__; a __setstate__ is fine, it is called as deepcopy would): only those may take the fast path."""
+    for m in model.modules():
+        cls = type(m)
+        if (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not nn.Module.__reduce_ex__
+                or cls.__getstate__ is not nn.Module.__getstate__
+                or any("__slots__" in vars(k) for k in cls.__mro__ if k is not object)):
+            return False
+    return True
+
+
+def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
+    """A deep copy of one attribute value, recursing into modules and plain containers."""
+    if isinstance(value, _ATOMIC) or type(value) in _SHARED_CALLABLES:  # what deepcopy shares too
+        return value
+    found = memo.get(id(value))
+    if found is not None:
+        return found
+    if isinstance(value, nn.Module):
+        new = object.__new__(type(value))
+        memo[id(value)] = new
+        new.__setstate__({k: _copy_value(v, memo) for k, v in value.__dict__.items()})  # as deepcopy does
+        return new
+    if type(value) in (dict, OrderedDict):
+        new = type(value)()
+        memo[id(value)] = new
+        new.update((k, _copy_value(v, memo)) for k, v in value.items())
+        return new
+    if type(value) is list:
+        new = []
+        memo[id(value)] = new
+        new.extend(_copy_value(v, memo) for v in value)
+        return new
+    if type(value) in (set, frozenset):
+        return type(value)(_copy_value(v, memo) for v in value)
+    if type(value) is tuple:
+        return tuple(_copy_value(v, memo) for v in value)
+    return copy.deepcopy(value, memo)
+
+
+def _lazy_ok(t: torch.Tensor) -> bool:
+    """Plain strided CPU tensors only (no subclasses, shared memory, quantised data or Python attributes)."""
+    plain = type(t) is nn.Parameter or (type(t) is torch.Tensor and not t.__dict__ and not t.requires_grad)
+    return plain and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized and not t.is_shared()

@@ -1,0 +1,69 @@
+"""passes/private_copy.py: the copy every public call works on behaves like copy.deepcopy."""
+import copy
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from obafx.passes import private_copy as pc
+
+
+class Holder(nn.Module):
+    """Containers, a tie, a hook, a plain tensor attribute and a custom object: all must be copied apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.layers = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)])
+        self.table = {"scale": [1.0, 2.0]}
+        self.const = torch.arange(3.0)
+        self.state = type("State", (), {})()
+        self.state.count = 0
+        self.a.register_forward_hook(lambda m, i, o: None)
+
+
+def test_the_copy_is_independent_and_keeps_ties():
+    model = Holder()
+    before = model.a.weight.detach().clone()
+    new = pc.private_copy(model)
+    assert new.b.weight is new.a.weight and new.a.weight is not model.a.weight
+    assert torch.equal(new.a.weight, model.a.weight)
+    for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks"):
+        assert getattr(new.a, attr) is not getattr(model.a, attr)
+    assert new.table is not model.table and new.table["scale"] is not model.table["scale"]
+    assert new.state is not model.state and new.const is not model.const
+    with torch.no_grad():
+        new.a.weight.add_(1.0)
+        new.layers[1].running_mean.add_(1.0)
+    new.table["scale"].append(3.0)
+    new.a.register_forward_hook(lambda m, i, o: None)
+    assert torch.equal(model.a.weight, before) and not torch.equal(model.a.weight, new.a.weight)
+    assert torch.equal(model.layers[1].running_mean, torch.zeros(3))
+    assert model.table["scale"] == [1.0, 2.0] and len(model.a._forward_hooks) == 1
+
+
+def test_fast_and_deepcopy_paths_agree_on_a_torchvision_model():
+    model = torchvision.models.densenet121(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    fast = pc.private_copy(model)
+    deep = copy.deepcopy(model)
+    assert [type(m) for m in fast.modules()] == [type(m) for m in deep.modules()]
+    with torch.no_grad():
+        assert torch.equal(fast(x), deep(x))
+
+
+class WithOwnDeepcopy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.copied = False
+
+    def __deepcopy__(self, memo):
+        new = WithOwnDeepcopy()
+        new.copied = True
+        return new
+
+
+def test_a_module_with_its_own_deepcopy_gets_a_real_deepcopy():
+    assert pc.private_copy(WithOwnDeepcopy()).copied
