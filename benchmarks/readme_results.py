@@ -67,13 +67,50 @@ def accuracy(d):
 
 
 def zoo(d):
-    s = d.get("summary", {})
-    return ("### torchvision model zoo (`python3 benchmarks/zoo.py`)\n\n```\n" + json.dumps(s, indent=1)[:3000] + "\n```")
+    models, s = d["models"], d.get("summary", {})
+    ob, tp = s.get("obafx", {}), s.get("torch_pruning", {})
+    n = len(models)
+    head = (f"### Every torchvision classification model (`python3 benchmarks/zoo.py --timeout "
+            f"{d['settings']['timeout_s']:g}`)\n\n"
+            f"{n} models, each pruned to half its MACs at a small input (weights=None, randomised), each result checked. "
+            f"**obafx: {ob.get('pass', 0)} pass**, {ob.get('fail', 0)} fail, {ob.get('error', 0)} error "
+            f"({ob.get('inexact_norm', 0)} of the passes normalise over a pruned dim, so the masking oracle is checked "
+            f"exactly on the norm-free groups). Torch-Pruning MetaPruner on the same models: {tp.get('pass', 0)} pass, "
+            f"{tp.get('fail', 0)} fail, {tp.get('error', 0)} error; the masking oracle confirms "
+            f"{tp.get('masked_agree', 0)} of its results and finds {tp.get('masked_inconsistent', 0)} where it removed "
+            "a channel from some tensors that carry it and kept it in others.")
+    rows = [(name, _zoo_cell(m.get("obafx", {})), _zoo_cell(m.get("torch_pruning", {})))
+            for name, m in sorted(models.items())]
+    bad = [r for r in rows if not (r[1].startswith("pass") and r[2].startswith("pass"))]
+    out = head
+    if bad:
+        out += "\n\nModels where either tool did not pass:\n\n" + _table(["model", "obafx", "Torch-Pruning"], bad)
+    return out + ("\n\n<details><summary>All models</summary>\n\n" + _table(["model", "obafx", "Torch-Pruning"], rows)
+                  + "\n\n</details>")
+
+
+def _zoo_cell(e: dict) -> str:
+    status = e.get("status", "-")
+    if status == "pass":
+        extra = f" (MACs {e['macs_ratio']:.3f})" if isinstance(e.get("macs_ratio"), float) else ""
+        return "pass" + extra
+    return f"{status}: {e.get('why', '')[:120]}".replace("|", "/")
 
 
 def analysis_speed(d):
-    return ("### Analysis speed vs Torch-Pruning (`python3 benchmarks/analysis_speed.py`)\n\n```\n"
-            + json.dumps(d.get("summary", d.get("models", {})), indent=1)[:2000] + "\n```")
+    rows = []
+    for name, m in d["models"].items():
+        stages = m["obafx"].get("stages_median_s", {})
+        rows.append((name, "x".join(str(v) for v in m["input"][2:]), f"{m['obafx']['median_s'] * 1e3:.0f}",
+                     " / ".join(f"{stages[k] * 1e3:.0f}" for k in ("trace", "analyze", "couple") if k in stages),
+                     f"{m['torch_pruning']['median_s'] * 1e3:.0f}", f"{m['ratio_obafx_over_tp']:.2f}",
+                     "yes" if m["meets_target"] else "no"))
+    return ("### Analysis time against Torch-Pruning's DependencyGraph (`python3 benchmarks/analysis_speed.py`)\n\n"
+            f"Both tools on the same model and input in one process, alternating, median of {d['settings']['reps']} "
+            f"runs, {d['settings'].get('threads', 1)} thread. obafx's time includes its private copy of the model (the "
+            "user's model is never touched) and a meta-tensor run that records every node's shape.\n\n"
+            + _table(["model", "input", "obafx ms", "trace / analyze / couple ms", "Torch-Pruning ms",
+                      "obafx / TP", "target (<= 1) met"], rows))
 
 
 def render() -> str:

@@ -58,7 +58,7 @@ class _Recorder(fx.Interpreter):
         # a meta run); their output is shaped like their input whenever the input fits them, so skip those.
         module = self.fetch_attr(target)
         if len(args) == 1 and not kwargs and _keeps_shape_on_meta(module, args[0]):
-            return torch.empty_like(args[0])
+            return _meta_like(args[0])
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
@@ -71,6 +71,13 @@ class _Recorder(fx.Interpreter):
     def record(self, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
         self.run(*inputs)
         return self.values
+
+
+def _meta_like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)`` for a meta ``x``; dense layouts skip empty_like's Python stride computation
+    (about 0.2 ms a call on meta)."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") if dense else torch.empty_like(x)
 
 
 def _meta_cat(tensors: Any = None, dim: int = 0, *, out: Any = None) -> Optional[torch.Tensor]:

