@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,7 @@ from obafx.passes.macs import param_count, thop_macs  # noqa: E402
 OBAFX_METHODS = {"oba_full": ("oba", "full"), "oba_residual": ("oba", "residual"), "magnitude": ("magnitude", None),
                  "taylor": ("taylor", None), "obd": ("obd", None), "random": ("random", None)}
 TP_METHODS = ("tp_taylor", "tp_hessian")
+TP_TRIES = 4  # full Torch-Pruning runs allowed to land its MACs within 2% of the target
 
 
 def _classifier(model) -> torch.nn.Module:
@@ -70,13 +72,36 @@ class _FixedHessian:
 
 
 def prune_tp(model, example, method: str, factor: float, batches: List, steps: int, seed: int):
-    """Torch-Pruning's MetaPruner with its own criterion, iterative, toward the MAC target (global ranking)."""
+    """Torch-Pruning's MetaPruner with its own criterion, iterative, toward the MAC target (global ranking).
+
+    Its pruner takes a channel ratio, not a MAC budget, and with global ranking the MACs a ratio gives depend on
+    the criterion: the ratio is first found for magnitude (cheap), then corrected from each full run (MACs ~
+    (1 - ratio)^a) until TP's own MAC count is within 2% of the target, at most ``TP_TRIES`` full runs (the
+    closest is kept; the row records the MACs it reached)."""
     import torch_pruning as tp
 
+    keep = 1.0 / factor
+    base, _ = tp.utils.count_ops_and_params(model, example)
+    ratio, best = _tp_ratio_for(model, example, keep, base), None
+    for _ in range(TP_TRIES):
+        pruned = _tp_run(model, example, method, ratio, batches, steps, seed)
+        kept = tp.utils.count_ops_and_params(pruned, example)[0] / base
+        if best is None or abs(kept - keep) < abs(best[1] - keep):
+            best = (pruned, kept)
+        if abs(kept / keep - 1) <= 0.02 or not 0 < kept < 1:
+            break
+        a = np.log(kept) / np.log(1 - ratio)
+        ratio = float(np.clip(1 - keep ** (1 / max(a, 0.2)), 0.01, 0.95))
+    return best[0]
+
+
+def _tp_run(model, example, method: str, ratio: float, batches: List, steps: int, seed: int):
+    """One iterative MetaPruner run at channel ``ratio`` with Torch-Pruning's Taylor or (fixed) Hessian criterion."""
+    import torch_pruning as tp
+
+    torch.manual_seed(seed)
     model = copy.deepcopy(model).eval()
     imp = tp.importance.GroupTaylorImportance() if method == "tp_taylor" else _FixedHessian.make()
-    base, _ = tp.utils.count_ops_and_params(model, example)
-    ratio = _tp_ratio_for(model, example, 1.0 / factor, base)
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, iterative_steps=steps,
                                   ignored_layers=[_classifier(model)], global_pruning=True)
     per = max(1, len(batches) // steps)
@@ -180,7 +205,7 @@ def config(args) -> Dict[str, Any]:
     return dict(models=args.models.split(","), methods=args.methods.split(","),
                 factors=[float(f) for f in args.factors.split(",")], seeds=list(range(args.seeds)), steps=args.steps,
                 calib_batches=args.calib_batches, calib_size=64, recal_batches=20,
-                finetune_steps=args.finetune_steps, eval_batches=None, train_limit=None, test_limit=None, epochs=None)
+                finetune_steps=args.finetune_steps, eval_batches=args.eval_batches, train_limit=None, test_limit=None, epochs=None)
 
 
 def main(argv=None) -> int:
@@ -192,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (of 64) per step")
     p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="test batches (of 128) per evaluation (default: the whole 10k test set)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 when several jobs share the cores)")
     p.add_argument("--merge", default=None,
                    help="comma-separated JSON files of earlier runs (e.g. one per model, run side by side): their "

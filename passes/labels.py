@@ -70,9 +70,14 @@ class Store:
 
     def union(self, a: np.ndarray, b) -> None:
         """Record that the labels at matching (broadcast) positions of ``a`` and ``b`` go together."""
-        a2, b2 = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
-        pair = np.stack([a2.ravel(), b2.ravel()])
-        pair = pair[:, pair[0] != pair[1]]
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
+        pair = np.empty((2, a.size), dtype=np.int64)
+        pair[0], pair[1] = a.reshape(-1), b.reshape(-1)
+        differ = pair[0] != pair[1]
+        if not differ.all():
+            pair = pair[:, differ]
         if pair.shape[1] > 4096:  # broadcast planes repeat pairs: dedupe big ones (small ones cost more to dedupe)
             pair = np.unique(pair, axis=1)
         if pair.size:
