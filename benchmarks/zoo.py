@@ -18,7 +18,7 @@ Writes JSON (default benchmarks/results/zoo.json), rewritten after every model.
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
 import resource
 import sys
@@ -31,94 +31,19 @@ import torch
 import torchvision
 
 import obafx
-from obafx.passes.channel_graph import analyze
-from obafx.passes.coupling import couple
-from obafx.passes.macs import thop_macs
-from obafx.passes.plan import plan_from_removed
 from obafx.passes.rewrite import rewrite
 from obafx.passes.trace import trace
-from obafx.passes.verify import masked_output, max_relative_error
+from obafx.passes.verify import masked_output
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import error_entry, machine_info, run_isolated, write_json  # noqa: E402
+from zoo_common import (_NORM_FUNCS, MAC_TOL, TARGET, analyse, build, exact_tol, macs_ok,  # noqa: E402,F401
+                        norm_owners, rel_err)
+from zoo_tp import run_tp  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "zoo.json")
 QUICK_MODELS = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
-TARGET, MAC_TOL = 0.5, 0.02  # MACs ratio must land in TARGET * (1 -/+ MAC_TOL)
-FLOAT64_MAX_PARAMS = 150e6  # float32 beyond: deep random nets amplify float32 round-off past 1e-4
 TOOLS = ("obafx", "torch_pruning")
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give biases, norm affines and constant-initialised tensors random values (norm scales near 1, running
-    variances positive) and jitter every other tensor (relative 1e-6), so that values are distinct in the model's
-    dtype (decode_kept tracks channels by value)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + noise.abs())
-            elif t.dim() <= 1 or not t.any() or (t.numel() <= 1e6 and t.unique().numel() < t.numel()):
-                t.copy_((1.0 if name.endswith("weight") and t.dim() == 1 else 0.0) + 0.1 * noise)
-            else:
-                t.mul_(1 + 1e-6 * noise)
-
-
-def build(name: str, sizes: Tuple[int, ...]) -> Tuple[torch.nn.Module, torch.Tensor, str]:
-    """The randomised eval-mode model, the first input size (of ``sizes``) it runs on, and its dtype name:
-    float64, or float32 for models over 150M parameters or that need 224x224 (time on a 2-core machine)."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    errors = []
-    for size in sizes:
-        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-        try:
-            with torch.no_grad():
-                model(x)
-        except Exception as exc:  # the model refuses this size: try the next one
-            errors.append(f"{size}: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        big = sum(p.numel() for p in model.parameters()) > FLOAT64_MAX_PARAMS or size >= 224
-        dtype = torch.float32 if big else torch.float64
-        model = model.to(dtype)
-        randomise(model)
-        return model, x.to(dtype), str(dtype).replace("torch.", "")
-    raise RuntimeError(f"no input size runs: {errors}")
-
-
-def exact_tol(x: torch.Tensor) -> float:
-    return 1e-9 if x.dtype == torch.float64 else 1e-4
-
-
-def rel_err(a: Any, b: Any) -> float:
-    return max_relative_error(a, b)
-
-
-def macs_ok(ratio: Optional[float]) -> bool:
-    return ratio is not None and abs(ratio / TARGET - 1.0) <= MAC_TOL
-
-
-def analyse(model: torch.nn.Module, x: torch.Tensor):
-    """obafx's low-level analysis: (traced, facts, coupling)."""
-    traced = trace(model, x)
-    facts = analyze(traced)
-    return traced, facts, couple(facts)
-
-
-_NORM_FUNCS = ("layer_norm", "group_norm")
-
-
-def norm_owners(gm: torch.fx.GraphModule) -> set:
-    """Owners (module names, or node names of functional calls) of LayerNorm/GroupNorm work in ``gm``."""
-    owners = {name for name, m in gm.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and getattr(n.target, "__name__", "") in _NORM_FUNCS:
-            owners.add(n.name)
-            owners.update(a.target.rpartition(".")[0] for a in n.all_input_nodes if a.op == "get_attr")
-    return owners
 
 
 def _norm_sig(m: torch.nn.Module) -> Tuple[Any, ...]:
@@ -200,122 +125,6 @@ def _verdict(r: Dict[str, Any]) -> Dict[str, Any]:
     return r
 
 
-def final_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """The final classifier: the last Linear/Conv module in definition order."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
-    return layers[-1]
-
-
-def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> Tuple[torch.nn.Module, float, float]:
-    """A copy of ``model`` pruned one-shot by MetaPruner at channel ``ratio``; (copy, MACs, params) by TP."""
-    import torch_pruning as tp
-
-    m = copy.deepcopy(model)
-    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                                  ignored_layers=[final_layer(m)], global_pruning=False)
-    pruner.step()
-    macs, params = tp.utils.count_ops_and_params(m, x)
-    return m, macs, params
-
-
-def run_tp(model: torch.nn.Module, x: torch.Tensor, tries: int = 5) -> Dict[str, Any]:
-    """MetaPruner aimed at half the MACs: the channel ratio is searched (MACs ~ (1-ratio)^a, a fitted from each
-    try) until TP's own count lands in [0.49, 0.5]; the closest try at or below half is kept."""
-    import torch_pruning as tp
-
-    r: Dict[str, Any] = {"times_s": {}}
-    base_macs, base_params = tp.utils.count_ops_and_params(model, x)
-    t0 = time.perf_counter()
-    ratio, best, tried = 1 - TARGET ** 0.5, None, []
-    for _ in range(tries):
-        m, macs, params = tp_prune(model, x, ratio)
-        tried.append((round(ratio, 4), macs / base_macs))
-        if macs <= base_macs * TARGET and (best is None or macs > best[1]):
-            best = (m, macs, params, ratio)
-        if abs(macs / base_macs / TARGET - 1) <= MAC_TOL and macs <= base_macs * TARGET:
-            break
-        a = np.log(max(macs / base_macs, 1e-6)) / np.log(1 - ratio) if 0 < macs < base_macs else 2.0
-        ratio = float(np.clip(1 - (TARGET * (1 - MAC_TOL / 2)) ** (1 / max(a, 0.2)), 0.01, 0.95))
-    m, macs, params, ratio = best if best is not None else (m, macs, params, ratio)
-    r["times_s"]["prune"] = time.perf_counter() - t0
-    with torch.no_grad():
-        y0, y1 = model(x), m(x)
-    r.update(pruning_ratio=ratio, tries=tried, macs_ratio_tp=macs / base_macs, params_ratio=params / base_params,
-             macs_ratio=thop_macs(m, (x,))[0] / thop_macs(model, (x,))[0], shape_ok=tuple(y0.shape) == tuple(y1.shape))
-    t1 = time.perf_counter()
-    r["masked"] = tp_masked(model, m, x, y1)
-    r["times_s"]["checks"] = time.perf_counter() - t1
-    why = [] if r["shape_ok"] else ["output shape changed"]
-    if r["macs_ratio_tp"] > TARGET * (1 + MAC_TOL):
-        why.append(f"MACs ratio {r['macs_ratio_tp']:.4f} after tries {tried}")
-    r["status"], r["why"] = ("fail", "; ".join(why)) if why else ("pass", "")
-    return r
-
-
-def decode_kept(orig: torch.Tensor, pruned: torch.Tensor) -> Optional[List[np.ndarray]]:
-    """Kept indices per dim of ``pruned`` = ``orig`` sub-indexed on every dim (values must be distinct); None
-    if it cannot be decoded."""
-    o, p = orig.detach().cpu().numpy(), pruned.detach().cpu().numpy()
-    if o.shape == p.shape:
-        return [np.arange(s) for s in o.shape]
-    if p.ndim != o.ndim or p.size == 0:
-        return None
-    hits = np.argwhere(o == p.flat[0])
-    if len(hits) != 1:
-        return None
-    anchor, kept = hits[0], []
-    for d in range(o.ndim):
-        line_o = o[tuple(slice(None) if e == d else anchor[e] for e in range(o.ndim))]
-        line_p = p[tuple(slice(None) if e == d else 0 for e in range(o.ndim))]
-        if np.unique(line_o).size < line_o.size:  # repeated values: positions are ambiguous
-            return None
-        order = np.argsort(line_o)
-        pos = np.searchsorted(line_o, line_p, sorter=order)
-        idx = order[np.clip(pos, 0, len(order) - 1)]
-        if not np.array_equal(line_o[idx], line_p):
-            return None
-        kept.append(idx)
-    return kept
-
-
-def tp_masked(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, y1) -> Dict[str, Any]:
-    """Map Torch-Pruning's removals onto obafx's units (an index of a tensor obafx couples to others); then the
-    masking oracle against TP's output. ``inconsistent``: units TP removed from some of their tensors but kept in
-    others (its network then computes no masking of the original); ``disagree``: tensor shapes TP chose that
-    obafx's coupling would not give."""
-    traced, _, coupling = analyse(original, x)
-    after, before = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (pruned, original))
-    removed, kept_any, decoded = set(), set(), 0
-    for (name, dim), units in coupling.slot_units.items():
-        kept = decode_kept(before[name], after[name]) if name in after and name in before else None
-        if kept is not None:  # undecodable tensors (repeated values) are checked by shape below
-            decoded += 1
-            removed.update(np.unique(np.delete(units, kept[dim])).tolist())
-            kept_any.update(np.unique(units[kept[dim]]).tolist())
-    r: Dict[str, Any] = {"slots_decoded": decoded, "inconsistent": len(removed & kept_any), "ok": False}
-    if r["inconsistent"] or coupling.pinned in removed:
-        r["why"] = (f"TP removed {r['inconsistent']} channels from some of the tensors that carry them and kept them "
-                    "in others" if r["inconsistent"] else "TP removes channels obafx must keep")
-        return r
-    predicted, disagree = plan_from_removed(coupling, removed).kept, []
-    for name, t in ((n, t) for n, t in after.items() if n in before):  # every shape as obafx would prune it
-        want = list(before[name].shape)
-        for d, idx in predicted.get(name, {}).items():
-            want[d] = len(idx)
-        if tuple(want) != tuple(t.shape):
-            disagree.append(f"{name}: TP {tuple(t.shape)}, obafx's coupling {tuple(want)}")
-    if disagree:
-        return {**r, "why": "coupling disagrees: " + "; ".join(disagree[:5]), "disagree": len(disagree)}
-    with torch.no_grad():
-        err = rel_err(masked_output(traced, coupling, removed), y1)
-    owners = norm_owners(traced.gm)
-    norm = any(coupling.slot_roles[(name, d)][1] in owners or name.rpartition(".")[0] in owners
-               for name, dims in predicted.items() for d in dims)
-    exact = err < exact_tol(x)
-    return {**r, "ok": True if exact else (None if norm else False), "error": err,
-            "oracle": "exact" if exact else ("inexact-norm" if norm else "broken")}
-
-
 def worker(name: str, tool: str, quick: bool) -> Dict[str, Any]:
     """One (model, tool) in this process; exceptions become an 'error' entry with their origin."""
     t0 = time.perf_counter()
@@ -353,6 +162,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--mem-gb", type=float, default=12.0, help="address-space limit per subprocess (0: none)")
     p.add_argument("--tools", default=",".join(TOOLS), help="obafx,torch_pruning (default both)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument("--update", action="store_true",
+                   help="rerun --models into the existing --out: their entries are replaced, the rest kept, and the "
+                        "rerun's settings are recorded under settings.reruns")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tool", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -363,6 +175,16 @@ def model_names(args: argparse.Namespace) -> List[str]:
     if args.models:
         return [m for m in args.models.split(",") if m]
     return list(QUICK_MODELS) if args.quick else torchvision.models.list_models(module=torchvision.models)
+
+
+def _start_report(args: argparse.Namespace, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """A fresh report, or with --update the existing one with this rerun's models and settings noted."""
+    if not args.update or not os.path.exists(args.out):
+        return {"machine": machine_info(), "models": {}, "summary": {}, "settings": settings}
+    with open(args.out) as f:
+        report = json.load(f)
+    report["settings"].setdefault("reruns", []).append({**settings, "models": model_names(args)})
+    return report
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -376,10 +198,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         write_json(args.result, entry)
         return entry
     tools = [t for t in args.tools.split(",") if t]
-    report: Dict[str, Any] = {"machine": machine_info(), "models": {}, "summary": {},
-                              "settings": {"quick": args.quick, "timeout_s": args.timeout, "target_macs": TARGET,
-                                           "mac_tolerance": MAC_TOL, "tools": tools, "jobs": args.jobs,
-                                           "threads": args.threads, "mem_gb": args.mem_gb}}
+    settings = {"quick": args.quick, "timeout_s": args.timeout, "target_macs": TARGET, "mac_tolerance": MAC_TOL,
+                "tools": tools, "jobs": args.jobs, "threads": args.threads, "mem_gb": args.mem_gb}
+    report = _start_report(args, settings)
     jobs = [(n, t) for n in model_names(args) for t in tools]
     base = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--mem-gb", str(args.mem_gb)]
     base += ["--quick"] if args.quick else []

@@ -72,3 +72,17 @@ def test_analysis_speed_quick_run_writes_the_json_schema(tmp_path):
     assert set(entry["obafx"]["stages_median_s"]) == {"trace", "analyze", "couple"}
     assert entry["ratio_obafx_over_tp"] == pytest.approx(entry["obafx"]["median_s"] / entry["torch_pruning"]["median_s"])
     assert report["all_meet_target"] == entry["meets_target"]
+
+
+def test_zoo_update_reruns_some_models_and_keeps_the_rest(tmp_path):
+    zoo = load("zoo")
+    out = tmp_path / "zoo.json"
+    kept = {"obafx": {"status": "pass", "why": ""}}
+    out.write_text(json.dumps({"machine": {}, "models": {"kept_model": kept}, "summary": {},
+                               "settings": {"timeout_s": 1.0}}))
+    report = zoo.main(["--models", "no_such_model", "--tools", "obafx", "--timeout", "120", "--update",
+                       "--out", str(out)])
+    assert report["models"]["kept_model"] == kept
+    assert report["models"]["no_such_model"]["obafx"]["status"] == "error"
+    assert report["settings"]["reruns"][0]["models"] == ["no_such_model"]
+    assert report["summary"]["obafx"]["pass"] == 1 and report["summary"]["obafx"]["error"] == 1
