@@ -233,8 +233,10 @@ def reshape_plane(p: Plane, src: Sequence[int], dst: Sequence[int]) -> Plane:
     return Plane(tuple(sorted(dims)), squeeze_to_dims(arr, dims))
 
 
-def index_plane(p: Plane, index: tuple, shape: Sequence[int]) -> Optional[Plane]:
-    """``p`` through basic indexing ``x[index]`` (ints, slices, None, Ellipsis); None if unsupported."""
+def index_plane(p: Plane, index: tuple, shape: Sequence[int], store: Optional["Store"] = None) -> Optional[Plane]:
+    """``p`` through basic indexing ``x[index]`` (ints, slices, None, Ellipsis); None if unsupported or if every
+    labelled dim is sliced to width 1 (a plane never carries width 1). In that case the selected labels are
+    pinned in ``store``: nothing downstream tracks them, so they must not be removed."""
     idx = list(index) if isinstance(index, tuple) else [index]
     if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx):
         return None
@@ -260,4 +262,6 @@ def index_plane(p: Plane, index: tuple, shape: Sequence[int]) -> Optional[Plane]
         src += 1
     arr = p.arr[tuple(new_idx)]
     keep = [d for d in dims if arr.shape[d] > 1]
+    if not keep and dims and store is not None:
+        store.pin(arr)
     return Plane(tuple(keep), squeeze_to_dims(arr, keep)) if keep else None

@@ -90,7 +90,7 @@ def getitem(call: Call):
             continue
         if hit:  # qkv[0] on a (3, heads, head_dim) plane: that dim keeps every coordinate
             p = merge_along(call.store, p, hit)
-        q = index_plane(p, idx, shape)
+        q = index_plane(p, idx, shape, call.store)
         if q is not None:
             out.append(q)
     return tuple(out)

@@ -265,3 +265,30 @@ def test_every_zoo_rule_is_exercised():
             continue
         _, _, c = analyse(case.make(), case.inputs(2))
         assert not c.barriers, (name, c.barriers)
+
+
+class OneChannelSlice(nn.Module):
+    """y[:, :1] is one channel wide: planes never carry width 1, so that channel must be pinned, not lost (fuzz
+    found a second pruning step that removed it and emptied the slice while the next conv kept its input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(torch.cat([y[:, :1], 2.0 * y[:, 1:]], dim=1)).mean((2, 3))
+
+
+def test_a_one_channel_slice_keeps_its_channel():
+    import obafx
+
+    torch.manual_seed(0)
+    model, x = OneChannelSlice().double(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    coupling = couple(analyze(trace(model, x)))
+    first = coupling.slot_units[("a.weight", 0)][0]
+    assert first == coupling.pinned and all(first not in g.units for g in coupling.groups)
+    once = obafx.compile_prune(model, x, channels=0.3)
+    twice = obafx.compile_prune(once, x, channels=0.3)
+    assert twice.a.weight.shape[0] < 6 and obafx.report(twice).masked_error < 1e-9
+    assert twice(x).shape == (2, 5)
