@@ -79,6 +79,13 @@ def zoo(d):
             f"{tp.get('fail', 0)} fail, {tp.get('error', 0)} error; the masking oracle confirms "
             f"{tp.get('masked_agree', 0)} of its results and finds {tp.get('masked_inconsistent', 0)} where it removed "
             "a channel from some tensors that carry it and kept it in others.")
+    for rerun in d["settings"].get("reruns", []):
+        head += (f" Rerun into the same file: `python3 benchmarks/zoo.py --models {','.join(rerun['models'])} "
+                 f"--timeout {rerun['timeout_s']:g} --mem-gb {rerun['mem_gb']:g} --update`.")
+    limit = d["settings"].get("mem_gb", 0)
+    if limit:
+        head += (f" Each (model, tool) ran in its own process under a {limit:g} GB address-space limit unless a rerun "
+                 "says otherwise; a MemoryError below is that limit.")
     rows = [(name, _zoo_cell(m.get("obafx", {})), _zoo_cell(m.get("torch_pruning", {})))
             for name, m in sorted(models.items())]
     bad = [r for r in rows if not (r[1].startswith("pass") and r[2].startswith("pass"))]
