@@ -258,8 +258,14 @@ def merge(paths: List[str], out: Path) -> int:
     """Combine the rows of several result files (same protocol, e.g. one model each) into ``out`` + its plot."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = [r for part in parts for r in part["rows"]]
+    cfg = parts[0]["config"]
+    factors = sorted({r["factor"] for r in rows if "factor" in r})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    reproduce = (f"python3 benchmarks/accuracy.py --models {','.join(models)} --factors {','.join(f'{f:g}' for f in factors)} "
+                 f"--seeds {len(cfg['seeds'])} --steps {cfg['steps']} --finetune-steps {cfg['finetune_steps']}"
+                 + (f" --eval-batches {cfg['eval_batches']}" if cfg.get("eval_batches") else ""))
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
-                          "commands": [part["command"] for part in parts], "config": [part["config"] for part in parts],
+                          "reproduce": reproduce, "commands": [part["command"] for part in parts], "config": [part["config"] for part in parts],
                           "machine": parts[0]["machine"], "tp_hessian_note": parts[0]["tp_hessian_note"],
                           "rows": rows, "summary": summarise(rows)})
     plot(summarise(rows), out.with_suffix(".png"))

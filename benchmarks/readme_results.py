@@ -57,13 +57,21 @@ def fuzz(d):
 
 def accuracy(d):
     rows = [(s["model"], s["method"], f"{s['factor']:g}x", s["seeds"], f"{s['macs_ratio']:.3f}",
-             f"{s['acc_pruned']:.4f} ± {s['acc_pruned_std']:.4f}", f"{s['acc_finetuned']:.4f} ± {s['acc_finetuned_std']:.4f}",
-             f"{s['prune_seconds']:.0f}") for s in d["summary"]]
+             f"{s['params_ratio']:.2f}", f"{s['acc_pruned']:.3f} ± {s['acc_pruned_std']:.3f}",
+             f"{s['acc_finetuned']:.3f} ± {s['acc_finetuned_std']:.3f}", f"{s['prune_seconds']:.0f}")
+            for s in sorted(d["summary"], key=lambda s: (s["model"], s["factor"], -s["acc_finetuned"]))]
     dense = {r["model"]: r["acc_dense"] for r in d["rows"] if r.get("method") == "dense"}
-    return (f"### Accuracy after pruning on Fashion-MNIST (`{d['command']}`)\n\n"
-            f"Dense test accuracy: {dense}. 'pruned' = after BatchNorm recalibration, 'fine-tuned' = after the same "
-            f"{d['config']['finetune_steps']} fine-tuning steps for every method; mean ± std over seeds.\n\n"
-            + _table(["model", "method", "MACs /", "seeds", "MACs kept", "acc pruned", "acc fine-tuned", "prune s"], rows))
+    cfg = d["config"][0] if isinstance(d["config"], list) else d["config"]
+    how = (f"`{d['reproduce']}` (run here as {len(d['commands'])} processes side by side, one per budget, merged "
+           "with `--merge`; each command is in the JSON)") if d.get("reproduce") else f"`{d['command']}`"
+    return ("### Accuracy after pruning on Fashion-MNIST\n\n" + how + "\n"
+            + f"\nDense test accuracy: {dense}. Each method prunes toward the MAC target in {cfg['steps']} steps, "
+            f"re-scoring on {cfg['calib_batches']} fresh batches of {cfg['calib_size']} per step; 'pruned' = after "
+            f"BatchNorm recalibration, 'fine-tuned' = after the same {cfg['finetune_steps']} SGD steps for every "
+            f"method; accuracy on {'the 10k test set' if not cfg.get('eval_batches') else str(cfg['eval_batches'] * 128) + ' test images'}; "
+            "mean ± std over seeds, best fine-tuned first within each budget.\n\n"
+            + _table(["model", "method", "MACs /", "seeds", "MACs kept", "params kept", "acc pruned",
+                      "acc fine-tuned", "prune s"], rows) + "\n\n![accuracy](benchmarks/results/accuracy.png)")
 
 
 def zoo(d):

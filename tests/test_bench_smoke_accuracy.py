@@ -26,3 +26,15 @@ def test_accuracy_quick(tmp_path, monkeypatch):
         assert 0 < r["macs_ratio"] < 0.75 and 0 <= r["acc_finetuned"] <= 1
     assert {s["method"] for s in data["summary"]} == {"oba_full", "magnitude", "tp_taylor"}
     assert "machine" in data and "command" in data
+    # --merge combines runs (e.g. one per budget, run side by side) into one table and plot
+    other = json.loads(out.read_text())
+    for r in other["rows"]:
+        if "factor" in r:
+            r["factor"] = 3.0
+    (tmp_path / "b.json").write_text(json.dumps({**other, "rows": [r for r in other["rows"] if "factor" in r]}))
+    merged = tmp_path / "merged.json"
+    assert bench.main(["--merge", f"{out},{tmp_path / 'b.json'}", "--out", str(merged)]) == 0
+    both = json.loads(merged.read_text())
+    assert len(both["rows"]) == len(data["rows"]) + len(rows)
+    assert {s["factor"] for s in both["summary"]} == {2.0, 3.0} and "--factors 2,3" in both["reproduce"]
+    assert merged.with_suffix(".png").exists()
