@@ -335,9 +335,9 @@ def _hvp(setup: _Setup, args, targets, vec: Scores, mode: str = "full", force: O
             raise
         except Exception as err:  # raised by loss_fn or the model itself: no other backend would fare better
             first_line = (str(err).splitlines() or [""])[0]
-            raise ScoreError(f"scoring one batch raised {type(err).__name__}: {first_line}. What to do: check that loss_fn(model(inputs), targets) runs on one of your "
-                             f"batches outside obafx (targets of the batch's length, labels within the output's "
-                             f"classes)") from err
+            raise ScoreError(f"scoring one batch raised {type(err).__name__}: {first_line}. What to do: check "
+                             f"that loss_fn(model(inputs), targets) runs on one of your batches outside obafx "
+                             f"(targets of the batch's length, labels within the output's classes)") from err
         setup.backend = backend
         if force is None:  # a forced choice is a test's, not a finding about the model
             memory[setup.train] = backend

@@ -49,7 +49,8 @@ def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed:
 def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[int]], aliases=()) -> None:
     """Replace parameter/buffer ``qualname`` by its slice keeping ``dims[d]`` along each dim d; its ``aliases``
     (other names of the same tied tensor) get the same new tensor, so the tie survives."""
-    old = gm.get_parameter(qualname) if _is_parameter(gm, qualname) else gm.get_buffer(qualname)
+    owner_name, _, attr = qualname.rpartition(".")
+    old = getattr(gm.get_submodule(owner_name) if owner_name else gm, attr)
     new = old.detach()
     for d, idx in sorted(dims.items()):
         new = new.index_select(d, torch.as_tensor(list(idx), dtype=torch.long, device=new.device))
@@ -59,15 +60,10 @@ def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[in
     for name in (qualname, *aliases):
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
-        if isinstance(new, nn.Parameter):
-            setattr(owner, attr, new)
-        else:
+        if attr in owner._buffers:
             owner._buffers[attr] = new
-
-
-def _is_parameter(gm: fx.GraphModule, qualname: str) -> bool:
-    owner_name, _, attr = qualname.rpartition(".")
-    return attr in (gm.get_submodule(owner_name) if owner_name else gm)._parameters
+        else:  # a parameter, or a plain tensor attribute (fx constants)
+            setattr(owner, attr, new)
 
 
 def _new_shape(shape: Any, kept: Any) -> Any:
