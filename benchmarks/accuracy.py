@@ -255,21 +255,33 @@ def main(argv=None) -> int:
 
 
 def merge(paths: List[str], out: Path) -> int:
-    """Combine the rows of several result files (same protocol, e.g. one model each) into ``out`` + its plot."""
+    """Combine the rows of several result files (e.g. one per model or budget, run side by side) into ``out`` and
+    its plot; the JSON keeps every part's command and config and one reproducing command per protocol."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = [r for part in parts for r in part["rows"]]
-    cfg = parts[0]["config"]
-    factors = sorted({r["factor"] for r in rows if "factor" in r})
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    reproduce = (f"python3 benchmarks/accuracy.py --models {','.join(models)} --factors {','.join(f'{f:g}' for f in factors)} "
-                 f"--seeds {len(cfg['seeds'])} --steps {cfg['steps']} --finetune-steps {cfg['finetune_steps']}"
-                 + (f" --eval-batches {cfg['eval_batches']}" if cfg.get("eval_batches") else ""))
-    write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]),
-                          "reproduce": reproduce, "commands": [part["command"] for part in parts], "config": [part["config"] for part in parts],
+    write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
+                          "reproduce": _reproduce_commands(parts), "commands": [part["command"] for part in parts],
+                          "config": [part["config"] for part in parts],
                           "machine": parts[0]["machine"], "tp_hessian_note": parts[0]["tp_hessian_note"],
                           "rows": rows, "summary": summarise(rows)})
     plot(summarise(rows), out.with_suffix(".png"))
     return 0
+
+
+def _reproduce_commands(parts: List[Dict[str, Any]]) -> List[str]:
+    """One command per distinct protocol among ``parts``, with the budgets of all parts that share it."""
+    factors: Dict[tuple, set] = {}
+    for part in parts:
+        c = part["config"]
+        key = (tuple(c["models"]), tuple(c["methods"]), len(c["seeds"]), c["steps"], c["finetune_steps"],
+               c.get("eval_batches"))
+        factors.setdefault(key, set()).update(r["factor"] for r in part["rows"] if "factor" in r)  # what ran
+    commands = []
+    for (models, methods, seeds, steps, finetune, eval_batches), fs in factors.items():
+        commands.append(f"python3 benchmarks/accuracy.py --models {','.join(models)} --methods {','.join(methods)} "
+                        f"--factors {','.join(f'{f:g}' for f in sorted(fs))} --seeds {seeds} --steps {steps} "
+                        f"--finetune-steps {finetune}" + (f" --eval-batches {eval_batches}" if eval_batches else ""))
+    return commands
 
 
 def _write(out: Path, args, cfg, rows) -> None:

@@ -62,8 +62,11 @@ def accuracy(d):
             for s in sorted(d["summary"], key=lambda s: (s["model"], s["factor"], -s["acc_finetuned"]))]
     dense = {r["model"]: r["acc_dense"] for r in d["rows"] if r.get("method") == "dense"}
     cfg = d["config"][0] if isinstance(d["config"], list) else d["config"]
-    how = (f"`{d['reproduce']}` (run here as {len(d['commands'])} processes side by side, one per budget, merged "
-           "with `--merge`; each command is in the JSON)") if d.get("reproduce") else f"`{d['command']}`"
+    reproduce = d.get("reproduce") or [d["command"]]
+    how = "\n".join(f"`{c}`  " for c in ([reproduce] if isinstance(reproduce, str) else reproduce))
+    if d.get("commands"):
+        how += (f"\n(run here as {len(d['commands'])} processes side by side and merged with `--merge`; each "
+                "command is in the JSON)")
     return ("### Accuracy after pruning on Fashion-MNIST\n\n" + how + "\n"
             + f"\nDense test accuracy: {dense}. Each method prunes toward the MAC target in {cfg['steps']} steps, "
             f"re-scoring on {cfg['calib_batches']} fresh batches of {cfg['calib_size']} per step; 'pruned' = after "
