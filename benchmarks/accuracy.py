@@ -189,6 +189,7 @@ def plot(summary: List[Dict[str, Any]], path: Path) -> None:
                          if s["model"] == model and s["method"] == method)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                         capsize=3, label=method)
+        ax.set_xlim(0.0, max(0.6, max(s["macs_ratio"] for s in summary) + 0.05))  # one scale for every panel
         ax.set_title(model)
         ax.set_xlabel("MACs kept (fraction)")
         ax.set_ylabel("test accuracy after fine-tuning")
