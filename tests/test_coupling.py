@@ -17,14 +17,11 @@ from obafx.passes.trace import trace
 from obafx.passes.labels import PIN, Plane, Store, couple_facing, merge_along
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.rules_layers import matmul_planes
-from tests.prune_oracles import analyse, one_thread, random_removal
+from tests.prune_oracles import analyse, random_removal
 from tests.small_models import CASES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 
 
 def _coupled(name):

@@ -10,13 +10,7 @@ from obafx import data
 from obafx.passes.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny workloads: one thread avoids OpenMP spin-waiting when other jobs share the cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 
 
 def _idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:

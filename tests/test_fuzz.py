@@ -182,13 +182,7 @@ def _save_load(case, model, pruned, x, out) -> None:
 
 # ------------------------------------------------------------------------------------------------ pytest
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a loaded 2-core machine (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import obafx
-from tests.prune_oracles import analyse, check_compile, check_low_level, one_thread, random_removal, run
+from tests.prune_oracles import analyse, check_compile, check_low_level, random_removal, run
 from tests.small_models import CASES
 
 # Known limitations outside the rule files, reported to the lead (strict: the mark must go once fixed).
@@ -27,10 +27,7 @@ def _cases():
             for n in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", _cases())

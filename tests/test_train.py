@@ -12,13 +12,7 @@ from obafx import train as T
 from obafx.passes.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny workloads: one thread avoids OpenMP spin-waiting when other jobs share the cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 
 
 def _toy_data(n=256, seed=0):

@@ -14,7 +14,7 @@ import pytest
 
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.rewrite import rewrite
-from tests.prune_oracles import analyse, check_compile, check_keep_all, check_removal, one_thread, random_removal, run
+from tests.prune_oracles import analyse, check_compile, check_keep_all, check_removal, random_removal, run
 from tests import small_llama as SL
 
 CONFIGS = {
@@ -26,10 +26,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 
 
 def _residual_free(coupling, removed):
