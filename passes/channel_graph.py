@@ -48,28 +48,33 @@ def _labels_of(arg: Any, planes: Dict[str, Any]) -> Any:
     return ()
 
 
-class _Analyzer(fx.Interpreter):
-    """fx Interpreter that replays recorded node values and applies each node's op rule to the inputs' planes."""
+class _Analyzer:
+    """Replays recorded node values in graph order and applies each node's op rule to the inputs' planes.
+
+    A plain loop over the nodes, not an fx.Interpreter: nothing is computed, so the interpreter's per-node
+    bookkeeping would be most of the cost.
+    """
 
     def __init__(self, gm: fx.GraphModule, values: Dict[str, Any]):
-        super().__init__(gm)
+        self.module = gm
         self.values = values
         self.store = Store(aliases=tensor_aliases(gm))
         self.planes: Dict[str, Any] = {}
         self.shapes: Dict[str, Any] = {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        value = self.values[n.name]  # recorded by trace.record_values: no compute here
-        self.shapes[n.name] = _shape_of(value)
-        self.planes[n.name] = self._planes(n, value)
-        return value
+    def run(self) -> None:
+        for n in self.module.graph.nodes:
+            value = self.values[n.name]  # recorded by trace.record_values: no compute here
+            self.shapes[n.name] = _shape_of(value)
+            self.planes[n.name] = self._planes(n, value)
 
     def _planes(self, n: fx.Node, value: Any) -> Any:
         if n.op == "placeholder":
             return ()
         if n.op == "get_attr":
             return self._param_planes(n, value)
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args = fx.node.map_arg(n.args, lambda a: self.values[a.name])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a.name])
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         call = Call(n, self.store, self.module, tuple(args), dict(kwargs), _labels_of(n.args, self.planes),
                     _labels_of(n.kwargs, self.planes), value, module)
@@ -113,8 +118,8 @@ def analyze(traced: Traced) -> ChannelFacts:
     if values is None:
         values = record_values(gm, traced.inputs)
     analyzer = _Analyzer(gm, values)
-    with torch.no_grad():
-        analyzer.run(*traced.inputs)
+    with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
+        analyzer.run()
     return ChannelFacts(traced, analyzer.store, analyzer.planes, analyzer.shapes)
 
 

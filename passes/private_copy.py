@@ -25,6 +25,7 @@ FAST_MODULE_COPY = True
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type(Ellipsis),
            type, range, slice)
 _SHARED_CALLABLES = (types.FunctionType, types.BuiltinFunctionType)
+_SHARED_TYPES = frozenset(_ATOMIC + _SHARED_CALLABLES)  # exact-type lookup first: most values are one of these
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -54,29 +55,31 @@ def _plain_module_tree(model: nn.Module) -> bool:
 
 def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
     """A deep copy of one attribute value, recursing into modules and plain containers."""
-    if isinstance(value, _ATOMIC) or type(value) in _SHARED_CALLABLES:  # what deepcopy shares too
+    kind = type(value)
+    if kind in _SHARED_TYPES or isinstance(value, _ATOMIC):  # what deepcopy shares too
         return value
     found = memo.get(id(value))
     if found is not None:
         return found
     if isinstance(value, nn.Module):
-        new = object.__new__(type(value))
+        new = object.__new__(kind)
         memo[id(value)] = new
         new.__setstate__({k: _copy_value(v, memo) for k, v in value.__dict__.items()})  # as deepcopy does
         return new
-    if type(value) in (dict, OrderedDict):
-        new = type(value)()
+    if kind is OrderedDict or kind is dict:
+        new = kind()
         memo[id(value)] = new
-        new.update((k, _copy_value(v, memo)) for k, v in value.items())
+        if value:  # most are a module's empty hook dicts
+            new.update((k, _copy_value(v, memo)) for k, v in value.items())
         return new
-    if type(value) is list:
+    if kind is list:
         new = []
         memo[id(value)] = new
         new.extend(_copy_value(v, memo) for v in value)
         return new
-    if type(value) in (set, frozenset):
-        return type(value)(_copy_value(v, memo) for v in value)
-    if type(value) is tuple:
+    if kind is set or kind is frozenset:
+        return kind(_copy_value(v, memo) for v in value)
+    if kind is tuple:
         return tuple(_copy_value(v, memo) for v in value)
     return copy.deepcopy(value, memo)
 
@@ -84,4 +87,5 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
 def _lazy_ok(t: torch.Tensor) -> bool:
     """Plain strided CPU tensors only (no subclasses, shared memory, quantised data or Python attributes)."""
     plain = type(t) is nn.Parameter or (type(t) is torch.Tensor and not t.__dict__ and not t.requires_grad)
-    return plain and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized and not t.is_shared()
+    return (plain and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized
+            and not t.untyped_storage().is_shared())  # Tensor.is_shared() goes through slow TypedStorage

@@ -6,11 +6,13 @@ one where it fails exactly where a real run would; otherwise, or when it fails, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from . import meta_shapes
 
 
 def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
@@ -24,28 +26,127 @@ def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
 def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     """Run ``gm`` once (eval mode, no grad) and return {node name: its value with tensors as meta tensors}.
 
-    Runs on a meta copy (no compute) where that can stand in for a real run; falls back to a real run when the
+    Runs on meta tensors (no compute) where that can stand in for a real run; falls back to a real run when the
     meta run fails. Errors of the real run propagate. ``gm`` and ``inputs`` are left untouched.
     """
+    with torch.no_grad():
+        if _meta_can_stand_in(gm, inputs):
+            try:
+                return meta_values(gm, inputs)
+            except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
+                pass
+        return real_values(gm, inputs)
+
+
+def real_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+    """{node name: value as a meta skeleton} from one real eval-mode run of ``gm`` (its mode is restored)."""
     was_training = gm.training
     gm.eval()  # eval: a forward pass in train mode would update the copy's BatchNorm statistics
     try:
-        with torch.no_grad():
-            if _meta_can_stand_in(gm, inputs):
-                try:
-                    return _Recorder(_meta_twin(gm), gm.graph).record(tuple(_to_meta(x) for x in inputs))
-                except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
-                    pass
-            return _Recorder(gm).record(inputs)
+        return _RealRecorder(gm).record(inputs)
     finally:
         gm.train(was_training)
 
 
-class _Recorder(fx.Interpreter):
-    """Interpreter that keeps every node's value as a meta skeleton (shapes and Python values, no data)."""
+def meta_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+    """{node name: value} from one eval-mode run of ``gm``'s graph on meta tensors; raises where it cannot run.
 
-    def __init__(self, module: nn.Module, graph: Optional[fx.Graph] = None):
-        super().__init__(module, graph=graph)
+    A plain loop over the nodes rather than an fx.Interpreter (whose per-node bookkeeping costs as much as the
+    meta ops). Common layers are shaped by `meta_shapes`; any other module runs as a meta twin, made when
+    first called (`_MetaTwins`), so ``gm`` itself is never run or changed.
+    """
+    twins = _MetaTwins(gm)
+    values: Dict[str, Any] = {}
+    positional = iter(_to_meta(x) for x in inputs)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = _placeholder(node, positional)
+        elif node.op == "get_attr":
+            value = twins.attribute(node.target)
+        else:
+            args = fx.node.map_arg(node.args, lambda n: values[n.name])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n.name])
+            value = _meta_call(node, twins, args, kwargs)
+        values[node.name] = _to_meta(value)
+    return values
+
+
+def _meta_call(node: fx.Node, twins: "_MetaTwins", args: tuple, kwargs: dict) -> Any:
+    """The meta value of one call_function / call_method / call_module / output node."""
+    if node.op == "call_function":
+        shaped = meta_shapes.cat(*args, **kwargs) if node.target is torch.cat else None
+        return node.target(*args, **kwargs) if shaped is None else shaped
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        shaped = meta_shapes.module_output(twins.original(node.target), args, kwargs)
+        return twins.module(node.target)(*args, **kwargs) if shaped is None else shaped
+    return args[0]  # output
+
+
+def _placeholder(node: fx.Node, positional: Iterator[Any]) -> Any:
+    """What fx.Interpreter binds to a placeholder: the next input, all the rest for ``*args``, or the default."""
+    if node.target.startswith("*"):
+        return list(positional)
+    try:
+        return next(positional)
+    except StopIteration:
+        if node.args:
+            return node.args[0]
+        raise TypeError(f"the model expects an input for '{node.target}', and none was passed") from None
+
+
+class _MetaTwins:
+    """Meta twins of ``gm``'s submodules and attributes, made on first use and kept for the run.
+
+    A twin is a shallow copy of the module (its own attribute dicts, shared non-tensor values) in eval mode whose
+    parameters, buffers and tensor attributes are meta tensors; tensors shared between modules stay shared.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self._tensors: Dict[int, torch.Tensor] = {}
+        self._modules: Dict[int, nn.Module] = {}
+
+    def original(self, target: str) -> nn.Module:
+        return self.gm.get_submodule(target)
+
+    def module(self, target: str) -> nn.Module:
+        return self._twin(self.original(target))
+
+    def attribute(self, target: str) -> Any:
+        owner, _, name = target.rpartition(".")
+        value = getattr(self.gm.get_submodule(owner) if owner else self.gm, name)
+        if isinstance(value, nn.Module):
+            return self._twin(value)
+        return self._meta(value) if isinstance(value, torch.Tensor) else value
+
+    def _meta(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self._tensors:
+            m = t.to("meta")
+            self._tensors[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        return self._tensors[id(t)]
+
+    def _twin(self, module: nn.Module) -> nn.Module:
+        if id(module) in self._modules:
+            return self._modules[id(module)]
+        new = copy.copy(module)
+        self._modules[id(module)] = new
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants, unregistered tensors)
+                new.__dict__[key] = self._meta(value)
+        new.__dict__["_parameters"] = {k: None if v is None else self._meta(v) for k, v in module._parameters.items()}
+        new.__dict__["_buffers"] = {k: None if v is None else self._meta(v) for k, v in module._buffers.items()}
+        new.__dict__["_modules"] = {k: None if v is None else self._twin(v) for k, v in module._modules.items()}
+        new.__dict__["training"] = False  # eval, as in the real run (train-mode BatchNorm refuses a batch of one)
+        return new
+
+
+class _RealRecorder(fx.Interpreter):
+    """Interpreter that runs ``gm`` for real and keeps every node's value as a meta skeleton."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
         self.values: Dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -53,104 +154,9 @@ class _Recorder(fx.Interpreter):
         self.values[n.name] = _to_meta(value)
         return value
 
-    def call_module(self, target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        # Meta batch/layer norms and some activations run torch's Python decompositions (1-2 ms each, most of
-        # a meta run); their output is shaped like their input whenever the input fits them, so skip those.
-        module = self.fetch_attr(target)
-        if len(args) == 1 and not kwargs and _keeps_shape_on_meta(module, args[0]):
-            return _meta_like(args[0])
-        return super().call_module(target, args, kwargs)
-
-    def call_function(self, target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if target is torch.cat:  # meta cat runs a Python decomposition (about 0.5 ms a call): shape it here
-            shaped = _meta_cat(*args, **kwargs)
-            if shaped is not None:
-                return shaped
-        return super().call_function(target, args, kwargs)
-
     def record(self, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
         self.run(*inputs)
         return self.values
-
-
-def _meta_like(x: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(x)`` for a meta ``x``; dense layouts skip empty_like's Python stride computation
-    (about 0.2 ms a call on meta)."""
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") if dense else torch.empty_like(x)
-
-
-def _meta_cat(tensors: Any = None, dim: int = 0, *, out: Any = None) -> Optional[torch.Tensor]:
-    """The meta result of ``torch.cat`` for the plain case (meta tensors of one dtype and rank, sizes agreeing
-    off ``dim``); None otherwise, and torch's own kernel then decides (and raises where it should)."""
-    if out is not None or not isinstance(tensors, (tuple, list)) or not tensors:
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
-        return None
-    first = tensors[0]
-    if first.dim() == 0 or not isinstance(dim, int) or not -first.dim() <= dim < first.dim():
-        return None
-    d = dim % first.dim()
-    same = all(t.dtype == first.dtype and t.dim() == first.dim() and
-               all(a == b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != d) for t in tensors)
-    if not same:
-        return None
-    shape = list(first.shape)
-    shape[d] = sum(t.shape[d] for t in tensors)
-    return torch.empty(shape, dtype=first.dtype, device="meta")
-
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ELEMENTWISE = frozenset((nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
-                          nn.Dropout, nn.Identity))  # exact classes only: subclasses may override forward
-
-
-def _keeps_shape_on_meta(module: nn.Module, x: Any) -> bool:
-    """Whether ``module`` (an exact torch activation or batch/layer norm, without hooks) maps meta ``x`` to a
-    tensor of ``x``'s shape."""
-    if not isinstance(x, torch.Tensor) or not x.is_meta or module._forward_hooks or module._forward_pre_hooks:
-        return False
-    if type(module) in _ELEMENTWISE:
-        return True
-    if type(module) in _BATCH_NORMS:
-        try:
-            module._check_input_dim(x)
-        except ValueError:  # the real module call reports it
-            return False
-        return x.shape[1] == module.num_features
-    if type(module) is nn.LayerNorm:
-        n = len(module.normalized_shape)
-        return x.dim() >= n and tuple(x.shape[x.dim() - n:]) == tuple(module.normalized_shape)
-    return False
-
-
-def _meta_twin(gm: fx.GraphModule) -> nn.Module:
-    """A module tree shaped like ``gm`` whose parameters, buffers and tensor attributes are meta tensors.
-
-    Modules are copied shallowly (their own attribute dicts, shared non-tensor values) and the root is a plain
-    Module: a deep copy of a GraphModule regenerates its code and copies its graph, which cost more than the meta
-    run itself. Run it with ``fx.Interpreter(twin, graph=gm.graph)``.
-    """
-    memo: Dict[int, Any] = {}
-
-    def meta(t: Any) -> Any:
-        if id(t) not in memo:
-            m = t.to("meta")
-            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-        return memo[id(t)]
-
-    def twin(module: nn.Module, root: bool = False) -> nn.Module:
-        new = nn.Module() if root else copy.copy(module)
-        for key, value in vars(module).items():
-            if isinstance(value, torch.Tensor):  # plain tensor attributes (fx constants, unregistered tensors)
-                new.__dict__[key] = meta(value)
-        new.__dict__["_parameters"] = {k: None if v is None else meta(v) for k, v in module._parameters.items()}
-        new.__dict__["_buffers"] = {k: None if v is None else meta(v) for k, v in module._buffers.items()}
-        new.__dict__["_modules"] = {k: None if v is None else twin(v) for k, v in module._modules.items()}
-        new.__dict__["training"] = module.training
-        return new
-
-    return twin(gm, root=True)
 
 
 def _to_meta(value: Any) -> Any:

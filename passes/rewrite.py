@@ -42,8 +42,7 @@ def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed:
             _rewrite_literals(node, shapes, kept, new_shapes)
     gm.graph.lint()
     gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    return fx.GraphModule(gm, gm.graph, type(gm).__name__)  # an eager GraphModule: users script and export it
 
 
 def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[int]], aliases=()) -> None:

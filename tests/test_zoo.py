@@ -80,9 +80,8 @@ def same_planes(a, b) -> bool:
 
 def real_values(traced):
     """Node values from a real forward pass (as meta skeletons): what the analysis saw before the meta run."""
-    gm = traced.gm
     with torch.no_grad():
-        return record_mod._Recorder(gm).record(traced.inputs)
+        return record_mod.real_values(traced.gm, traced.inputs)
 
 
 def assert_same_facts(traced, values_a, values_b):
@@ -127,7 +126,7 @@ def test_falls_back_to_a_real_run_where_meta_cannot_go():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     gm = trace_mod.trace(model, x).gm
     with pytest.raises(Exception):  # the premise: this model does not run on meta tensors
-        record_mod._Recorder(record_mod._meta_twin(gm), gm.graph).record((x.to("meta"),))
+        record_mod.meta_values(gm, (x,))
     traced = trace_mod.trace(model, x)
     assert_same_facts(traced, traced.recorded_values(), real_values(traced))
     assert any(("conv.weight", 0) in g.members for g in couple(analyze(traced)).groups)

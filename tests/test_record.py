@@ -1,0 +1,120 @@
+"""The meta run's shape shortcuts (passes/meta_shapes.py) against torch's own meta kernels.
+
+Every shortcut must give the kernel's shape, strides and dtype, and must step aside (None) wherever the kernel
+raises, so that the error a user sees is torch's. Also: the lean meta run equals a real run node by node.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from obafx.passes import meta_shapes, record
+from obafx.passes.trace import trace
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+
+def kernel(module, x):
+    """The meta kernel's answer (a meta copy of the module run on x), or the exception it raises."""
+    try:
+        return module.to("meta")(x)
+    except Exception as exc:  # noqa: BLE001 - any refusal counts
+        return exc
+
+
+def assert_agrees(module, x):
+    shortcut = meta_shapes.module_output(module, (x,), {})
+    expected = kernel(module, x)
+    if isinstance(expected, Exception):
+        assert shortcut is None, f"the kernel raises {expected!r}, the shortcut gave {shortcut}"
+    elif shortcut is not None:
+        assert (shortcut.shape, shortcut.stride(), shortcut.dtype) == (expected.shape, expected.stride(), expected.dtype)
+        assert shortcut.is_meta
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.sampled_from([1, 2, 3]), groups=st.sampled_from([1, 2]), cin=st.sampled_from([2, 4]),
+       cout=st.sampled_from([2, 6]), k=st.integers(1, 4), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       padding=st.sampled_from([0, 1, 2, "valid", "same"]), size=st.integers(1, 9), batched=st.booleans(),
+       channels_off=st.sampled_from([0, 0, 0, 1]), bias=st.booleans(), double=st.booleans())
+def test_convolution_shortcut_matches_the_kernel(n, groups, cin, cout, k, stride, dilation, padding, size, batched,
+                                                 channels_off, bias, double):
+    if padding == "same":
+        stride = 1  # torch refuses 'same' with strides at construction
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n](cin, cout, k, stride=stride, padding=padding,
+                                                         dilation=dilation, groups=groups, bias=bias)
+    shape = ((2,) if batched else ()) + (cin + channels_off,) + (size,) * n
+    x = torch.empty(shape, device="meta", dtype=torch.float64 if double else torch.float32)
+    assert_agrees(conv, x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), max_size=3), fin=st.sampled_from([3, 4]), off=st.sampled_from([0, 0, 1]),
+       bias=st.booleans())
+def test_linear_shortcut_matches_the_kernel(lead, fin, off, bias):
+    assert_agrees(nn.Linear(fin, 5, bias=bias), torch.empty(*lead, fin + off, device="meta"))
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.BatchNorm2d(4), (2, 4, 3, 3)), (nn.BatchNorm2d(4), (2, 5, 3, 3)), (nn.BatchNorm1d(4), (2, 4)),
+    (nn.BatchNorm2d(4), (4, 3, 3)), (nn.LayerNorm(6), (2, 3, 6)), (nn.LayerNorm(6), (2, 6, 3)),
+    (nn.ReLU(), (2, 3)), (nn.GELU(), (3,)), (nn.Identity(), (2, 2, 2)),
+])
+def test_shape_keeping_shortcuts_match_the_kernels(module, shape):
+    assert_agrees(module.eval(), torch.empty(shape, device="meta"))
+
+
+def test_no_shortcut_for_hooked_subclassed_or_channels_last_calls():
+    conv = nn.Conv2d(4, 4, 3)
+    x = torch.empty(1, 4, 8, 8, device="meta")
+    assert meta_shapes.module_output(conv, (x,), {}) is not None  # the premise: the plain case has one
+    assert meta_shapes.module_output(conv, (x.to(memory_format=torch.channels_last),), {}) is None
+    conv.register_forward_hook(lambda *a: None)
+    assert meta_shapes.module_output(conv, (x,), {}) is None
+
+    class MyConv(nn.Conv2d):
+        pass
+    assert meta_shapes.module_output(MyConv(4, 4, 3), (x,), {}) is None
+
+
+def test_cat_shortcut_matches_the_kernel():
+    a, b = torch.empty(2, 3, 4, device="meta"), torch.empty(2, 5, 4, device="meta")
+    for tensors, dim in (((a, b), 1), ((a, b), -2), ((a, a), 0), ((a, b), 0), ((a, b.double()), 1)):
+        shortcut = meta_shapes.cat(tensors, dim)
+        try:
+            expected = torch.cat(tensors, dim)
+        except Exception:  # noqa: BLE001
+            assert shortcut is None
+            continue
+        if shortcut is not None:
+            assert (shortcut.shape, shortcut.stride(), shortcut.dtype) == (expected.shape, expected.stride(),
+                                                                        expected.dtype)
+
+
+class Mixed(nn.Module):
+    """Shortcut layers, a layer that needs its meta twin (GroupNorm), a module called twice, a free parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.act = nn.ReLU()
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.act(self.norm(self.conv(x))) * self.scale
+        y = self.act(y)
+        return self.fc(torch.cat([y, y], 2).mean((2, 3)))
+
+
+def test_meta_run_equals_a_real_run_node_by_node():
+    traced = trace(Mixed().train(), torch.randn(1, 3, 6, 6))
+    meta = record.meta_values(traced.gm, traced.inputs)
+    real = record.real_values(traced.gm, traced.inputs)
+    assert meta.keys() == real.keys()
+    for name, value in meta.items():
+        assert value.is_meta and value.shape == real[name].shape and value.dtype == real[name].dtype, name
+    assert traced.gm.training  # the real run restores the mode; the meta run never touches the module
+    assert all(p.device.type == "cpu" for p in traced.gm.parameters())
