@@ -64,20 +64,21 @@ class Call:
     def owner(self) -> str:
         return self.node.target if self.node.op == "call_module" else self.node.name
 
-    def param(self, i: int, name: str, attr: str, dim: int, role: str) -> Optional[np.ndarray]:
+    def param(self, i: int, name: str, attr: str, dim: int, role: str,
+              like: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """Labels of one dim of a layer parameter: the module's ``attr`` for call_module nodes, or the
         get_attr argument ``i``/``name`` for functional calls. None when the parameter is absent or computed
-        (then the dim is fixed)."""
+        (then the dim is fixed). ``like``: labels the rule unions the slot with next (see `Store.slot`)."""
         if self.node.op == "call_module":
             tensor = getattr(self.module, attr, None)
             if not isinstance(tensor, torch.Tensor):
                 return None
-            return self.store.slot(f"{self.node.target}.{attr}", dim, tensor.shape[dim], role, self.owner())
+            return self.store.slot(f"{self.node.target}.{attr}", dim, tensor.shape[dim], role, self.owner(), like)
         node = self.arg_node(i, name)
         value = self.arg(i, name)
         if not isinstance(node, fx.Node) or node.op != "get_attr" or not isinstance(value, torch.Tensor):
             return None
-        return self.store.slot(node.target, dim, value.shape[dim], role, self.owner())
+        return self.store.slot(node.target, dim, value.shape[dim], role, self.owner(), like)
 
 
 def out_planes(labels: Optional[np.ndarray], ndim: int, dim: int, keep: Sequence[Plane] = ()) -> Tuple[Plane, ...]:

@@ -102,14 +102,15 @@ def couple(facts: ChannelFacts, ignore: Iterable[str] = ()) -> Coupling:
 
 def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     """Units with an 'out' slot and not pinned, grouped by the set of slots they touch."""
-    keys = list(slot_units)
-    units, slots_of = _slot_sets(keys, slot_units)
-    is_out = np.array([roles[k][0] == "out" for k in keys] + [False])
+    classes = _same_units(slot_units)  # slots with identical unit arrays (a norm's four, a conv's input)
+    reps = [keys[0] for keys in classes]
+    units, slots_of = _slot_sets(reps, slot_units)
     groups = []
-    for members, unit_ids in _same_slot_sets(units, slots_of, len(keys)):
-        if pinned in unit_ids or not is_out[members].any():
+    for members, unit_ids in _same_slot_sets(units, slots_of, len(reps)):
+        keys = [k for i in members for k in classes[i]]
+        if pinned in unit_ids or not any(roles[k][0] == "out" for k in keys):
             continue
-        ordered = tuple(sorted((keys[i] for i in members), key=lambda k: (roles[k][0] != "out", k)))
+        ordered = tuple(sorted(keys, key=lambda k: (roles[k][0] != "out", k)))
         root = ordered[0]
         root_units = slot_units[root].tolist()
         first_seen = dict(zip(reversed(root_units), range(len(root_units) - 1, -1, -1)))  # first index wins
@@ -117,6 +118,16 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
         groups.append(Group(f"{roles[root][1]}:{root[1]}" if root[1] else roles[root][1], units_sorted, ordered))
     groups.sort(key=lambda g: g.id)
     return _unique_ids(groups)
+
+
+def _same_units(slot_units: Dict) -> List[List]:
+    """Slot keys grouped by identical unit arrays, in first-seen order. A unit touches one slot of a class iff it
+    touches all of them, so grouping units by the classes they touch equals grouping them by slots, on fewer
+    slots."""
+    classes: Dict[bytes, List] = {}
+    for key, units in slot_units.items():
+        classes.setdefault(units.tobytes(), []).append(key)
+    return list(classes.values())
 
 
 def _slot_sets(keys: List, slot_units: Dict) -> Tuple[np.ndarray, np.ndarray]:

@@ -92,13 +92,17 @@ class Store:
         if flat.size > 1:
             self.union(flat[1:], flat[0])
 
-    def slot(self, name: str, dim: int, size: int, role: str, owner: str) -> np.ndarray:
+    def slot(self, name: str, dim: int, size: int, role: str, owner: str,
+             like: Optional[np.ndarray] = None) -> np.ndarray:
         """Labels of one parameter dim; the same parameter used twice (shared weights) gets the same labels.
         A layer that uses a free parameter (a get_attr weight passed to F.conv2d / F.linear / matmul) claims
-        its role, so the parameter's rows count as produced channels."""
+        its role, so the parameter's rows count as produced channels. ``like``: 1-D labels the caller is about
+        to union the new slot with (a norm's input channels); a new slot of that width takes them instead of
+        fresh ones, which saves the labels and the unions (most of a model's labels are norm parameters)."""
         key = (self.aliases.get(name, name), dim)  # a tied tensor is one slot under all of its names
         if key not in self.slots:
-            self.slots[key] = (Slot(name, dim, role, owner), self.fresh(size))
+            labels = like.copy() if like is not None and like.shape == (size,) else self.fresh(size)
+            self.slots[key] = (Slot(name, dim, role, owner), labels)
         elif self.slots[key][0].role == "free" and role != "free":
             self.slots[key] = (Slot(name, dim, role, owner), self.slots[key][1])
         self.log.append(key)

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .call import Call, out_planes
-from .labels import Plane, along, couple_facing, merge_along, pin_all, shifted
+from .labels import Plane, along, couple_facing, merge_along, only_on, pin_all, shifted
 
 
 def couple_dim(call: Call, planes: Sequence[Plane], dim: int, slots: Sequence[Optional[np.ndarray]]) -> None:
@@ -43,8 +43,8 @@ def conv(call: Call):
     groups = call.module.groups if call.module is not None else call.arg(6, "groups", 1)
     hits = _channel_dim_only(call, 1)
     w_out = call.param(1, "weight", "weight", 0, "out")
-    w_in = call.param(1, "weight", "weight", 1, "in")
-    bias = call.param(2, "bias", "bias", 0, "out")
+    w_in = call.param(1, "weight", "weight", 1, "in", like=only_on(hits, 1) if groups == 1 else None)
+    bias = call.param(2, "bias", "bias", 0, "out", like=w_out)
     if w_out is not None and bias is not None:
         call.store.union(bias, w_out)
     if groups == 1:
@@ -105,8 +105,8 @@ def linear(call: Call):
     """Linear / F.linear on N-D input (weight [O, I]): the last dim; other dims' planes pass through."""
     n = call.x.dim()
     w_out = call.param(1, "weight", "weight", 0, "out")
-    w_in = call.param(1, "weight", "weight", 1, "in")
-    bias = call.param(2, "bias", "bias", 0, "out")
+    w_in = call.param(1, "weight", "weight", 1, "in", like=only_on(call.lx, n - 1))
+    bias = call.param(2, "bias", "bias", 0, "out", like=w_out)
     if w_out is not None and bias is not None:
         call.store.union(bias, w_out)
     couple_dim(call, call.lx, n - 1, [w_in])
@@ -116,11 +116,13 @@ def linear(call: Call):
 
 def batch_norm(call: Call):
     """BatchNorm / InstanceNorm(affine) / F.batch_norm: per-channel statistics and affine on dim 1."""
+    like = only_on(call.lx, 1)
     if call.module is not None:
         names = ["weight", "bias", "running_mean", "running_var"]
-        slots = [call.param(0, n, n, 0, "through") for n in names]
+        slots = [call.param(0, n, n, 0, "through", like) for n in names]
     else:
-        slots = [call.param(i, n, n, 0, "through") for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+        slots = [call.param(i, n, n, 0, "through", like)
+                 for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
     _couple_norm(call, 1, slots)
     return call.lx
 
@@ -141,7 +143,8 @@ def layer_norm(call: Call):
         normed = set(range(n - len(tuple(shape)), n))
         pin_all(call.store, [p for p in call.lx if set(p.dims) & normed])
         return tuple(p for p in call.lx if not set(p.dims) & normed)
-    slots = [call.param(2, "weight", "weight", 0, "through"), call.param(3, "bias", "bias", 0, "through")]
+    like = only_on(call.lx, n - 1)
+    slots = [call.param(2, "weight", "weight", 0, "through", like), call.param(3, "bias", "bias", 0, "through", like)]
     _couple_norm(call, n - 1, slots)
     return call.lx
 
