@@ -151,7 +151,7 @@ def _checked_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tupl
     """``leaf_modules`` as a tuple of submodule names and module classes; raises ConfigError for an entry that is
     neither, or for a name that matches no submodule (a typo would otherwise be silently ignored)."""
     leaves = tuple(leaf_modules)
-    names = {n for n, _ in model.named_modules() if n}
+    names = {n for n, _ in model.named_modules() if n} if leaves else set()
     for leaf in leaves:
         if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
             raise ConfigError(f"leaf_modules entry {leaf!r} is a {type(leaf).__name__}. What to do: pass submodule "
