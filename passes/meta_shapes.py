@@ -8,6 +8,7 @@ for contiguous inputs; tests/test_record.py checks every fast path against the k
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -58,6 +59,27 @@ def cat(tensors: Any = None, dim: int = 0, *, out: Any = None) -> Optional[torch
     shape = list(first.shape)
     shape[d] = sum(t.shape[d] for t in tensors)
     return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+_BINARY = frozenset((operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                     torch.div))
+
+
+def binary(target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The meta result of an elementwise binary op (a residual add, a scale) on two contiguous meta tensors of one
+    shape and floating dtype, or on one such tensor and a Python number; None otherwise (broadcasting, type
+    promotion, layouts: the kernel decides)."""
+    if target not in _BINARY or kwargs or len(args) != 2:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or not all(t.is_meta and t.is_floating_point() and _plain(t) for t in tensors):
+        return None
+    first = tensors[0]
+    if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+        return None
+    if len(tensors) == 1 and type(args[0] if args[1] is first else args[1]) not in (int, float):
+        return None
+    return torch.empty(first.shape, dtype=first.dtype, device="meta")
 
 
 def _conv(m: nn.Module, x: torch.Tensor, n: int) -> Optional[torch.Tensor]:

@@ -74,7 +74,10 @@ def meta_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
 def _meta_call(node: fx.Node, twins: "_MetaTwins", args: tuple, kwargs: dict) -> Any:
     """The meta value of one call_function / call_method / call_module / output node."""
     if node.op == "call_function":
-        shaped = meta_shapes.cat(*args, **kwargs) if node.target is torch.cat else None
+        if node.target is torch.cat:
+            shaped = meta_shapes.cat(*args, **kwargs)
+        else:
+            shaped = meta_shapes.binary(node.target, args, kwargs)
         return node.target(*args, **kwargs) if shaped is None else shaped
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -105,11 +108,13 @@ class _MetaTwins:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
+        self._submodules = dict(gm.named_modules())
         self._tensors: Dict[int, torch.Tensor] = {}
         self._modules: Dict[int, nn.Module] = {}
 
     def original(self, target: str) -> nn.Module:
-        return self.gm.get_submodule(target)
+        found = self._submodules.get(target)  # named_modules() lists a shared module under its first name only
+        return found if found is not None else self.gm.get_submodule(target)
 
     def module(self, target: str) -> nn.Module:
         return self._twin(self.original(target))

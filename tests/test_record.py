@@ -3,6 +3,8 @@
 Every shortcut must give the kernel's shape, strides and dtype, and must step aside (None) wherever the kernel
 raises, so that the error a user sees is torch's. Also: the lean meta run equals a real run node by node.
 """
+import operator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -92,8 +94,35 @@ def test_cat_shortcut_matches_the_kernel():
                                                                         expected.dtype)
 
 
+@pytest.mark.parametrize("op", [operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul])
+@pytest.mark.parametrize("a, b", [
+    ((2, 3, 4, 4), (2, 3, 4, 4)), ((2, 3, 4, 4), (1, 3, 1, 1)), ((2, 3), 2.0), (3, (2, 3)), ((2, 3), True),
+    ((2, 3, 4, 4), "channels_last"), ((2, 3), "double"), ((2, 3), "int"), ((2, 3), (3, 2)),
+])
+def test_binary_shortcut_matches_the_kernel(op, a, b):
+    def make(spec, like=None):
+        if spec == "channels_last":
+            return torch.empty(like, device="meta").to(memory_format=torch.channels_last)
+        if spec in ("double", "int"):
+            return torch.empty(like, device="meta", dtype=torch.float64 if spec == "double" else torch.int64)
+        return torch.empty(spec, device="meta") if isinstance(spec, tuple) else spec
+    x = make(a)
+    y = make(b, like=a)
+    shortcut = meta_shapes.binary(op, (x, y), {})
+    try:
+        expected = op(x, y)
+    except Exception:  # noqa: BLE001
+        assert shortcut is None
+        return
+    if shortcut is not None:
+        assert (shortcut.shape, shortcut.stride(), shortcut.dtype) == (expected.shape, expected.stride(), expected.dtype)
+    if isinstance(a, tuple) and a == b:
+        assert shortcut is not None  # the plain case takes the shortcut
+
+
 class Mixed(nn.Module):
-    """Shortcut layers, a layer that needs its meta twin (GroupNorm), a module called twice, a free parameter."""
+    """Shortcut layers and ops, a layer that needs its meta twin (GroupNorm), a module called twice, a free
+    parameter."""
 
     def __init__(self):
         super().__init__()
@@ -105,7 +134,7 @@ class Mixed(nn.Module):
 
     def forward(self, x):
         y = self.act(self.norm(self.conv(x))) * self.scale
-        y = self.act(y)
+        y = self.act(y + y) / 2
         return self.fc(torch.cat([y, y], 2).mean((2, 3)))
 
 
