@@ -192,20 +192,47 @@ def embedding(call: Call):
 
 
 def multihead_attention(call: Call):
-    """nn.MultiheadAttention is one opaque call: its embed_dim (the query/key/value width, the head layout and
-    the softmax scale 1/sqrt(embed_dim/num_heads)) stays, so the inputs' last dims are pinned. Only out_proj's
-    rows (the output features) may shrink, for packed in_proj weights (the form rewrite updates)."""
+    """nn.MultiheadAttention with packed in_proj (q, k, v of one width, no bias_k/bias_v): whole heads go.
+
+    Its forward requires the q/k/v width to equal the query's width (embed_dim), so a head can only go together
+    with as many input channels: input block h (columns h*head_dim ...) is tied to head h (its q, k and v rows and
+    its out_proj columns). head_dim, and with it the softmax scale, never changes. out_proj's rows (the output
+    features) are free. Positions (sequence, batch) are mixed by attention: planes on them are pinned. Other
+    forms (separate q/k/v weights, bias_k) keep embed_dim: their inputs are pinned, out_proj's rows may shrink.
+    """
     m, store = call.module, call.store
-    for i, name in enumerate(("query", "key", "value")):
-        pin_all(store, call.larg(i, name) or ())
+    inputs = [call.larg(i, name) or () for i, name in enumerate(("query", "key", "value"))]
     attn = call.out[0]
-    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
-        return ((), ())
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None or m.bias_k is not None:
+        for planes in inputs:
+            pin_all(store, planes)
+        return (_out_proj_plane(call, attn), ()) if m.in_proj_weight is not None else ((), ())
+    heads, head_dim = m.num_heads, m.head_dim
+    cols = store_out(call, "in_proj_weight", 1, "in")
+    rows = store_out(call, "in_proj_weight", 0, "out")
+    bias = store_out(call, "in_proj_bias", 0, "out")
+    last = call.x.dim() - 1
+    for planes in inputs:
+        for p in planes:
+            store.union(p.arr.reshape(-1), cols) if p.dims == (last,) else store.pin(p.arr)
+    if bias is not None:
+        store.union(bias, rows)
+    grid = rows.reshape(3, heads, head_dim)
+    head = grid[:1, :, :1]  # one label per head: its q, k and v rows go together
+    store.union(grid, head)
+    store.union(cols.reshape(heads, head_dim), head.reshape(heads, 1))
+    out_cols = store_out(call, "out_proj.weight", 1, "in")
+    store.union(out_cols.reshape(heads, head_dim), head.reshape(heads, 1))
+    return (_out_proj_plane(call, attn), ())
+
+
+def _out_proj_plane(call: Call, attn) -> tuple:
+    """The attention output's plane: out_proj's rows (and bias) along the last dim."""
     rows = store_out(call, "out_proj.weight", 0, "out")
     bias = store_out(call, "out_proj.bias", 0, "out")
     if bias is not None:
-        store.union(bias, rows)
-    return (out_planes(rows, attn.dim(), attn.dim() - 1), ())
+        call.store.union(bias, rows)
+    return out_planes(rows, attn.dim(), attn.dim() - 1)
 
 
 def store_out(call: Call, qualname: str, dim: int, role: str) -> Optional[np.ndarray]:

@@ -1,19 +1,21 @@
 """Verify: oracles that check a pruned module against the original.
 
-Masking equivalence: run the ORIGINAL traced graph with every removed unit's positions zeroed after every node;
-the pruned module must give the same output (exactly, up to float round-off, wherever no normalisation or mean
+Masking equivalence: run the ORIGINAL traced graph with every removed unit's positions zeroed after every node
+(and its parameter slices zeroed); the pruned module must give the same output (exactly, up to float round-off, wherever no normalisation or mean
 mixes the pruned channels).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Set
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from .facts import Coupling
+from .facts import Coupling, PrunePlan
 from .labels import Plane
+from .plan import plan_from_removed
 from .trace import Traced
 
 
@@ -51,15 +53,37 @@ def _mask(value: Any, planes: Any, removed: np.ndarray) -> Any:
 
 
 def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=None) -> Any:
-    """The original model's output with every removed unit zeroed everywhere (eval mode, no grad)."""
+    """The original model's output with every removed unit zeroed everywhere (eval mode, no grad): in every
+    intermediate value and in every parameter and buffer slice, so that the insides of opaque layers agree too
+    (a MultiheadAttention's removed heads contribute nothing). ``traced`` is restored afterwards."""
     gm = traced.gm
     was = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _zeroed(gm, plan_from_removed(coupling, removed)):
             return _Masker(gm, coupling, removed).run(*(inputs if inputs is not None else traced.inputs))
     finally:
         gm.train(was)
+
+
+@contextlib.contextmanager
+def _zeroed(gm: fx.GraphModule, plan: PrunePlan):
+    """Zero the removed slices of ``gm``'s parameters and buffers in place for the block, then put them back
+    (in place, not on a copy: a copy of a large model would double its memory)."""
+    saved = []
+    try:
+        for name, dims in plan.kept.items():
+            owner, _, attr = name.rpartition(".")
+            tensor = getattr(gm.get_submodule(owner) if owner else gm, attr)
+            for dim, kept in dims.items():
+                gone = sorted(set(range(tensor.shape[dim])) - set(kept))
+                index = torch.tensor(gone, dtype=torch.long, device=tensor.device)
+                saved.append((tensor, dim, index, tensor.index_select(dim, index)))
+                tensor.index_fill_(dim, index, 0)
+        yield
+    finally:
+        for tensor, dim, index, values in reversed(saved):  # reversed: overlaps get their first values back
+            tensor.index_copy_(dim, index, values)
 
 
 def max_relative_error(a: Any, b: Any) -> float:

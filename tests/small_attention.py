@@ -55,8 +55,9 @@ class Case:
 
 
 class MhaNet(nn.Module):
-    """Linear -> nn.MultiheadAttention (self-attention) -> Linear -> Linear, batch_first either way. The MHA's
-    embed_dim stays (see rules_layers.multihead_attention); its out_proj rows and the MLP after it may shrink."""
+    """Linear -> nn.MultiheadAttention (self-attention) -> Linear -> Linear, batch_first either way. Whole heads
+    go with the input channels of the same block (see rules_layers.multihead_attention); out_proj's rows and the
+    MLP after it shrink freely."""
 
     def __init__(self, batch_first: bool = True):
         super().__init__()

@@ -70,6 +70,7 @@ def test_analysis_speed_quick_run_writes_the_json_schema(tmp_path):
     for tool in ("obafx", "torch_pruning"):
         assert entry[tool]["median_s"] > 0 and len(entry[tool]["times_s"]) == 1 and entry[tool]["groups"] > 0
     assert set(entry["obafx"]["stages_median_s"]) == {"trace", "analyze", "couple"}
+    assert 0 < entry["fx_trace_alone_median_s"] < entry["obafx"]["median_s"]  # obafx's trace includes fx's
     assert entry["ratio_obafx_over_tp"] == pytest.approx(entry["obafx"]["median_s"] / entry["torch_pruning"]["median_s"])
     assert report["all_meet_target"] == entry["meets_target"]
 

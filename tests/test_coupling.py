@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import obafx
 from obafx.passes import ops
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
@@ -177,10 +178,32 @@ def test_attention_scale_measured_on_head_dim_pins_qk():
         assert _group(c, "v.weight", 0).width == 4 and ("o.weight", 1) in _group(c, "v.weight", 0).members
 
 
-def test_multihead_attention_keeps_embed_dim():
-    _, _, c = _coupled("mha_batch_first")
-    assert not any(name.startswith("att.in_proj") for name, _ in c.slot_units)
-    assert ("mid.weight", 1) in _group(c, "att.out_proj.weight", 0).members
+def test_multihead_attention_prunes_whole_heads_with_their_input_blocks():
+    """MhaNet: embed_dim 16, 4 heads of 4. A head goes with its q, k, v rows, its out_proj columns and the input
+    block of the same index (the q/k/v width must equal the input width); head_dim stays."""
+    for name in ("mha_batch_first", "mha_seq_first"):
+        _, _, c = _coupled(name)
+        heads = _group(c, "att.in_proj_weight", 0)
+        assert heads.width == 4, name
+        assert {("inp.weight", 0), ("att.in_proj_weight", 1), ("att.out_proj.weight", 1)} <= set(heads.members)
+        assert ("mid.weight", 1) in _group(c, "att.out_proj.weight", 0).members  # output features stay free
+        for seed in range(4):
+            removed = random_removal(c, seed)
+            blocks = {i // 4 for i in _kept(c, removed, "inp.weight", 0) or range(16)}
+            expect_in = [i for i in range(16) if i // 4 in blocks]
+            assert list(_kept(c, removed, "att.in_proj_weight", 1) or range(16)) == expect_in
+            rows = list(_kept(c, removed, "att.in_proj_weight", 0) or range(48))
+            assert rows == [i for i in range(48) if (i % 16) // 4 in blocks]
+
+
+def test_pruned_multihead_attention_has_fewer_heads_of_the_same_size():
+    case = CASES["mha_batch_first"]
+    model, (x,) = case.make().eval(), case.inputs(2)
+    pruned = obafx.compile_prune(model, x, channels=0.5, importance="magnitude", ignore=["mid"])  # heads only
+    att = pruned.get_submodule("att")
+    assert att.head_dim == 4 and att.num_heads < 4 and att.embed_dim == 4 * att.num_heads
+    assert att.in_proj_weight.shape == (3 * att.embed_dim, att.embed_dim)
+    assert pruned(x).shape == model(x).shape
 
 
 def test_glu_pairs_halves_and_parameterless_norms_pass():
@@ -289,3 +312,22 @@ def test_a_one_channel_slice_keeps_its_channel():
     twice = obafx.compile_prune(once, x, channels=0.3)
     assert twice.a.weight.shape[0] < 6 and obafx.report(twice).masked_error < 1e-9
     assert twice(x).shape == (2, 5)
+
+
+def test_masking_oracle_zeroes_removed_parameter_slices_and_puts_them_back():
+    """Inside an opaque layer (MultiheadAttention) only zeroed parameters silence a removed head: without them
+    the oracle would disagree with a correct rewrite. Afterwards the traced copy holds its values again."""
+    from obafx.passes.rewrite import rewrite
+    from obafx.passes.verify import masked_output, max_relative_error
+
+    case = CASES["mha_batch_first"]
+    traced = trace(case.make().double().eval(), tuple(t.double() for t in case.inputs(2)))
+    facts = analyze(traced)
+    c = couple(facts)
+    before = {k: v.clone() for k, v in traced.gm.state_dict().items()}
+    heads = _group(c, "att.in_proj_weight", 0)
+    removed = {heads.units[0]}  # one head and its input block, nothing else
+    pruned = rewrite(traced, c, facts.shapes, removed)
+    with torch.no_grad():
+        assert max_relative_error(masked_output(traced, c, removed), pruned(*traced.inputs)) < 1e-9
+    assert all(torch.equal(before[k], v) for k, v in traced.gm.state_dict().items())

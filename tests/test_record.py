@@ -147,3 +147,15 @@ def test_meta_run_equals_a_real_run_node_by_node():
         assert value.is_meta and value.shape == real[name].shape and value.dtype == real[name].dtype, name
     assert traced.gm.training  # the real run restores the mode; the meta run never touches the module
     assert all(p.device.type == "cpu" for p in traced.gm.parameters())
+
+
+def test_recorded_values_are_dropped_when_the_graph_changes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    traced = trace(model, torch.randn(2, 3, 6, 6))
+    assert traced.recorded_values() is not None
+    flatten = next(n for n in traced.gm.graph.nodes if n.target == "2")
+    flatten.args = (flatten.args[0],) + flatten.args[1:]  # the same arguments again: still valid
+    assert traced.recorded_values() is not None
+    relu = next(n for n in traced.gm.graph.nodes if n.target == "1")
+    flatten.args = (relu.args[0],)  # the graph now skips the ReLU: what was recorded no longer describes it
+    assert traced.recorded_values() is None
