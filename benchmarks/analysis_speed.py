@@ -3,8 +3,10 @@
 For each model (torchvision, weights=None, eval, float32) both tools analyse the same model on the same input in
 the same process, alternating, ``--reps`` times each; the JSON holds wall-clock medians, every time, CPU-time
 medians (process time: steadier than wall clock on a shared machine), the ratios obafx / Torch-Pruning, obafx's
-per-stage medians and what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy). Models: resnet50 and densenet121 at 64x64, vit_b_16 at
-224x224 (``--quick``: resnet18 and mobilenet_v3_small at 32x32). Target: ratio <= 1.
+per-stage medians, what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy), and
+torch.fx's own symbolic trace of the model alone (the floor under any fx-based analysis). Models: resnet50 and
+densenet121 at 64x64, vit_b_16 at 224x224 (``--quick``: resnet18 and mobilenet_v3_small at 32x32). Target: ratio
+<= 1.
 
 Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--threads 1] [--out PATH]
 Writes JSON (default benchmarks/results/analysis_speed.json).
@@ -61,6 +63,13 @@ def tp_analysis(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
     return {"total": total, "cpu": cpu, "groups": sum(1 for _ in dg.get_all_groups())}
 
 
+def fx_trace_alone(model: torch.nn.Module) -> float:
+    """Seconds of torch.fx's own symbolic trace of ``model`` (no copy, no shapes): the floor for any fx-based tool."""
+    start = time.perf_counter()
+    torch.fx.Tracer().trace(model)
+    return time.perf_counter() - start
+
+
 def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
     """Both analyses on one model, alternating so that machine load hits both alike; medians and raw times."""
     torch.manual_seed(0)
@@ -69,9 +78,11 @@ def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
     obafx_analysis(model, x)  # warm-up: first calls pay for imports and lazy initialisation
     tp_analysis(model, x)
     runs: Dict[str, List[Dict[str, Any]]] = {"obafx": [], "torch_pruning": []}
+    fx_alone = []
     for _ in range(reps):
         runs["obafx"].append(obafx_analysis(model, x))
         runs["torch_pruning"].append(tp_analysis(model, x))
+        fx_alone.append(fx_trace_alone(model))
     entry: Dict[str, Any] = {"input": [1, 3, size, size], "params": sum(p.numel() for p in model.parameters())}
     for tool, rows in runs.items():
         entry[tool] = {"median_s": statistics.median(r["total"] for r in rows), "times_s": [r["total"] for r in rows],
@@ -79,6 +90,7 @@ def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
     entry["obafx"]["stages_median_s"] = {k: statistics.median(r[k] for r in runs["obafx"])
                                          for k in ("trace", "analyze", "couple")}
     entry["obafx"]["barriers"] = runs["obafx"][-1]["barriers"]
+    entry["fx_trace_alone_median_s"] = statistics.median(fx_alone)
     for key, copier in (("deepcopy_cpu_s", copy.deepcopy), ("private_copy_cpu_s", private_copy)):
         start = time.process_time()
         copier(model)  # what trace.py's private copy costs (copy-on-write) against a plain deep copy
