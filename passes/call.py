@@ -54,7 +54,8 @@ class Call:
     def widths(self) -> List[Width]:
         """Every Width among the node's arguments (nested in tuples, lists, dicts and slices)."""
         found: List[Width] = []
-        collect_widths(self.store, (self.node.args, self.node.kwargs), found)
+        if self.store.widths:  # most models measure no sizes: skip walking the arguments
+            collect_widths(self.store, (self.node.args, self.node.kwargs), found)
         return found
 
     def width_of(self, arg: Any) -> Any:
