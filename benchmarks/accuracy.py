@@ -35,6 +35,7 @@ from common import machine_info, write_json  # noqa: E402
 import obafx  # noqa: E402
 from obafx import data as fmnist  # noqa: E402
 from obafx import train as training  # noqa: E402
+from obafx.models import Attention  # noqa: E402
 from obafx.passes.macs import param_count, thop_macs  # noqa: E402
 
 OBAFX_METHODS = {"oba_full": ("oba", "full"), "oba_residual": ("oba", "residual"), "magnitude": ("magnitude", None),
@@ -103,7 +104,7 @@ def _tp_run(model, example, method: str, ratio: float, batches: List, steps: int
     model = copy.deepcopy(model).eval()
     imp = tp.importance.GroupTaylorImportance() if method == "tp_taylor" else _FixedHessian.make()
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, iterative_steps=steps,
-                                  ignored_layers=[_classifier(model)], global_pruning=True)
+                                  ignored_layers=_tp_ignored(model), global_pruning=True)
     per = max(1, len(batches) // steps)
     for s in range(steps):
         chunk = batches[s * per:(s + 1) * per]
@@ -123,6 +124,17 @@ def _tp_run(model, example, method: str, ratio: float, batches: List, steps: int
     return model
 
 
+TP_VIT_NOTE = ("on vit_tiny, Torch-Pruning's rows keep the qkv layers' width (ignored_layers): its pruner raises "
+               "IndexError on the qkv reshape into heads, with or without num_heads=")
+
+
+def _tp_ignored(model) -> List[torch.nn.Module]:
+    """What Torch-Pruning must leave alone: the classifier, and the ViT's qkv layers. On qkv reshaped into heads
+    (``reshape(B, N, 3, -1, head_dim)``) its pruner raises IndexError, with or without ``num_heads=`` (head dims or
+    whole heads); keeping qkv's width is the workaround, so TP prunes the MLPs and the residual stream there."""
+    return [_classifier(model)] + [m.qkv for m in model.modules() if isinstance(m, Attention)]
+
+
 def _tp_ratio_for(model, example, keep: float, base: float) -> float:
     """The channel ratio at which Torch-Pruning's magnitude pruner keeps ``keep`` of the MACs (bisection)."""
     import torch_pruning as tp
@@ -132,7 +144,7 @@ def _tp_ratio_for(model, example, keep: float, base: float) -> float:
         mid = (lo + hi) / 2
         m = copy.deepcopy(model)
         tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=mid,
-                             ignored_layers=[_classifier(m)], global_pruning=True).step()
+                             ignored_layers=_tp_ignored(m), global_pruning=True).step()
         macs, _ = tp.utils.count_ops_and_params(m, example)
         lo, hi = (mid, hi) if macs > keep * base else (lo, mid)
     return hi
@@ -264,7 +276,7 @@ def merge(paths: List[str], out: Path) -> int:
                           "reproduce": _reproduce_commands(parts), "commands": [part["command"] for part in parts],
                           "config": [part["config"] for part in parts],
                           "machine": parts[0]["machine"], "tp_hessian_note": parts[0]["tp_hessian_note"],
-                          "rows": rows, "summary": summarise(rows)})
+                          "tp_vit_note": TP_VIT_NOTE, "rows": rows, "summary": summarise(rows)})
     plot(summarise(rows), out.with_suffix(".png"))
     return 0
 
@@ -289,6 +301,7 @@ def _write(out: Path, args, cfg, rows) -> None:
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "config": cfg,
                           "machine": machine_info(), "tp_hessian_note": "per-sample squared gradients accumulated "
                           "over every calibration sample (Torch-Pruning 1.6.1's accumulate_grad keeps only the last)",
+                          "tp_vit_note": TP_VIT_NOTE,
                           "rows": rows, "summary": summarise(rows)})
 
 
