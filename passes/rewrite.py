@@ -99,9 +99,10 @@ def _update_module(m: nn.Module, node: fx.Node, new_shapes: Dict[str, Any]) -> N
     elif isinstance(m, nn.PReLU):
         m.num_parameters = m.weight.shape[0]
     elif isinstance(m, nn.MultiheadAttention):
-        e = m.in_proj_weight.shape[1]  # whole heads went with their input blocks: head_dim stays
-        m.embed_dim = m.kdim = m.vdim = e
-        m.num_heads = e // m.head_dim
+        if m.in_proj_weight is not None:  # packed: whole heads went with their input blocks, head_dim stays
+            e = m.in_proj_weight.shape[1]
+            m.embed_dim = m.kdim = m.vdim = e
+            m.num_heads = e // m.head_dim
         m.out_proj.in_features, m.out_proj.out_features = m.out_proj.weight.shape[1], m.out_proj.weight.shape[0]
 
 

@@ -212,9 +212,11 @@ def multihead_attention(call: Call):
     rows = store_out(call, "in_proj_weight", 0, "out")
     bias = store_out(call, "in_proj_bias", 0, "out")
     last = call.x.dim() - 1
-    for planes in inputs:
-        for p in planes:
-            store.union(p.arr.reshape(-1), cols) if p.dims == (last,) else store.pin(p.arr)
+    for p in (p for planes in inputs for p in planes):
+        if p.dims == (last,):
+            store.union(p.arr.reshape(-1), cols)
+        else:
+            store.pin(p.arr)
     if bias is not None:
         store.union(bias, rows)
     grid = rows.reshape(3, heads, head_dim)

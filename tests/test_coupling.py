@@ -331,3 +331,32 @@ def test_masking_oracle_zeroes_removed_parameter_slices_and_puts_them_back():
     with torch.no_grad():
         assert max_relative_error(masked_output(traced, c, removed), pruned(*traced.inputs)) < 1e-9
     assert all(torch.equal(before[k], v) for k, v in traced.gm.state_dict().items())
+
+
+class _MhaForms(nn.Module):
+    """nn.MultiheadAttention with separate k/v widths (kdim, vdim) or with bias_k/bias_v: embed_dim stays."""
+
+    def __init__(self, separate: bool):
+        super().__init__()
+        self.separate = separate
+        self.q, self.kv = nn.Linear(4, 8), nn.Linear(4, 5)
+        self.att = (nn.MultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True) if separate
+                    else nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True))
+        self.mid, self.head = nn.Linear(8, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        q = self.q(x)
+        kv = self.kv(x) if self.separate else q
+        y, _ = self.att(q, kv, kv)
+        return self.head(torch.relu(self.mid(y)))
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_other_multihead_attention_forms_keep_embed_dim_and_still_prune(separate):
+    model, x = _MhaForms(separate).eval(), torch.randn(2, 6, 4)
+    c = couple(analyze(trace(model, x)))
+    assert not any(name.startswith("att.in_proj") or name.startswith("att.q_proj") for name, _ in c.slot_units)
+    pruned = obafx.compile_prune(model, x, channels=0.5, importance="magnitude")
+    assert pruned.get_submodule("att").embed_dim == 8 and pruned.get_submodule("att").num_heads == 2
+    assert pruned(x).shape == model(x).shape
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
