@@ -77,16 +77,15 @@ def prune_tp(model, example, method: str, factor: float, batches: List, steps: i
 
     Its pruner takes a channel ratio, not a MAC budget, and with global ranking the MACs a ratio gives depend on
     the criterion: the ratio is first found for magnitude (cheap), then corrected from each full run (MACs ~
-    (1 - ratio)^a) until TP's own MAC count is within 2% of the target, at most ``TP_TRIES`` full runs (the
-    closest is kept; the row records the MACs it reached)."""
-    import torch_pruning as tp
-
+    (1 - ratio)^a) until the MACs (thop, the count obafx's budgets use) are within 2% of the target, at most
+    ``TP_TRIES`` full runs (the closest is kept; the row records the MACs it reached). TP's own counter also
+    counts attention matmuls, so on the ViT it would stop at a different budget."""
     keep = 1.0 / factor
-    base, _ = tp.utils.count_ops_and_params(model, example)
+    base, _ = thop_macs(model, (example,))
     ratio, best = _tp_ratio_for(model, example, keep, base), None
     for _ in range(TP_TRIES):
         pruned = _tp_run(model, example, method, ratio, batches, steps, seed)
-        kept = tp.utils.count_ops_and_params(pruned, example)[0] / base
+        kept = thop_macs(pruned, (example,))[0] / base
         if best is None or abs(kept - keep) < abs(best[1] - keep):
             best = (pruned, kept)
         if abs(kept / keep - 1) <= 0.02 or not 0 < kept < 1:
@@ -145,7 +144,7 @@ def _tp_ratio_for(model, example, keep: float, base: float) -> float:
         m = copy.deepcopy(model)
         tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=mid,
                              ignored_layers=_tp_ignored(m), global_pruning=True).step()
-        macs, _ = tp.utils.count_ops_and_params(m, example)
+        macs, _ = thop_macs(m, (example,))
         lo, hi = (mid, hi) if macs > keep * base else (lo, mid)
     return hi
 
