@@ -72,7 +72,8 @@ def accuracy(d):
             f"re-scoring on {cfg['calib_batches']} fresh batches of {cfg['calib_size']} per step; 'pruned' = after "
             f"BatchNorm recalibration, 'fine-tuned' = after the same {cfg['finetune_steps']} SGD steps for every "
             f"method; accuracy on {'the 10k test set' if not cfg.get('eval_batches') else str(cfg['eval_batches'] * 128) + ' test images'}; "
-            "mean ± std over seeds, best fine-tuned first within each budget.\n\n"
+            "mean ± std over seeds, best fine-tuned first within each budget."
+            + "".join(f" Torch-Pruning: {d[k]}." for k in ("tp_hessian_note", "tp_vit_note") if d.get(k)) + "\n\n"
             + _table(["model", "method", "MACs /", "seeds", "MACs kept", "params kept", "acc pruned",
                       "acc fine-tuned", "prune s"], rows) + "\n\n![accuracy](benchmarks/results/accuracy.png)")
 
