@@ -1,10 +1,11 @@
 """Meta results of common layers computed from their attributes, without running torch's meta kernels.
 
-Torch's meta kernels for convolution, batch/layer norm, activations and ``cat`` run Python shape code or
-decompositions (0.2-2 ms a call), most of a meta run. For the plain cases below the output is a simple function of
-the input's shape and the module's attributes; anything else returns None, and the caller runs the real meta
-kernel (which then also raises where a real run would). Outputs are contiguous, as the meta kernels return them
-for contiguous inputs; tests/test_record.py checks every fast path against the kernels.
+Torch's meta kernels for convolution, batch/layer norm, activations, ``cat`` and elementwise arithmetic run
+Python shape code or decompositions (0.2-2 ms a call), most of a meta run. For the plain cases below the output is
+a simple function of the inputs' shapes and the module's attributes; anything else returns None, and the caller
+runs the real meta kernel (which then also raises where a real run would). Conv, linear, cat and arithmetic
+results are contiguous, as the kernels return them for contiguous inputs; shape-keeping layers keep their input's
+strides. tests/test_record.py checks every shortcut against the kernels.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def _conv(m: nn.Module, x: torch.Tensor, n: int) -> Optional[torch.Tensor]:
         pad = 0 if m.padding == "valid" else None if m.padding == "same" else m.padding[i]
         reach = m.dilation[i] * (w.shape[2 + i] - 1) + 1
         out = size if pad is None else (size + 2 * pad - reach) // m.stride[i] + 1
-        if out <= 0 or (pad is None and size < 1):
+        if out <= 0:
             return None
         spatial.append(out)
     shape = (x.shape[0], w.shape[0], *spatial) if batched else (w.shape[0], *spatial)
