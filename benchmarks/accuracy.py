@@ -123,6 +123,8 @@ def _tp_run(model, example, method: str, ratio: float, batches: List, steps: int
     return model
 
 
+TP_HESSIAN_NOTE = ("per-sample squared gradients accumulated over every calibration sample (Torch-Pruning "
+                   "1.6.1's accumulate_grad keeps only the last)")
 TP_VIT_NOTE = ("on vit_tiny, Torch-Pruning's rows keep the qkv layers' width (ignored_layers): its pruner raises "
                "IndexError on the qkv reshape into heads, with or without num_heads=")
 
@@ -274,7 +276,7 @@ def merge(paths: List[str], out: Path) -> int:
     write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
                           "reproduce": _reproduce_commands(parts), "commands": [part["command"] for part in parts],
                           "config": [part["config"] for part in parts],
-                          "machine": parts[0]["machine"], "tp_hessian_note": parts[0]["tp_hessian_note"],
+                          "machine": parts[0]["machine"], "tp_hessian_note": TP_HESSIAN_NOTE,
                           "tp_vit_note": TP_VIT_NOTE, "rows": rows, "summary": summarise(rows)})
     plot(summarise(rows), out.with_suffix(".png"))
     return 0
@@ -298,9 +300,7 @@ def _reproduce_commands(parts: List[Dict[str, Any]]) -> List[str]:
 
 def _write(out: Path, args, cfg, rows) -> None:
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "config": cfg,
-                          "machine": machine_info(), "tp_hessian_note": "per-sample squared gradients accumulated "
-                          "over every calibration sample (Torch-Pruning 1.6.1's accumulate_grad keeps only the last)",
-                          "tp_vit_note": TP_VIT_NOTE,
+                          "machine": machine_info(), "tp_hessian_note": TP_HESSIAN_NOTE, "tp_vit_note": TP_VIT_NOTE,
                           "rows": rows, "summary": summarise(rows)})
 
 

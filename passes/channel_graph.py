@@ -57,7 +57,7 @@ class _Analyzer:
 
     def __init__(self, gm: fx.GraphModule, values: Dict[str, Any]):
         self.module = gm
-        self.submodules = dict(gm.named_modules())
+        self.submodules = dict(gm.named_modules(remove_duplicate=False))  # a shared module under every name
         self.values = values
         self.store = Store(aliases=tensor_aliases(gm))
         self.planes: Dict[str, Any] = {}
@@ -76,7 +76,7 @@ class _Analyzer:
             return self._param_planes(n, value)
         args = fx.node.map_arg(n.args, lambda a: self.values[a.name])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a.name])
-        module = self._submodule(n.target) if n.op == "call_module" else None
+        module = self.submodules[n.target] if n.op == "call_module" else None
         call = Call(n, self.store, self.module, tuple(args), dict(kwargs), _labels_of(n.args, self.planes),
                     _labels_of(n.kwargs, self.planes), value, module)
         if n.op == "output":
@@ -91,10 +91,6 @@ class _Analyzer:
             raise
         except Exception as exc:  # a rule that cannot handle this use of its op: be safe, not clever
             return barrier(call, f"{_target_name(n, module)} used in a way obafx does not model ({type(exc).__name__}: {exc})")
-
-    def _submodule(self, target: str):
-        found = self.submodules.get(target)  # named_modules() lists a shared module under its first name only
-        return found if found is not None else self.module.get_submodule(target)
 
     def _param_planes(self, n: fx.Node, value: Any) -> Tuple[Plane, ...]:
         """A parameter or buffer read by get_attr: one plane per dim wider than 1 (a 'free' slot each)."""

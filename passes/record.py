@@ -108,13 +108,12 @@ class _MetaTwins:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self._submodules = dict(gm.named_modules())
+        self._submodules = dict(gm.named_modules(remove_duplicate=False))  # a shared module under every name
         self._tensors: Dict[int, torch.Tensor] = {}
         self._modules: Dict[int, nn.Module] = {}
 
     def original(self, target: str) -> nn.Module:
-        found = self._submodules.get(target)  # named_modules() lists a shared module under its first name only
-        return found if found is not None else self.gm.get_submodule(target)
+        return self._submodules[target]
 
     def module(self, target: str) -> nn.Module:
         return self._twin(self.original(target))

@@ -18,7 +18,7 @@ from torch import nn
 
 from .facts import Coupling
 from .plan import node_kept, plan_from_removed
-from .trace import Traced, tensor_aliases
+from .trace import Traced, owner_and_attr, tensor_aliases
 
 _RESHAPES = {"view", "reshape", torch.reshape}
 _EXPANDS = {"expand", "broadcast_to"}
@@ -48,8 +48,7 @@ def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed:
 def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[int]], aliases=()) -> None:
     """Replace parameter/buffer ``qualname`` by its slice keeping ``dims[d]`` along each dim d; its ``aliases``
     (other names of the same tied tensor) get the same new tensor, so the tie survives."""
-    owner_name, _, attr = qualname.rpartition(".")
-    old = getattr(gm.get_submodule(owner_name) if owner_name else gm, attr)
+    old = getattr(*owner_and_attr(gm, qualname))
     new = old.detach()
     for d, idx in sorted(dims.items()):
         new = new.index_select(d, torch.as_tensor(list(idx), dtype=torch.long, device=new.device))
@@ -57,8 +56,7 @@ def _slice_tensor(gm: fx.GraphModule, qualname: str, dims: Dict[int, Sequence[in
     if isinstance(old, nn.Parameter):
         new = nn.Parameter(new, requires_grad=old.requires_grad)
     for name in (qualname, *aliases):
-        owner_name, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, attr = owner_and_attr(gm, name)
         if attr in owner._buffers:
             owner._buffers[attr] = new
         else:  # a parameter, or a plain tensor attribute (fx constants)

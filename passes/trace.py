@@ -147,6 +147,13 @@ def tensor_aliases(module: nn.Module) -> Dict[str, str]:
     return aliases
 
 
+def owner_and_attr(module: nn.Module, qualname: str) -> Tuple[nn.Module, str]:
+    """The submodule of ``module`` that holds ``qualname``'s last part, and that part (``"a.b.weight"`` ->
+    (module.a.b, "weight")); for parameters, buffers and plain tensor attributes alike."""
+    owner, _, attr = qualname.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), attr
+
+
 def _checked_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple:
     """``leaf_modules`` as a tuple of submodule names and module classes; raises ConfigError for an entry that is
     neither, or for a name that matches no submodule (a typo would otherwise be silently ignored)."""

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .facts import Coupling, PrunePlan
 from .labels import Plane
 from .plan import plan_from_removed
-from .trace import Traced
+from .trace import Traced, owner_and_attr
 
 
 class _Masker(fx.Interpreter):
@@ -73,8 +73,7 @@ def _zeroed(gm: fx.GraphModule, plan: PrunePlan):
     saved = []
     try:
         for name, dims in plan.kept.items():
-            owner, _, attr = name.rpartition(".")
-            tensor = getattr(gm.get_submodule(owner) if owner else gm, attr)
+            tensor = getattr(*owner_and_attr(gm, name))
             for dim, kept in dims.items():
                 gone = sorted(set(range(tensor.shape[dim])) - set(kept))
                 index = torch.tensor(gone, dtype=torch.long, device=tensor.device)
