@@ -5,8 +5,10 @@ the same process, alternating, ``--reps`` times each; the JSON holds wall-clock 
 medians (process time: steadier than wall clock on a shared machine), the ratios obafx / Torch-Pruning, obafx's
 per-stage medians, what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy), and
 torch.fx's own symbolic trace of the model alone (the floor under any fx-based analysis). Models: resnet50 and
-densenet121 at 64x64, vit_b_16 at 224x224 (``--quick``: resnet18 and mobilenet_v3_small at 32x32). Target: ratio
-<= 1.
+densenet121 at 64x64 (small inputs, where Torch-Pruning's real forward pass is cheapest), vit_b_16 at 224x224, and
+resnet50 and densenet121 again at their native 224x224 (keys ``name@224``): obafx's analysis runs on meta tensors, so
+its time does not grow with the input, while Torch-Pruning's does (``--quick``: resnet18 and mobilenet_v3_small at
+32x32). Target: ratio <= 1.
 
 Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--threads 1] [--out PATH]
 Writes JSON (default benchmarks/results/analysis_speed.json).
@@ -30,7 +32,7 @@ from common import machine_info, write_json  # noqa: E402
 from obafx.passes.trace import private_copy  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "analysis_speed.json")
-MODELS = {"resnet50": 64, "densenet121": 64, "vit_b_16": 224}
+MODELS = {"resnet50": 64, "densenet121": 64, "vit_b_16": 224, "resnet50@224": 224, "densenet121@224": 224}
 QUICK_MODELS = {"resnet18": 32, "mobilenet_v3_small": 32}
 
 
@@ -71,9 +73,10 @@ def fx_trace_alone(model: torch.nn.Module) -> float:
 
 
 def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
-    """Both analyses on one model, alternating so that machine load hits both alike; medians and raw times."""
+    """Both analyses on one model, alternating so that machine load hits both alike; medians and raw times.
+    ``name`` may carry its input size as ``name@size`` (the same model measured at a second size)."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = torchvision.models.get_model(name.partition("@")[0], weights=None).eval()
     x = torch.randn(1, 3, size, size)
     obafx_analysis(model, x)  # warm-up: first calls pay for imports and lazy initialisation
     tp_analysis(model, x)
@@ -105,7 +108,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per tool and model (median reported)")
     p.add_argument("--models", default=None,
-                   help="comma-separated torchvision names (input 224 for vit/swin/maxvit, else 64; 32 with --quick)")
+                   help="comma-separated torchvision names, each optionally with its input size as name@size "
+                        "(default size 224 for vit/swin/maxvit, else 64; 32 with --quick)")
     p.add_argument("--quick", action="store_true", help="two small models at 32x32 (smoke test)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared machine, idle OpenMP threads spin and inflate every time)")
@@ -115,9 +119,16 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def _selected(args: argparse.Namespace) -> Dict[str, int]:
     if args.models:
-        big = ("vit", "swin", "maxvit")
-        return {m: (224 if m.startswith(big) else 32 if args.quick else 64) for m in args.models.split(",") if m}
+        return {m: _input_size(m, args.quick) for m in args.models.split(",") if m}
     return dict(QUICK_MODELS if args.quick else MODELS)
+
+
+def _input_size(spec: str, quick: bool) -> int:
+    """The input size of a ``--models`` entry: ``name@size``, else 224 for transformers, else 64 (32 quick)."""
+    name, _, size = spec.partition("@")
+    if size:
+        return int(size)
+    return 224 if name.startswith(("vit", "swin", "maxvit")) else 32 if quick else 64
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

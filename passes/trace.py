@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -140,11 +140,23 @@ def tensor_aliases(module: nn.Module) -> Dict[str, str]:
     The canonical name is the one ``named_parameters()`` / ``named_buffers()`` report."""
     first: Dict[int, str] = {}
     aliases: Dict[str, str] = {}
-    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+    for name, t in named_tensors(module):
         canonical = first.setdefault(id(t), name)
         if canonical != name:
             aliases[name] = canonical
     return aliases
+
+
+def named_tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """``[*named_parameters(remove_duplicate=False), *named_buffers(remove_duplicate=False)]`` from one walk of
+    the module tree (the two walks cost a millisecond each on a model of hundreds of modules)."""
+    params: List[Tuple[str, torch.Tensor]] = []
+    buffers: List[Tuple[str, torch.Tensor]] = []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        params.extend((dot + k, v) for k, v in m._parameters.items() if v is not None)
+        buffers.extend((dot + k, v) for k, v in m._buffers.items() if v is not None)
+    return params + buffers
 
 
 def owner_and_attr(module: nn.Module, qualname: str) -> Tuple[nn.Module, str]:
@@ -213,7 +225,7 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule
 
 def _fingerprint(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
     """What recorded values depend on: the graph's nodes, parameter/buffer shapes and the input shapes."""
-    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    tensors = named_tensors(gm)
     nodes = tuple((n.name, n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes)
     return (id(gm.graph), nodes,
             tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors),

@@ -159,3 +159,16 @@ def test_recorded_values_are_dropped_when_the_graph_changes():
     relu = next(n for n in traced.gm.graph.nodes if n.target == "1")
     flatten.args = (relu.args[0],)  # the graph now skips the ReLU: what was recorded no longer describes it
     assert traced.recorded_values() is None
+
+
+def test_named_tensors_lists_what_named_parameters_and_buffers_list():
+    """One walk gives the same (name, tensor) list as named_parameters + named_buffers without deduplication:
+    tied weights under both names, None parameters and buffers skipped, parameters first."""
+    from obafx.passes.trace import named_tensors
+
+    net = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    net[1].weight = net[0].weight  # tied: Embedding(5, 4) and Linear(4, 5) weights are both 5 x 4
+    net[3].register_buffer("unset", None)
+    expected = [*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)]
+    assert [(n, id(t)) for n, t in named_tensors(net)] == [(n, id(t)) for n, t in expected]
+    assert "1.weight" in dict(named_tensors(net)) and "3.unset" not in dict(named_tensors(net))
