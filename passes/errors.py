@@ -5,6 +5,7 @@ when there is one) and what to do next.
 """
 from __future__ import annotations
 
+import linecache
 from typing import Optional
 
 import torch.fx as fx
@@ -39,7 +40,14 @@ class UnsupportedOpError(ObafxError):
 
 
 def user_line(node: fx.Node) -> str:
-    """The last frame of the user's source that produced ``node`` (from ``node.stack_trace``), or ''."""
+    """The line of the user's source that produced ``node`` ('File "x.py", line N, in f: code'), from what obafx's
+    tracer recorded (``node.meta["obafx_source"]``) or else fx's ``node.stack_trace``; '' when neither has it."""
+    source = node.meta.get("obafx_source")
+    if source is not None:
+        filename, lineno, function = source
+        code = linecache.getline(filename, lineno).strip()
+        where = f'File "{filename}", line {lineno}, in {function}'
+        return f"{where}: {code}" if code else where
     trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None) or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
     # stack_trace ends with '  File "x.py", line N, in f' then the code line.

@@ -146,15 +146,24 @@ class _MetaTwins:
         return new
 
 
+FAILED_NODE = "obafx_node"  # attribute a real run's exception carries: the fx node that raised it
+
+
 class _RealRecorder(fx.Interpreter):
     """Interpreter that runs ``gm`` for real and keeps every node's value as a meta skeleton."""
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
+        self.extra_traceback = False  # fx would append its graph dump to the error; obafx names the node itself
         self.values: Dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
+        try:
+            value = super().run_node(n)
+        except Exception as exc:
+            if not hasattr(exc, FAILED_NODE):  # the innermost node that failed
+                setattr(exc, FAILED_NODE, n)
+            raise
         self.values[n.name] = _to_meta(value)
         return value
 

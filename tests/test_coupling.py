@@ -248,6 +248,16 @@ def test_unknown_tensor_attribute_is_a_barrier():
     assert c.groups == () and any(".real" in b["why"] for b in c.barriers), c.barriers
 
 
+def test_a_barrier_names_the_users_source_line():
+    """The report says where the barrier is in the user's code: file, line and the line's text."""
+    import inspect
+
+    _, _, c = analyse(_RealAttr(), (torch.randn(2, 3, 4, 4),))
+    lines, start = inspect.getsourcelines(_RealAttr.forward)
+    line = start + next(i for i, text in enumerate(lines) if ".real" in text)
+    assert f'{__file__}", line {line}, in forward: return self.c2(self.c1(x).real)' in c.barriers[0]["where"]
+
+
 class _Odd(nn.Module):
     def forward(self, x):
         return x + 1

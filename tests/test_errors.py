@@ -116,6 +116,26 @@ def test_wrong_example_input_is_a_config_error(x, words):
         assert w in str(info.value)
 
 
+class FlattensTooEarly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_example_input_that_does_not_fit_names_the_node_and_the_users_line():
+    """The failing node, its op and the user's source line; not fx's graph dump."""
+    with pytest.raises(ConfigError) as info:
+        prune(FlattensTooEarly(), x=torch.randn(1, 3, 8, 8))
+    msg = str(info.value)
+    line = line_of(FlattensTooEarly.forward, "self.fc(")
+    assert "node 'fc' (call_module fc)" in msg and f'{__file__}", line {line}, in forward' in msg
+    assert "mat1 and mat2" in msg and "What to do" in msg
+    assert "While executing" not in msg and "tlparse" not in msg
+
+
 @pytest.mark.parametrize("budget,words", [
     (dict(macs=0), ["macs=0", "(0, 1]"]), (dict(macs=1.5), ["macs=1.5", "(0, 1]"]),
     (dict(channels=-0.1), ["channels=-0.1", "(0, 1]"]), (dict(channels=0), ["channels=0", "(0, 1]"]),
