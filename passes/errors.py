@@ -6,7 +6,6 @@ when there is one) and what to do next.
 from __future__ import annotations
 
 import linecache
-from typing import Optional
 
 import torch.fx as fx
 
@@ -67,8 +66,3 @@ def describe_node(node: fx.Node) -> str:
     text = f"node '{node.name}' ({node.op} {target})"
     return f"{text} at {where}" if where else text
 
-
-def node_error(cls: type, node: Optional[fx.Node], problem: str, hint: str) -> ObafxError:
-    """Build an error of ``cls`` naming ``node`` (if any), the problem and what to do next."""
-    where = f"{describe_node(node)}: " if node is not None else ""
-    return cls(f"{where}{problem}. What to do: {hint}")
