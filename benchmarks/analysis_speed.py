@@ -1,7 +1,7 @@
 """Analysis speed: obafx's trace + analyze + couple against Torch-Pruning's DependencyGraph, side by side.
 
 For each model (torchvision, weights=None, eval, float32) both tools analyse the same model on the same input in
-the same process, alternating, ``--reps`` times each; the JSON holds wall-clock medians, every time, CPU-time
+the same process, alternating, ``--reps`` times each, each run after a full garbage collection; the JSON holds wall-clock medians, every time, CPU-time
 medians (process time: steadier than wall clock on a shared machine), the ratios obafx / Torch-Pruning, obafx's
 per-stage medians, what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy), and
 torch.fx's own symbolic trace of the model alone (the floor under any fx-based analysis). Models: resnet50 and
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -80,12 +81,15 @@ def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
     x = torch.randn(1, 3, size, size)
     obafx_analysis(model, x)  # warm-up: first calls pay for imports and lazy initialisation
     tp_analysis(model, x)
-    runs: Dict[str, List[Dict[str, Any]]] = {"obafx": [], "torch_pruning": []}
-    fx_alone = []
+    timed = {"obafx": lambda: obafx_analysis(model, x), "torch_pruning": lambda: tp_analysis(model, x),
+             "fx_alone": lambda: fx_trace_alone(model)}
+    results: Dict[str, List[Any]] = {key: [] for key in timed}
     for _ in range(reps):
-        runs["obafx"].append(obafx_analysis(model, x))
-        runs["torch_pruning"].append(tp_analysis(model, x))
-        fx_alone.append(fx_trace_alone(model))
+        for key, run in timed.items():
+            gc.collect()  # both tools leave reference cycles: nobody's timing pays for collecting the other's
+            results[key].append(run())
+    fx_alone = results.pop("fx_alone")
+    runs: Dict[str, List[Dict[str, Any]]] = results
     entry: Dict[str, Any] = {"input": [1, 3, size, size], "params": sum(p.numel() for p in model.parameters())}
     for tool, rows in runs.items():
         entry[tool] = {"median_s": statistics.median(r["total"] for r in rows), "times_s": [r["total"] for r in rows],
