@@ -133,7 +133,8 @@ def analysis_speed(d):
             "DenseNet-121 are measured twice: at 64x64, where Torch-Pruning's real forward pass is cheapest (the strict "
             "comparison), and at their native 224x224. obafx's analysis runs on meta tensors, so its time does not "
             "depend on the input size; Torch-Pruning's grows with it. The target is judged on the wall-clock ratio; "
-            "the CPU-time ratio is steadier on a shared machine.\n\n"
+            "the CPU-time ratio is steadier on a shared machine. Rows ran at different moments on a shared machine: "
+            "compare the ratios, not milliseconds across rows.\n\n"
             + _table(["model", "input", "obafx ms", "trace / analyze / couple ms", "fx trace alone ms",
                       "Torch-Pruning ms", "obafx / TP", "CPU-time ratio", "target (<= 1) met"], rows))
 
