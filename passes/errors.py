@@ -38,10 +38,13 @@ class UnsupportedOpError(ObafxError):
     """An op whose channel behaviour obafx does not know was asked to be pruned through."""
 
 
+SOURCE_KEY = "obafx_source"  # node.meta key: (file, line, function) of the model code that made the node (trace.py)
+
+
 def user_line(node: fx.Node) -> str:
     """The line of the user's source that produced ``node`` ('File "x.py", line N, in f: code'), from what obafx's
-    tracer recorded (``node.meta["obafx_source"]``) or else fx's ``node.stack_trace``; '' when neither has it."""
-    source = node.meta.get("obafx_source")
+    tracer recorded (``node.meta[SOURCE_KEY]``) or else fx's ``node.stack_trace``; '' when neither has it."""
+    source = node.meta.get(SOURCE_KEY)
     if source is not None:
         filename, lineno, function = source
         code = linecache.getline(filename, lineno).strip()

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConfigError, TraceError, describe_node
+from .errors import SOURCE_KEY, ConfigError, TraceError, describe_node
 from .private_copy import private_copy
 from .record import FAILED_NODE, record_values
 
@@ -94,7 +94,6 @@ class _LeafTracer(fx.Tracer):
 
 
 _PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None)))
-SOURCE_KEY = "obafx_source"  # node.meta key: (file, line, function) of the model code that made the node
 _TRACE_CODE = inspect.unwrap(fx.Tracer.trace).__code__
 _NOT_USER_CODE = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
