@@ -21,7 +21,8 @@ from torch.func import grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import ConfigError
-from .hvp import Scores, _accumulate, _chunked, _hvp, _leaves, _resolve_names, _scoring, _Setup
+from .hvp import _accumulate, _chunked, _resolve_names, _scoring, _Setup
+from .hvp_kernels import Scores, _hvp, _leaves
 
 __all__ = ["taylor_scores", "obd_scores", "fisher_scores", "magnitude_scores"]
 

@@ -14,7 +14,8 @@ from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from obafx.passes.errors import ConfigError, ScoreError
-from obafx.passes.hvp import _CHOSEN, parameter_scores, prunable_parameter_names
+from obafx.passes.hvp import parameter_scores, prunable_parameter_names
+from obafx.passes.hvp_kernels import _CHOSEN
 
 # ------------------------------------------------------------------------------------------ small models
 
@@ -313,3 +314,16 @@ def test_bad_inputs_raise_obafx_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # labelled batches never warn
         parameter_scores(model, [(x, y)])
+
+
+def test_a_backend_that_fails_is_skipped_without_printing(capfd):
+    """The CPU flash-attention kernel has no forward-mode AD, so scoring falls back to another backend. fx prints
+    a traceback to stderr whenever a GraphModule's code raises; none of that reaches the user."""
+    model, x, y = make("sdpa")
+    traced = torch.fx.symbolic_trace(model)
+    capfd.readouterr()
+    scores = parameter_scores(traced, [(x, y)])
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "eval_with_key" not in err, err
+    assert _CHOSEN[traced][False] != ("forward_over_reverse", False)  # the first backend did fail here
+    assert all(torch.isfinite(s).all() for s in scores.values())
