@@ -14,6 +14,7 @@ from torch import nn
 
 from . import rules_index as I
 from . import rules_layers as L
+from . import rules_pieces as P
 from . import rules_shape as S
 
 Rule = Callable
@@ -73,8 +74,8 @@ FUNCTION_RULES = {
     torch.flatten: S.reshape, torch.reshape: S.reshape, torch.squeeze: S.reshape, torch.unsqueeze: S.reshape,
     torch.permute: S.permute, torch.transpose: S.permute, torch.swapaxes: S.permute, torch.movedim: S.permute,
     torch.t: S.permute,
-    torch.cat: S.cat, torch.concat: S.cat, torch.concatenate: S.cat, torch.stack: S.stack,
-    torch.split: S.split, torch.chunk: S.split, torch.tensor_split: S.split, torch.unbind: S.split,
+    torch.cat: P.cat, torch.concat: P.cat, torch.concatenate: P.cat, torch.stack: P.stack,
+    torch.split: P.split, torch.chunk: P.split, torch.tensor_split: P.split, torch.unbind: P.split,
     operator.getitem: I.getitem, F.pixel_shuffle: S.pixel_shuffle, F.pixel_unshuffle: S.pixel_unshuffle,
     torch.repeat_interleave: S.repeat_interleave, torch.roll: S.roll, getattr: I.attribute, torch._assert: S.no_planes,
     **{f: I.scalar for f in (math.sqrt, math.log, math.exp, math.pow, math.floor, math.ceil, abs)},
@@ -101,7 +102,7 @@ METHOD_RULES = {
     "permute": S.permute, "transpose": S.permute, "swapaxes": S.permute, "movedim": S.permute, "t": S.permute,
     "expand": S.expand, "expand_as": S.expand, "broadcast_to": S.expand, "repeat": S.repeat,
     "repeat_interleave": S.repeat_interleave, "roll": S.roll,
-    "split": S.split, "chunk": S.split, "tensor_split": S.split, "unbind": S.split,
+    "split": P.split, "chunk": P.split, "tensor_split": P.split, "unbind": P.split,
     "sum": S.reduce, "mean": S.reduce, "amax": S.reduce, "amin": S.reduce, "max": S.reduce, "min": S.reduce,
     "std": S.reduce, "var": S.reduce, "norm": S.reduce, "logsumexp": S.reduce,
     "matmul": L.matmul, "bmm": L.matmul, "__matmul__": L.matmul,
@@ -149,7 +150,7 @@ def _lookup(op: str, target, module: Optional[nn.Module]) -> Optional[Rule]:
 
 # Rules whose ops may take sizes computed from a pruned width (view(b, c // g, ...), expand, split sizes,
 # slice bounds): rewrite rewrites changed literal sizes, and getitem checks its bounds itself.
-_WIDTH_ARGS_OK = (S.reshape, S.expand, S.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes)
+_WIDTH_ARGS_OK = (S.reshape, S.expand, P.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes)
 
 
 def _all_or_nothing(rule: Rule) -> Rule:

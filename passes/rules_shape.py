@@ -15,7 +15,8 @@ from .labels import Plane, couple_facing, merge_along, pin_all, reshape_plane, s
 from .rules_index import check_size_args, scalar
 
 
-def _shape(v) -> Tuple[int, ...]:
+def value_shape(v) -> Tuple[int, ...]:
+    """The shape of a tensor value, () for anything else."""
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
@@ -65,12 +66,12 @@ def elementwise(call: Call):
     for v, lv in zip(list(call.args) + list(call.kwargs.values()), list(call.largs) + list(call.lkwargs.values())):
         if isinstance(v, torch.Tensor):
             operands.append((tuple(v.shape), tuple(lv or ())))
-    return elementwise_planes(call.store, _shape(call.out), operands)
+    return elementwise_planes(call.store, value_shape(call.out), operands)
 
 
 def reshape(call: Call):
     """view/reshape/flatten/unflatten/squeeze/unsqueeze: numpy reshape of each plane."""
-    out = _reshaped(call.lx, _shape(call.x), _shape(call.out))
+    out = _reshaped(call.lx, value_shape(call.x), value_shape(call.out))
     check_size_args(call, out)
     return out
 
@@ -85,12 +86,12 @@ def unflatten_module(call: Call):
     plain reshapes: rewrite fixes their sizes.)"""
     dim = call.module.dim % call.x.dim()
     pin_all(call.store, [p for p in call.lx if dim in p.dims])
-    return _reshaped([p for p in call.lx if dim not in p.dims], _shape(call.x), _shape(call.out))
+    return _reshaped([p for p in call.lx if dim not in p.dims], value_shape(call.x), value_shape(call.out))
 
 
 def expand(call: Call):
     """expand/expand_as/broadcast_to: only size-1 dims grow, and planes never cover those."""
-    n = len(_shape(call.out))
+    n = len(value_shape(call.out))
     out = tuple(shifted(p, n) for p in call.lx)
     check_size_args(call, out)
     return out
@@ -98,7 +99,7 @@ def expand(call: Call):
 
 def repeat(call: Call):
     """repeat/tile: planes on repeated dims are pinned (the copies would have to shrink together)."""
-    src, dst = _shape(call.x), _shape(call.out)
+    src, dst = value_shape(call.x), value_shape(call.out)
     n = len(dst)
     keep = []
     for p in (shifted(q, n) for q in call.lx):
@@ -143,109 +144,6 @@ def permute_module(call: Call):
     order = list(call.module.dims)
     inverse = {src: dst for dst, src in enumerate(order)}
     return tuple(Plane(tuple(sorted(inverse[d] for d in p.dims)), p.arr.transpose(order)) for p in call.lx)
-
-
-def cat(call: Call):
-    """torch.cat along ``dim``: the planes on ``dim`` concatenate (unlabelled pieces are pinned positions;
-    a piece's plane may also span other dims, e.g. rotate_half on a (heads, head_dim) plane); planes on other
-    dims are coupled across the pieces like an elementwise op."""
-    tensors = call.arg(0, "tensors")
-    labels = call.larg(0, "tensors") or ((),) * len(tensors)
-    n = tensors[0].dim()
-    dim = call.arg(1, "dim", 0) % n
-    simple = _cat_of_channel_planes(tensors, labels, dim, n)
-    if simple is not None:
-        return simple
-    out_shape = _shape(call.out)
-    pieces, others, cover = [], [], {dim}
-    for t, planes in zip(tensors, labels):
-        piece = None
-        for p in (p for p in planes if dim in p.dims):
-            if piece is None:
-                piece = p
-            else:  # two labellings of the same positions go together
-                call.store.union(piece.arr, p.arr)
-        if piece is None:
-            shape = [1] * n
-            shape[dim] = t.shape[dim]
-            piece = Plane((dim,), np.zeros(shape, dtype=np.int64))
-        pieces.append(piece)
-        cover |= set(piece.dims)
-        rest = tuple(t.shape[:dim]) + (1,) + tuple(t.shape[dim + 1 :])
-        others.append((rest, tuple(p for p in planes if dim not in p.dims)))
-    grids = []
-    for t, piece in zip(tensors, pieces):
-        grid = [out_shape[d] if d in cover else 1 for d in range(n)]
-        grid[dim] = t.shape[dim]
-        grids.append(np.broadcast_to(piece.arr, grid))
-    joined = np.ascontiguousarray(np.concatenate(grids, axis=dim))
-    out = [Plane(tuple(sorted(cover)), joined)] if np.any(joined) else []
-    ref = list(out_shape)
-    ref[dim] = 1
-    out += list(elementwise_planes(call.store, ref, others))
-    return tuple(out)
-
-
-def _cat_of_channel_planes(tensors, labels, dim: int, n: int):
-    """`cat`'s output planes when every piece has at most one plane and it covers ``dim`` alone (DenseNet's
-    feature concatenation): the 1-D labels concatenate, and there are no other planes to couple. None for any
-    other case. The same result as the general path, without broadcasting grids (a DenseNet has 58 such cats
-    of up to 32 pieces)."""
-    parts = []
-    for t, planes in zip(tensors, labels):
-        if not planes:
-            parts.append(np.zeros(t.shape[dim], dtype=np.int64))  # a fixed-width piece: pinned positions
-        elif len(planes) == 1 and planes[0].dims == (dim,):
-            parts.append(planes[0].arr.reshape(-1))
-        else:
-            return None
-    joined = np.concatenate(parts)
-    if not joined.any():
-        return ()
-    shape = [1] * n
-    shape[dim] = joined.shape[0]
-    return (Plane((dim,), joined.reshape(shape)),)
-
-
-def stack(call: Call):
-    """torch.stack: pieces are coupled elementwise; a new dim is inserted."""
-    tensors = call.arg(0, "tensors")
-    labels = call.larg(0, "tensors") or ((),) * len(tensors)
-    n = tensors[0].dim() + 1
-    dim = call.arg(1, "dim", 0) % n
-    merged = elementwise_planes(call.store, _shape(tensors[0]), [(_shape(t), lv) for t, lv in zip(tensors, labels)])
-    return tuple(Plane(tuple(d + (d >= dim) for d in p.dims), np.expand_dims(p.arr, dim)) for p in merged)
-
-
-def split(call: Call):
-    """split/chunk/tensor_split/unbind: each output piece gets the slice of the planes it holds. A piece of
-    width 1 along a plane's only dim pins that channel (the piece would vanish); on a multi-dim plane the split
-    dim keeps every coordinate (the plane is merged along it)."""
-    name = call.node.target if isinstance(call.node.target, str) else call.node.target.__name__
-    n = call.x.dim()
-    dim = call.arg(2, "dim", 0) if name in ("split", "chunk", "tensor_split") else call.arg(1, "dim", 0)
-    dim = dim % n
-    lx = list(call.lx)
-    sizes = [1 if name == "unbind" else piece.shape[dim] for piece in call.out]
-    if min(sizes) == 1 or name == "tensor_split":  # rewrite fixes split/chunk sizes, not tensor_split's
-        lx = [merge_along(call.store, p, {dim}) if dim in p.dims and len(p.dims) > 1 else p for p in lx]
-        if name == "tensor_split":
-            pin_all(call.store, [p for p in lx if dim in p.dims])
-    pieces, start = [], 0
-    for size in sizes:
-        planes = []
-        for p in lx:
-            if dim not in p.dims:
-                planes.append(p if name != "unbind" else Plane(tuple(d - (d > dim) for d in p.dims), p.arr.squeeze(dim)))
-                continue
-            arr = np.take(p.arr, range(start, start + size), axis=dim)
-            if size == 1:
-                call.store.pin(arr)
-                continue
-            planes.append(Plane(p.dims, arr))
-        pieces.append(tuple(planes))
-        start += size
-    return tuple(pieces)
 
 
 def repeat_interleave(call: Call):
@@ -318,7 +216,7 @@ def roll(call: Call):
 
 def spatial(call: Call):
     """Pooling, padding, interpolation: planes pass where sizes are unchanged and are pinned elsewhere."""
-    src, dst = _shape(call.x), _shape(call.out)
+    src, dst = value_shape(call.x), value_shape(call.out)
     if len(src) != len(dst):
         pin_all(call.store, call.lx)
         return ()

@@ -375,7 +375,7 @@ def test_other_multihead_attention_forms_keep_embed_dim_and_still_prune(separate
 def test_cat_shortcut_gives_the_general_rules_coupling(monkeypatch):
     """cat's shortcut for pieces labelled on the cat dim alone (DenseNet) finds the same groups and slot units as
     the general rule, on every zoo case that concatenates and on a dense block with an unlabelled piece."""
-    from obafx.passes import rules_shape
+    from obafx.passes import rules_pieces
 
     def coupling_of(model, inputs):
         c = analyse(model, inputs)[2]
@@ -383,13 +383,13 @@ def test_cat_shortcut_gives_the_general_rules_coupling(monkeypatch):
 
     cases = [(case.make, case.inputs(2)) for case in CASES.values()] + [(_DenseWithInput, (torch.randn(2, 3, 8, 8),))]
     used = []
-    real = rules_shape._cat_of_channel_planes
-    monkeypatch.setattr(rules_shape, "_cat_of_channel_planes", lambda *a: used.append(1) or real(*a))
+    real = rules_pieces._cat_of_channel_planes
+    monkeypatch.setattr(rules_pieces, "_cat_of_channel_planes", lambda *a: used.append(1) or real(*a))
     for make, inputs in cases:
         torch.manual_seed(0)
         fast = coupling_of(make(), inputs)
         with monkeypatch.context() as m:
-            m.setattr(rules_shape, "_cat_of_channel_planes", lambda *a: None)
+            m.setattr(rules_pieces, "_cat_of_channel_planes", lambda *a: None)
             torch.manual_seed(0)
             assert coupling_of(make(), inputs) == fast
     assert used  # the shortcut ran on at least one case
