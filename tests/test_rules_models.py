@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import obafx
+from obafx.passes import rules_pieces
 from tests.prune_oracles import analyse, check_compile, check_low_level, random_removal, run
 from tests.small_models import CASES
 
@@ -130,3 +131,36 @@ def test_group_norm_keeps_equal_groups():
         kept = plan_from_removed(coupling, removed).kept["gn.weight"][0]
         per_group = [sorted(i % 4 for i in kept if i // 4 == g) for g in range(4)]
         assert all(k == per_group[0] for k in per_group) and 0 < len(per_group[0]) < 4
+
+
+def test_cat_shortcut_gives_the_general_rules_coupling(monkeypatch):
+    """cat's shortcut for pieces labelled on the cat dim alone (DenseNet) finds the same groups and slot units as
+    the general rule, on every zoo case that concatenates and on a dense block with an unlabelled piece."""
+    def coupling_of(model, inputs):
+        c = analyse(model, inputs)[2]
+        return [(g.members, len(g.units)) for g in c.groups], {k: u.tolist() for k, u in c.slot_units.items()}
+
+    cases = [(case.make, case.inputs(2)) for case in CASES.values()] + [(_DenseWithInput, (torch.randn(2, 3, 8, 8),))]
+    used = []
+    real = rules_pieces._cat_of_channel_planes
+    monkeypatch.setattr(rules_pieces, "_cat_of_channel_planes", lambda *a: used.append(1) or real(*a))
+    for make, inputs in cases:
+        torch.manual_seed(0)
+        fast = coupling_of(make(), inputs)
+        with monkeypatch.context() as m:
+            m.setattr(rules_pieces, "_cat_of_channel_planes", lambda *a: None)
+            torch.manual_seed(0)
+            assert coupling_of(make(), inputs) == fast
+    assert used  # the shortcut ran on at least one case
+
+
+class _DenseWithInput(nn.Module):
+    """A dense block whose first cat piece is the unlabelled network input (fixed width): pinned positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(7, 5, 1), nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = torch.cat([x, self.a(x)], 1)
+        return self.head(torch.cat([y, self.b(y)], 1)).mean((2, 3))
