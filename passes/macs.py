@@ -6,7 +6,6 @@ nn.MultiheadAttention are invisible to it, so `flop_counter_macs` (torch.utils.f
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from typing import Any, Dict, Set, Tuple
 
@@ -17,14 +16,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .facts import Coupling
+from .private_copy import private_copy
 
 
 def thop_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> Tuple[float, Dict[str, float]]:
     """Total MACs (thop) of ``model`` on ``inputs`` and the MACs of each leaf module by qualified name.
 
-    thop registers buffers and hooks, so it runs on a private copy; the model is left untouched.
+    thop registers buffers and hooks, so it runs on a private copy (tensors copied only if written: thop
+    runs the copy once in eval mode); the model is left untouched.
     """
-    private = copy.deepcopy(model)
+    private = private_copy(model)
     with contextlib.redirect_stdout(io.StringIO()):  # thop prints registration notes
         total, _, tree = thop.profile(private, inputs=tuple(inputs), verbose=False, ret_layer_info=True)
     per_module: Dict[str, float] = {}

@@ -36,9 +36,21 @@ def private_copy(model: nn.Module) -> nn.Module:
             if _lazy_ok(t) and id(t) not in memo:
                 lazy = torch._lazy_clone(t.detach())
                 memo[id(t)] = nn.Parameter(lazy, requires_grad=t.requires_grad) if type(t) is nn.Parameter else lazy
-    if not FAST_MODULE_COPY or not _plain_module_tree(model):
+    if not FAST_MODULE_COPY:
         return copy.deepcopy(model, memo)
-    return _copy_value(model, memo)
+    if _plain_module_tree(model):
+        return _copy_value(model, memo)
+    _copy_plain_subtrees(model, memo)  # e.g. a GraphModule root: its own __deepcopy__ finds its children in memo
+    return copy.deepcopy(model, memo)
+
+
+def _copy_plain_subtrees(module: nn.Module, memo: Dict[int, Any]) -> None:
+    """Copy every maximal plain subtree below ``module`` into ``memo`` (see `_plain_module_tree`)."""
+    for child in module.children():
+        if _plain_module_tree(child):
+            _copy_value(child, memo)
+        else:
+            _copy_plain_subtrees(child, memo)
 
 
 def _plain_module_tree(model: nn.Module) -> bool:

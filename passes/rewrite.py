@@ -6,7 +6,6 @@ rewritten. Ends like fx's own passes: lint, dead-code elimination, recompile.
 """
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Any, Dict, Optional, Sequence, Set
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from .facts import Coupling
 from .plan import node_kept, plan_from_removed
+from .private_copy import private_copy
 from .trace import Traced, owner_and_attr, tensor_aliases
 
 _RESHAPES = {"view", "reshape", torch.reshape}
@@ -27,7 +27,7 @@ _SPLITS = {"split", "chunk", torch.split, torch.chunk}
 
 def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed: Set[int]) -> fx.GraphModule:
     """A new GraphModule without the ``removed`` units; ``traced`` is left as it was."""
-    gm = copy.deepcopy(traced.gm)
+    gm = private_copy(traced.gm)  # deepcopy semantics; a tensor's bytes are copied only if one side writes
     plan = plan_from_removed(coupling, removed)
     aliases = tensor_aliases(gm)
     for name, dims in plan.kept.items():

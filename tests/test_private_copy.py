@@ -67,3 +67,33 @@ class WithOwnDeepcopy(nn.Module):
 
 def test_a_module_with_its_own_deepcopy_gets_a_real_deepcopy():
     assert pc.private_copy(WithOwnDeepcopy()).copied
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.norm = nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.norm(self.b(torch.relu(self.a(x))))
+
+
+def test_a_graph_module_is_deep_copied_around_fast_copies_of_its_children(monkeypatch):
+    """A GraphModule has its own __deepcopy__ (rewrite and thop copy them): its children take the fast path first,
+    and the result is still a deep copy: independent tensors, hooks and buffers, ties kept, same outputs."""
+    gm = torch.fx.symbolic_trace(Tied().eval())
+    fast = []
+    real = pc._copy_module
+    monkeypatch.setattr(pc, "_copy_module", lambda m, memo: fast.append(type(m)) or real(m, memo))
+    new = pc.private_copy(gm)
+    assert set(fast) == {nn.Linear, nn.BatchNorm1d} and isinstance(new, torch.fx.GraphModule)
+    x = torch.randn(3, 4)
+    assert torch.equal(new(x), gm(x)) and new.b.weight is new.a.weight
+    before = gm.a.weight.detach().clone()
+    new.a.register_buffer("total_ops", torch.zeros(1))  # what thop does to every module it profiles
+    new.a.register_forward_hook(lambda m, i, o: None)
+    with torch.no_grad():
+        new.a.weight.add_(1.0)
+    assert "total_ops" not in dict(gm.a.named_buffers()) and not gm.a._forward_hooks
+    assert torch.equal(gm.a.weight, before) and not torch.equal(new.a.weight, before)
