@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -11,10 +12,10 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from obafx.batches import BatchSource, warn_once
-from obafx.passes.channel_graph import analyze
+from obafx.passes.channel_graph import ChannelFacts, analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import ConfigError
-from obafx.passes.facts import PrunePlan
+from obafx.passes.facts import Coupling, PrunePlan
 from obafx.passes.importance import ScoreContext, unit_scores
 from obafx.passes.macs import MacModel, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
@@ -56,26 +57,57 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     _check_importance(importance)
     traced = clock("trace", trace, model, example_input, leaf_modules)
     hook = on_stage or (lambda name, facts: None)
-    coupling0 = clock("couple", couple, clock("analyze", analyze, traced), ignore)
+    facts0 = clock("analyze", analyze, traced)
+    coupling0 = clock("couple", couple, facts0, ignore)
     hook("couple", coupling0)
-    macs0, _ = thop_macs(traced.gm, traced.inputs)
+    macs = clock("measure", thop_macs, traced.gm, traced.inputs)
     source = BatchSource(data, steps, traced.inputs, batches_per_step)
     if source.note and _needs_data(importance):
         warn_once(source.note)
         notes.append(source.note)
-    units0 = sum(g.width for g in coupling0.groups)
-    current, plan, errors = traced, PrunePlan(), []
+    run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups), clock,
+               hook, notes, verify)
+    current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
     for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
         ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress)
-        current, step_plan, error = _prune_step(current, budget, step, steps, macs0, importance, source, ctx,
-                                                ignore, units0, clock, hook, notes, verify)
+        current, known, step_plan, error = _prune_step(run, current, known, step, ctx)
         plan, errors = plan.compose(step_plan), errors + [error]
     pruned = current.gm
-    rep = _report(traced, pruned, coupling0, plan, macs0, importance, steps,
+    macs1 = known.macs[0] if known.macs else clock("measure", thop_macs, pruned, traced.inputs)[0]
+    rep = _report(traced, pruned, coupling0, plan, run.macs0, macs1, importance, steps,
                   max(errors) if verify and errors else None, notes, clock)
     attach(pruned, rep)
     hook("report", rep)
     return pruned
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one compile_prune call shares: the settings, the original MACs and unit count, the
+    stage clock, the user's stage hook and the notes for the report."""
+
+    budget: Budget
+    steps: int
+    macs0: float
+    importance: Any
+    source: BatchSource
+    ignore: list
+    units0: int
+    clock: "_Clock"
+    hook: Callable
+    notes: list
+    verify: bool
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What is already computed for the module a step starts from, so that no stage runs twice: the first step
+    reuses compile_prune's analysis, and every step reuses the thop count (total, per module) of the rewrite that
+    produced its module."""
+
+    facts: Optional[ChannelFacts] = None
+    coupling: Optional[Coupling] = None
+    macs: Optional[Tuple[float, Dict[str, float]]] = None
 
 
 def _check_args(steps, ignore, leaf_modules):
@@ -98,27 +130,35 @@ def _unstructured(model, example_input, sparsity, importance, data, loss_fn, mod
                               progress=progress)
 
 
-def _prune_step(current: Traced, budget: Budget, step: int, steps: int, macs0: float, importance: Any,
-                source: BatchSource, ctx: ScoreContext, ignore, units0: int, clock, hook, notes, verify: bool):
+def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: ScoreContext):
     """One step: analyse the current module, score, select toward this step's target, rewrite, and check the
-    result against the current module with the removed units masked (the masking oracle)."""
-    facts = clock("analyze", analyze, current)
-    coupling = clock("couple", couple, facts, ignore)
-    ctx = ScoreContext(source.for_step() if _needs_data(importance) or callable(importance) else None, *_rest(ctx))
-    scores = clock("score", unit_scores, importance, current.gm, coupling, ctx)
-    hook("score", scores)
-    if budget.channels is not None:
-        removed = _select_channels(coupling, scores, budget, step, steps, units0)
+    result against the current module with the removed units masked (the masking oracle). Returns the new module,
+    what is known of it, this step's plan and the oracle's error."""
+    clock = run.clock
+    facts = known.facts if known.facts is not None else clock("analyze", analyze, current)
+    coupling = known.coupling if known.coupling is not None else clock("couple", couple, facts, run.ignore)
+    needs_data = _needs_data(run.importance) or callable(run.importance)
+    ctx = ScoreContext(run.source.for_step() if needs_data else None, *_rest(ctx))
+    scores = clock("score", unit_scores, run.importance, current.gm, coupling, ctx)
+    run.hook("score", scores)
+
+    def build(removed):
+        gm = clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
+        return gm, clock("measure", thop_macs, gm, current.inputs)
+
+    if run.budget.channels is not None:
+        removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0)
+        gm, macs = clock("rewrite", rewrite, current, coupling, facts.shapes, removed), None
     else:
-        removed = clock("select", _select_macs, current, coupling, facts.shapes, scores, budget,
-                        macs0 * budget.macs ** (step / steps), notes)
-    gm = clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
-    hook("rewrite", gm)
+        per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
+        target = run.macs0 * run.budget.macs ** (step / run.steps)
+        removed, gm, macs = _select_macs(coupling, scores, run.budget, target, per_module, build, run.notes, clock)
+    run.hook("rewrite", gm)
     error = None
-    if verify:
+    if run.verify:
         error = clock("verify", lambda: max_relative_error(masked_output(current, coupling, removed),
                                                            _run_eval(gm, current.inputs)))
-    return Traced(gm, current.inputs), plan_from_removed(coupling, removed), error
+    return Traced(gm, current.inputs), _Known(macs=macs), plan_from_removed(coupling, removed), error
 
 
 def _run_eval(gm, inputs):
@@ -156,27 +196,27 @@ def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, un
                                            round_to=budget.round_to))
 
 
-def _select_macs(current: Traced, coupling, shapes, scores, budget: Budget, target: float, notes):
-    """Select toward an absolute MAC target, correcting the per-layer estimate with thop measurements."""
-    _, per_module = thop_macs(current.gm, current.inputs)
+def _select_macs(coupling, scores, budget: Budget, target: float, per_module, build, notes, clock):
+    """Select toward an absolute MAC target. The per-layer estimate (from thop's ``per_module`` count) picks the
+    units; ``build(removed) -> (module, thop count)`` makes and measures the candidate, and the estimate's aim is
+    corrected until thop agrees within the tolerance. Returns (removed units, that module, its thop count)."""
     model = MacModel(coupling, per_module)
     aim = target
     for _ in range(8):
-        removed = select(coupling, scores, budget, model.estimate, aim)
-        measured, _ = thop_macs(rewrite(current, coupling, shapes, removed), current.inputs)
-        if measured <= target * (1 + _MAC_TOLERANCE) or not removed:
-            return removed
-        aim *= 0.999 * target / measured
-    note = f"a step kept {measured / target:.3f}x its MAC target after 8 corrections (coarse channel groups)"
+        removed = clock("select", select, coupling, scores, budget, model.estimate, aim)
+        gm, macs = build(removed)
+        if macs[0] <= target * (1 + _MAC_TOLERANCE) or not removed:
+            return removed, gm, macs
+        aim *= 0.999 * target / macs[0]
+    note = f"a step kept {macs[0] / target:.3f}x its MAC target after 8 corrections (coarse channel groups)"
     warn_once(note)
     notes.append(note)
-    return removed
+    return removed, gm, macs
 
 
-def _report(traced, pruned, coupling0, plan, macs0, importance, steps, error, notes, clock) -> Report:
+def _report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, clock) -> Report:
     groups = [{"id": g.id, "width_before": g.width, "width_after": _width_after(g, plan, coupling0),
                "members": [f"{n}:{d}" for n, d in g.members]} for g in coupling0.groups]
-    macs1, _ = thop_macs(pruned, traced.inputs)
     return Report(param_count(traced.gm), param_count(pruned), macs0, macs1,
                   importance if isinstance(importance, str) else getattr(importance, "__name__", "custom"),
                   int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals,

@@ -134,3 +134,23 @@ def test_custom_importance_callable_is_the_seam():
     name, dim = group["members"][0].rsplit(":", 1)
     kept, width = rep.plan[name][dim], group["width_before"]
     assert kept == list(range(width - len(kept), width))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_no_stage_runs_twice_on_the_same_module(monkeypatch, steps):
+    """The first step reuses compile_prune's analysis; a MAC budget's measured candidate is the result (not
+    rewritten again) and its thop count serves the next step and the report."""
+    import obafx.api as api
+
+    calls = {"analyze": [], "rewrite": [], "thop_macs": []}
+    for name in calls:
+        real = getattr(api, name)
+        monkeypatch.setattr(api, name,
+                            lambda *a, _real=real, _name=name, **k: calls[_name].append(a[0]) or _real(*a, **k))
+    pruned = obafx.compile_prune(small_resnet(), X, macs=0.5, steps=steps)
+    assert len(calls["analyze"]) == steps  # once per module: the original and each intermediate one
+    assert len({id(t) for t in calls["analyze"]}) == steps
+    measured = [id(m) for m in calls["thop_macs"]]
+    assert len(measured) == len(set(measured))  # thop counts each module once
+    assert len(calls["rewrite"]) == len(calls["thop_macs"]) - 1  # every rewrite measured once, plus the original
+    assert obafx.report(pruned).macs_after == thop_macs(pruned, (X,))[0]
