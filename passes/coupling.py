@@ -106,16 +106,18 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     reps = [keys[0] for keys in classes]
     units, slots_of = _slot_sets(reps, slot_units)
     groups = []
+    first_index = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)  # scratch, reused per group
     for members, unit_ids in _same_slot_sets(units, slots_of, len(reps)):
         keys = [k for i in members for k in classes[i]]
-        if pinned in unit_ids or not any(roles[k][0] == "out" for k in keys):
+        if not any(roles[k][0] == "out" for k in keys) or np.any(unit_ids == pinned):
             continue
         ordered = tuple(sorted(keys, key=lambda k: (roles[k][0] != "out", k)))
         root = ordered[0]
-        root_units = slot_units[root].tolist()
-        first_seen = dict(zip(reversed(root_units), range(len(root_units) - 1, -1, -1)))  # first index wins
-        units_sorted = tuple(sorted(unit_ids, key=first_seen.__getitem__))  # in the root slot's channel order
-        groups.append(Group(f"{roles[root][1]}:{root[1]}" if root[1] else roles[root][1], units_sorted, ordered))
+        root_units = slot_units[root]
+        first_index[root_units[::-1]] = np.arange(len(root_units) - 1, -1, -1)  # the first index wins
+        units_sorted = unit_ids[np.argsort(first_index[unit_ids], kind="stable")]  # in the root slot's order
+        groups.append(Group(f"{roles[root][1]}:{root[1]}" if root[1] else roles[root][1],
+                            tuple(units_sorted.tolist()), ordered))
     groups.sort(key=lambda g: g.id)
     return _unique_ids(groups)
 
@@ -147,7 +149,7 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
 
 
 def _same_slot_sets(units: np.ndarray, slots: np.ndarray, n_slots: int):
-    """Yield (slot indices, [unit ids]) for each set of units touching exactly the same slots.
+    """Yield (slot indices, unit ids) for each set of units touching exactly the same slots (both arrays).
 
     Units are bucketed by a 128-bit random hash of their slot set (and its size), then each bucket is checked
     exactly: its units together touch only as many distinct slots as each one does.
@@ -168,7 +170,7 @@ def _same_slot_sets(units: np.ndarray, slots: np.ndarray, n_slots: int):
     order = np.argsort(bucket, kind="stable")  # units of one bucket together, in unit order
     for members in np.split(order, np.flatnonzero(np.diff(bucket[order])) + 1):
         first = members[0]
-        yield slots[start[first]:start[first] + count[first]], ids[members].tolist()
+        yield slots[start[first]:start[first] + count[first]], ids[members]
 
 
 def _unique_ids(groups: List[Group]) -> Tuple[Group, ...]:
