@@ -53,6 +53,13 @@ def _copy_plain_subtrees(module: nn.Module, memo: Dict[int, Any]) -> None:
             _copy_plain_subtrees(child, memo)
 
 
+def copies_lazily(model: nn.Module) -> bool:
+    """Whether `private_copy` shares every parameter and buffer of ``model`` copy-on-write (so a copy costs no
+    memory until something writes)."""
+    return COPY_ON_WRITE and hasattr(torch, "_lazy_clone") and all(
+        _lazy_ok(t) for t in (*model.parameters(), *model.buffers()))
+
+
 def _plain_module_tree(model: nn.Module) -> bool:
     """Modules that deepcopy the default way (no __deepcopy__/__reduce_ex__/__getstate__ of their own, no
     __slots__; a __setstate__ is fine, it is called as deepcopy would): only those may take the fast path."""

@@ -16,6 +16,7 @@ import torch.fx as fx
 from .facts import Coupling, PrunePlan
 from .labels import Plane
 from .plan import plan_from_removed
+from .private_copy import copies_lazily, private_copy
 from .trace import Traced, owner_and_attr
 
 
@@ -55,21 +56,25 @@ def _mask(value: Any, planes: Any, removed: np.ndarray) -> Any:
 def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=None) -> Any:
     """The original model's output with every removed unit zeroed everywhere (eval mode, no grad): in every
     intermediate value and in every parameter and buffer slice, so that the insides of opaque layers agree too
-    (a MultiheadAttention's removed heads contribute nothing). ``traced`` is restored afterwards."""
-    gm = traced.gm
+    (a MultiheadAttention's removed heads contribute nothing). ``traced`` is left as it was: the slices are
+    zeroed in a copy-on-write copy (only the zeroed tensors get memory of their own), or, where tensors cannot
+    be shared that way (other devices), in place and put back afterwards."""
+    plan = plan_from_removed(coupling, removed)
+    in_place = not copies_lazily(traced.gm)
+    gm = traced.gm if in_place else private_copy(traced.gm)
     was = gm.training
     gm.eval()
     try:
-        with torch.no_grad(), _zeroed(gm, plan_from_removed(coupling, removed)):
+        with torch.no_grad(), _zeroed(gm, plan, restore=in_place):
             return _Masker(gm, coupling, removed).run(*(inputs if inputs is not None else traced.inputs))
     finally:
         gm.train(was)
 
 
 @contextlib.contextmanager
-def _zeroed(gm: fx.GraphModule, plan: PrunePlan):
-    """Zero the removed slices of ``gm``'s parameters and buffers in place for the block, then put them back
-    (in place, not on a copy: a copy of a large model would double its memory)."""
+def _zeroed(gm: fx.GraphModule, plan: PrunePlan, restore: bool):
+    """Zero the removed slices of ``gm``'s parameters and buffers in place for the block; with ``restore``, put
+    them back afterwards (a copy of a large model on an accelerator would double its memory)."""
     saved = []
     try:
         for name, dims in plan.kept.items():
@@ -77,7 +82,8 @@ def _zeroed(gm: fx.GraphModule, plan: PrunePlan):
             for dim, kept in dims.items():
                 gone = sorted(set(range(tensor.shape[dim])) - set(kept))
                 index = torch.tensor(gone, dtype=torch.long, device=tensor.device)
-                saved.append((tensor, dim, index, tensor.index_select(dim, index)))
+                if restore:
+                    saved.append((tensor, dim, index, tensor.index_select(dim, index)))
                 tensor.index_fill_(dim, index, 0)
         yield
     finally:

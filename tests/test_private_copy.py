@@ -97,3 +97,10 @@ def test_a_graph_module_is_deep_copied_around_fast_copies_of_its_children(monkey
         new.a.weight.add_(1.0)
     assert "total_ops" not in dict(gm.a.named_buffers()) and not gm.a._forward_hooks
     assert torch.equal(gm.a.weight, before) and not torch.equal(new.a.weight, before)
+
+
+def test_copies_lazily_says_whether_every_tensor_is_shared_copy_on_write():
+    model = Holder()
+    assert pc.copies_lazily(model)
+    model.layers[1].running_mean.share_memory_()  # shared memory is copied eagerly, so not every tensor is lazy
+    assert not pc.copies_lazily(model)
