@@ -142,23 +142,27 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     scores = clock("score", unit_scores, run.importance, current.gm, coupling, ctx)
     run.hook("score", scores)
 
+    def rewritten(removed):
+        return clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
+
     def build(removed):
-        gm = clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
+        gm = rewritten(removed)
         return gm, clock("measure", thop_macs, gm, current.inputs)
 
     if run.budget.channels is not None:
         removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0)
-        gm, macs = clock("rewrite", rewrite, current, coupling, facts.shapes, removed), None
+        gm, macs = rewritten(removed), None
     else:
         per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
         target = run.macs0 * run.budget.macs ** (step / run.steps)
         removed, gm, macs = _select_macs(coupling, scores, run.budget, target, per_module, build, run.notes, clock)
     run.hook("rewrite", gm)
+    plan = plan_from_removed(coupling, removed)
     error = None
     if run.verify:
-        error = clock("verify", lambda: max_relative_error(masked_output(current, coupling, removed),
+        error = clock("verify", lambda: max_relative_error(masked_output(current, coupling, removed, plan=plan),
                                                            _run_eval(gm, current.inputs)))
-    return Traced(gm, current.inputs), _Known(macs=macs), plan_from_removed(coupling, removed), error
+    return Traced(gm, current.inputs), _Known(macs=macs), plan, error
 
 
 def _run_eval(gm, inputs):

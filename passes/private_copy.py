@@ -31,7 +31,7 @@ _SHARED_TYPES = frozenset(_ATOMIC + _SHARED_CALLABLES)  # exact-type lookup firs
 def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (see the module docstring)."""
     memo: Dict[int, Any] = {}
-    if COPY_ON_WRITE and hasattr(torch, "_lazy_clone"):
+    if _copy_on_write():
         for t in list(model.parameters()) + list(model.buffers()):
             if _lazy_ok(t) and id(t) not in memo:
                 lazy = torch._lazy_clone(t.detach())
@@ -56,8 +56,12 @@ def _copy_plain_subtrees(module: nn.Module, memo: Dict[int, Any]) -> None:
 def copies_lazily(model: nn.Module) -> bool:
     """Whether `private_copy` shares every parameter and buffer of ``model`` copy-on-write (so a copy costs no
     memory until something writes)."""
-    return COPY_ON_WRITE and hasattr(torch, "_lazy_clone") and all(
-        _lazy_ok(t) for t in (*model.parameters(), *model.buffers()))
+    return _copy_on_write() and all(_lazy_ok(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def _copy_on_write() -> bool:
+    """Copy-on-write tensors are switched on and this torch has them."""
+    return COPY_ON_WRITE and hasattr(torch, "_lazy_clone")
 
 
 def _plain_module_tree(model: nn.Module) -> bool:

@@ -100,7 +100,8 @@ _NOT_USER_CODE = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.p
 
 def _user_frame() -> Optional[Tuple[str, int, str]]:
     """(file, line, function) of the innermost frame of model code (not torch, not obafx's passes) between here
-    and fx's ``Tracer.trace``; None when the node comes from torch's own modules alone (an nn.Sequential).
+    and fx's ``Tracer.trace``; None when no model code is on that stack (a bare nn.Sequential; inside a model,
+    a Sequential's nodes get the line that calls it).
     Errors and reports name this line. A frame walk costs a few microseconds a node, where fx's
     ``record_stack_traces`` formats a whole traceback per node."""
     frame = sys._getframe(2)

@@ -7,7 +7,7 @@ mixes the pruned channels).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Set
+from typing import Any, Optional, Set
 
 import numpy as np
 import torch
@@ -53,13 +53,15 @@ def _mask(value: Any, planes: Any, removed: np.ndarray) -> Any:
     return value
 
 
-def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=None) -> Any:
+def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=None,
+                  plan: Optional[PrunePlan] = None) -> Any:
     """The original model's output with every removed unit zeroed everywhere (eval mode, no grad): in every
     intermediate value and in every parameter and buffer slice, so that the insides of opaque layers agree too
     (a MultiheadAttention's removed heads contribute nothing). ``traced`` is left as it was: the slices are
     zeroed in a copy-on-write copy (only the zeroed tensors get memory of their own), or, where tensors cannot
-    be shared that way (other devices), in place and put back afterwards."""
-    plan = plan_from_removed(coupling, removed)
+    be shared that way (other devices), in place and put back afterwards. ``plan``: the plan of ``removed``,
+    when the caller has it already."""
+    plan = plan if plan is not None else plan_from_removed(coupling, removed)
     in_place = not copies_lazily(traced.gm)
     gm = traced.gm if in_place else private_copy(traced.gm)
     was = gm.training
