@@ -5,7 +5,7 @@
     python3 benchmarks/accuracy.py --quick --out /tmp/a.json   # smoke run (seconds)
 
 Protocol, the same for every method (OBA.md section 4, scaled to a CPU): the cached trained model
-(obafx.train.trained), pruned toward 1/2, 1/3, 1/4 of its MACs in ``--steps`` steps on the exponential schedule,
+(obafx.bench.train.trained), pruned toward 1/2, 1/3, 1/4 of its MACs in ``--steps`` steps on the exponential schedule,
 re-scoring on fresh calibration batches before each step; then BatchNorm statistics recalibrated on training
 batches (no gradients) and accuracy measured ("pruned"); then the same short fine-tuning for every method and
 accuracy measured again ("finetuned"). Methods: obafx's oba (full), oba (residual), magnitude, taylor, obd
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
 
 import obafx  # noqa: E402
-from obafx import data as fmnist  # noqa: E402
-from obafx import train as training  # noqa: E402
-from obafx.models import Attention  # noqa: E402
+from obafx.bench import data as fmnist  # noqa: E402
+from obafx.bench import train as training  # noqa: E402
+from obafx.bench.models import Attention  # noqa: E402
 from obafx.passes.macs import param_count, thop_macs  # noqa: E402
 
 OBAFX_METHODS = {"oba_full": ("oba", "full"), "oba_residual": ("oba", "residual"), "magnitude": ("magnitude", None),

@@ -99,7 +99,7 @@ def model_source() -> str:
     """"obafx.models" when it provides CifarResNet/resnet56/ViT, else "local"; decided once per run so that
     every measurement uses the same architecture."""
     try:
-        from obafx import models
+        from obafx.bench import models
         return "obafx.models" if all(hasattr(models, n) for n in ("CifarResNet", "resnet56", "ViT")) else "local"
     except ImportError:
         return "local"
@@ -108,7 +108,7 @@ def model_source() -> str:
 def build_model(name: str, quick: bool, source: str) -> nn.Module:
     """ResNet-56 or the ViT (tiny versions for --quick) from ``source``."""
     if source == "obafx.models":
-        from obafx import models
+        from obafx.bench import models
         if name == "resnet56":
             return models.CifarResNet(1, num_classes=10, in_ch=3, width=8) if quick else \
                 models.resnet56(num_classes=10, in_ch=3)

@@ -7,7 +7,7 @@ rounds, compared only as ratios within one run (speed-up = dense median / pruned
 (headline) and on process CPU time (with one thread it ignores the time other jobs hold the core).
 
 Inputs: resnet50, mobilenet_v2 (torchvision) at 3x128x128 (224 is too slow on 2 loaded cores), vit_b_16 at
-3x224x224 (fixed by its position embedding), obafx.models resnet20, vgg_bn, vit_tiny at 1x32x32 (trained weights
+3x224x224 (fixed by its position embedding), obafx.bench.models resnet20, vgg_bn, vit_tiny at 1x32x32 (trained weights
 from benchmarks/cache when present, else random). Latency: batch 1; throughput: batch 64 (32 for resnet50 and
 mobilenet_v2, 4 for vit_b_16, for time). ``--threads`` 1 by default: 2 threads on the 2 shared cores made
 resnet50 10-40x slower (OpenMP spin-waits). torch.compile (inductor, dynamic=False) costs 1-2 min per model and
@@ -38,7 +38,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import obafx
-from obafx import models as obafx_models, train as tr
+from obafx.bench import models as obafx_models, train as tr
 from obafx.passes.macs import param_count, thop_macs
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -49,7 +49,7 @@ def calibration_data(kind: str, n_batches: int, batch_size: int, seed: int = 0):
     """The global list of (images, labels) batches, identical on every rank (sharded afterwards)."""
     if kind in ("fashion", "auto"):
         try:
-            from obafx.data import calibration_batches, fashion_mnist
+            from obafx.bench.data import calibration_batches, fashion_mnist
             return calibration_batches(fashion_mnist("train", limit=max(4096, n_batches * batch_size)),
                                        n_batches, batch_size, seed=seed)
         except (ImportError, obafx.ConfigError):

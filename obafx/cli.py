@@ -72,7 +72,7 @@ def cmd_inspect(args) -> int:
 def cmd_prune(args) -> int:
     import obafx
     from obafx.dump import inspect_model, write_dumps
-    from obafx.timing import interleaved
+    from obafx.bench.timing import interleaved
 
     model = load_model(args.model, args.trusted).eval()
     x = torch.randn(*_shape(args.input))
@@ -103,7 +103,7 @@ def _save(pruned, out: Path) -> None:
 
 
 def cmd_demo(args) -> int:
-    from obafx.demo import main as demo_main
+    from obafx.bench.demo import main as demo_main
 
     return demo_main(args)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from obafx.data import default_root
+from obafx.bench.data import default_root
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""obafx.data: idx parsing, missing-file errors, the real Fashion-MNIST tensors, calibration batches."""
+"""obafx.bench.data: idx parsing, missing-file errors, the real Fashion-MNIST tensors, calibration batches."""
 import gzip
 import struct
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from obafx import data
+from obafx.bench import data
 from obafx.passes.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import obafx
-from obafx.models import CifarResNet, vit_tiny
+from obafx.bench.models import CifarResNet, vit_tiny
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -1,10 +1,10 @@
-"""obafx.models: every registered model runs, traces with torch.fx and matches its eager output."""
+"""obafx.bench.models: every registered model runs, traces with torch.fx and matches its eager output."""
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from obafx import models
+from obafx.bench import models
 from obafx.passes.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""obafx.train: training lowers the loss, determinism, BatchNorm recalibration, evaluation, the cache."""
+"""obafx.bench.train: training lowers the loss, determinism, BatchNorm recalibration, evaluation, the cache."""
 import json
 
 import pytest
@@ -7,8 +7,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from obafx import data, models
-from obafx import train as T
+from obafx.bench import data, models
+from obafx.bench import train as T
 from obafx.passes.errors import ConfigError
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import obafx
-from obafx import data as fmnist
-from obafx import train as training
-from obafx.timing import interleaved
+from obafx.bench import data as fmnist
+from obafx.bench import train as training
+from obafx.bench.timing import interleaved
 
 
 def _settings(quick: bool) -> dict:

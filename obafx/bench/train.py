@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from obafx import data as _data
-from obafx import models as _models
+from obafx.bench import data as _data
+from obafx.bench import models as _models
 from obafx.passes.errors import ConfigError
 
 # Epochs for trained(name) with no arguments, and the hyperparameters that go with them; chosen so that each
@@ -117,7 +117,7 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup: float = 
 
 
 def _reseed_loader(loader: Iterable, seed: int) -> None:
-    """Reseed the shuffling generator of a loader built by obafx.data, so the batch order follows ``seed``.
+    """Reseed the shuffling generator of a loader built by obafx.bench.data, so the batch order follows ``seed``.
 
     Other DataLoaders with shuffle=True draw their order from the global RNG, which train() seeds anyway.
     """
