@@ -13,6 +13,7 @@ FAST_MODULE_COPY = False restore a plain deep copy.
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from collections import OrderedDict
 from typing import Any, Dict
@@ -65,15 +66,20 @@ def _copy_on_write() -> bool:
 
 
 def _plain_module_tree(model: nn.Module) -> bool:
-    """Modules that deepcopy the default way (no __deepcopy__/__reduce_ex__/__getstate__ of their own, no
-    __slots__; a __setstate__ is fine, it is called as deepcopy would): only those may take the fast path."""
-    for m in model.modules():
-        cls = type(m)
-        if (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not nn.Module.__reduce_ex__
-                or cls.__getstate__ is not nn.Module.__getstate__
-                or any("__slots__" in vars(k) for k in cls.__mro__ if k is not object)):
-            return False
-    return True
+    """Whether every registered module under ``model`` is `_plain_class` (only those trees take the fast path;
+    an unregistered module attribute is checked where `_copy_value` meets it)."""
+    return all(_plain_class(type(m)) for m in model.modules())
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_class(cls: type) -> bool:
+    """Module classes that deepcopy the default way: no __deepcopy__/__reduce_ex__/__reduce__/__getstate__ of
+    their own, no __slots__ (a __setstate__ is fine: the copy calls it with the attribute dict, as deepcopy
+    does). A class that customises any of them decides its own copy (transformers 5's kernel wrappers define
+    __deepcopy__ and __reduce__, and their __setstate__ takes a (state, forward) pair): it gets copy.deepcopy."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is nn.Module.__reduce_ex__
+            and cls.__reduce__ is nn.Module.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+            and not any("__slots__" in vars(k) for k in cls.__mro__ if k is not object))
 
 
 def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
@@ -85,7 +91,9 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
     if found is not None:
         return found
     if isinstance(value, nn.Module):
-        return _copy_module(value, memo)
+        # A module held as a plain attribute (not registered, so not seen by `_plain_module_tree`) may copy
+        # itself its own way: then deepcopy decides.
+        return _copy_module(value, memo) if _plain_class(kind) else copy.deepcopy(value, memo)
     if kind is OrderedDict or kind is dict:
         new = kind()
         memo[id(value)] = new

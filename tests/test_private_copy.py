@@ -1,6 +1,7 @@
 """passes/private_copy.py: the copy every public call works on behaves like copy.deepcopy."""
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -104,3 +105,55 @@ def test_copies_lazily_says_whether_every_tensor_is_shared_copy_on_write():
     assert pc.copies_lazily(model)
     model.layers[1].running_mean.share_memory_()  # shared memory is copied eagerly, so not every tensor is lazy
     assert not pc.copies_lazily(model)
+
+
+class PairState(nn.Module):
+    """Like transformers 5's kernel wrappers (kernels.use_kernelized_func): a module class with its own
+    __deepcopy__ and __reduce__, whose __setstate__ takes a (state, forward) pair instead of a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = [0]
+
+    def __deepcopy__(self, memo):
+        new = PairState()
+        memo[id(self)] = new
+        new.__setstate__((copy.deepcopy(self.__dict__, memo), None))
+        return new
+
+    def __reduce__(self):
+        return (PairState, ())
+
+    def __setstate__(self, state):
+        state, _forward = state
+        self.__dict__.update(state)
+
+
+class HoldsUnregistered(nn.Module):
+    """An nn.Module held as a plain attribute (not in _modules): model.modules() does not see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.__dict__["kernel"] = PairState()
+
+
+def test_an_unregistered_module_attribute_with_its_own_copy_protocol_is_copied_its_way():
+    model = HoldsUnregistered()
+    new = pc.private_copy(model)
+    assert isinstance(new.kernel, PairState) and new.kernel is not model.kernel
+    new.kernel.calls.append(1)
+    assert model.kernel.calls == [0]
+
+
+def test_a_transformers_llama_is_copied():
+    """transformers 5 attaches kernel wrappers to LLaMA's attention modules as plain attributes."""
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_models import build
+
+    model = build("llama")
+    new = pc.private_copy(model)
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(new(ids), model(ids))
+    assert new.model.model.layers[0].self_attn.q_proj.weight is not model.model.model.layers[0].self_attn.q_proj.weight
