@@ -5,7 +5,8 @@ tests/test_fuzz.py `check_case`: it is either pruned and verified by every oracl
 says what to do, or failed (an oracle disagreed, another exception, or an unclear refusal).
 
 Usage: python3 benchmarks/fuzz.py [--examples 200] [--seed 0] [--shrink] [--out benchmarks/results/fuzz.json]
-Writes JSON: counts (tried, verified, refused by error type, failed by kind), a sample of refusal messages, every
+Writes JSON: counts (tried, verified, refused by error type, failed by kind, macs budgets met within the
+tolerance or missed with a note), a sample of refusal messages, every
 failure (kind, detail, case), how often each block kind was tried and verified, and wall time. The file is
 rewritten every 25 examples, so a long background run leaves partial counts. ``--shrink`` then asks hypothesis
 to minimise one example of each failure kind (added under "minimal").
@@ -28,6 +29,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 
 from arch_strategy import cases, describe  # noqa: E402
 from test_fuzz import check_case  # noqa: E402
+from obafx.passes.fit import TOLERANCE  # noqa: E402
 
 
 class Tally:
@@ -44,6 +46,7 @@ class Tally:
         self.by_importance = collections.defaultdict(collections.Counter)
         self.start = time.time()
         self.minimal = {}
+        self.budget = collections.Counter()  # verified macs budgets: "met" within the tolerance, or "noted" misses
 
     def add(self, case, result) -> None:
         self.tried += 1
@@ -52,6 +55,8 @@ class Tally:
         self.by_importance[case["importance"]][result["outcome"]] += 1
         if result["outcome"] == "verified":
             self.verified += 1
+            if result.get("budget"):
+                self.budget[result["budget"]] += 1
             self.blocks_verified.update(blocks)
         elif result["outcome"] == "refused":
             self.refused[result["kind"]] += 1
@@ -72,6 +77,7 @@ class Tally:
             "failed_by_kind": dict(self.failed), "refusal_samples": dict(self.refusal_samples),
             "by_importance": {k: dict(v) for k, v in self.by_importance.items()},
             "blocks_tried": dict(self.blocks_tried), "blocks_verified": dict(self.blocks_verified),
+            "macs_budgets": {"tolerance": TOLERANCE, "met": self.budget["met"], "missed_with_note": self.budget["noted"]},
             "failures": self.failures, "minimal": self.minimal, "seconds": round(time.time() - self.start, 1),
         }
 

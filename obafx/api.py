@@ -16,6 +16,7 @@ from obafx.passes.channel_graph import ChannelFacts, analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import ConfigError
 from obafx.passes.facts import Coupling, PrunePlan
+from obafx.passes.fit import fit_budget
 from obafx.passes.importance import ScoreContext, unit_scores
 from obafx.passes.macs import MacModel, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
@@ -24,8 +25,6 @@ from obafx.passes.select import Budget, select
 from obafx.passes.trace import Traced, trace
 from obafx.passes.verify import masked_output, max_relative_error
 from obafx.report import Report, attach, input_spec
-
-_MAC_TOLERANCE = 0.01  # re-select when thop says the step missed its MAC target by more than this
 
 
 def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float] = None,
@@ -145,17 +144,21 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     def rewritten(removed):
         return clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
 
-    def build(removed):
-        gm = rewritten(removed)
-        return gm, clock("measure", thop_macs, gm, current.inputs)
-
     if run.budget.channels is not None:
         removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0)
         gm, macs = rewritten(removed), None
     else:
         per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
         target = run.macs0 * run.budget.macs ** (step / run.steps)
-        removed, gm, macs = _select_macs(coupling, scores, run.budget, target, per_module, build, run.notes, clock)
+        measured = {}  # module -> thop (total, per module): the next step's MAC model reuses it
+
+        def measure(gm):
+            measured[gm] = clock("measure", thop_macs, gm, current.inputs)
+            return measured[gm][0]
+
+        removed, gm = _fit(coupling, scores, run.budget, target, MacModel(coupling, per_module).estimate,
+                           rewritten, measure, run.notes, clock)
+        macs = measured[gm]
     run.hook("rewrite", gm)
     plan = plan_from_removed(coupling, removed)
     error = None
@@ -200,22 +203,17 @@ def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, un
                                            round_to=budget.round_to))
 
 
-def _select_macs(coupling, scores, budget: Budget, target: float, per_module, build, notes, clock):
-    """Select toward an absolute MAC target. The per-layer estimate (from thop's ``per_module`` count) picks the
-    units; ``build(removed) -> (module, thop count)`` makes and measures the candidate, and the estimate's aim is
-    corrected until thop agrees within the tolerance. Returns (removed units, that module, its thop count)."""
-    model = MacModel(coupling, per_module)
-    aim = target
-    for _ in range(8):
-        removed = clock("select", select, coupling, scores, budget, model.estimate, aim)
-        gm, macs = build(removed)
-        if macs[0] <= target * (1 + _MAC_TOLERANCE) or not removed:
-            return removed, gm, macs
-        aim *= 0.999 * target / macs[0]
-    note = f"a step kept {macs[0] / target:.3f}x its MAC target after 8 corrections (coarse channel groups)"
-    warn_once(note)
-    notes.append(note)
-    return removed, gm, macs
+def _fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, notes, clock, what="MAC"):
+    """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
+    the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
+    corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted in the
+    report (the closest feasible candidate is kept). Returns (removed units, module)."""
+    fitted = fit_budget(target, lambda aim: clock("select", select, coupling, scores, budget, estimate, aim),
+                        build, measure, what=what)
+    if fitted.note:
+        warn_once(fitted.note)
+        notes.append(fitted.note)
+    return set(fitted.removed), fitted.module
 
 
 def _report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, clock) -> Report:

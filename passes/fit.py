@@ -1,0 +1,89 @@
+"""Fit a budget: correct a selection until a measured cost lands within a tolerance of its target, on both sides.
+
+Selection ranks units with a fast per-layer estimate; the real cost (thop MACs today, torch's flop counter or a
+latency timer tomorrow) of the rewritten module can differ from it, above or below. ``fit_budget`` treats the
+estimate's aim as the knob: it re-selects with a corrected aim, keeps a bracket (an aim known to land too high,
+one known to land too low) and bisects inside it once the proportional correction would leave it. It stops when a
+candidate lands within the tolerance, or when no other selection is reachable; then it returns the closest
+candidate that does not exceed the target by more than the tolerance, with a note saying why it is not closer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, FrozenSet, Optional, Set
+
+from .errors import BudgetError
+
+TOLERANCE = 0.02  # a budget is met when the measured cost is within 2% of its target, above or below
+MISSED = "budget was missed"  # every note about a missed budget contains this (tests and benchmarks look for it)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """The chosen candidate: removed units, the rewritten module, its measured cost, and a note when the cost is
+    outside the tolerance (None when the budget is met)."""
+
+    removed: FrozenSet[int]
+    module: Any
+    cost: float
+    note: Optional[str] = None
+
+
+def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Callable[[Set[int]], Any],
+               measure: Callable[[Any], float], *, tolerance: float = TOLERANCE, rounds: int = 12,
+               what: str = "MAC") -> Fitted:
+    """Find removed units whose built module's measured cost is within ``tolerance`` (relative) of ``target``.
+
+    ``select_at(aim) -> removed units`` selects toward an aim of the estimate (monotone: a lower aim removes at
+    least as much); ``build(removed) -> module``; ``measure(module) -> cost``. ``what`` names the cost in notes.
+    A BudgetError from the first selection propagates (the target is out of reach); a later one ends the search.
+    """
+    seen: Dict[FrozenSet[int], Fitted] = {}
+    aim, low, high = target, None, None  # low: an aim that landed below the band; high: one that landed above
+    for _ in range(rounds):
+        try:
+            removed = frozenset(select_at(aim))
+        except BudgetError:
+            if not seen:
+                raise
+            break
+        if removed not in seen:
+            module = build(set(removed))
+            seen[removed] = Fitted(removed, module, float(measure(module)))
+        cost = seen[removed].cost
+        if abs(cost - target) <= tolerance * target or (cost < target and not removed):
+            return seen[removed]
+        if cost > target:
+            high = aim if high is None else min(high, aim)
+        else:
+            low = aim if low is None else max(low, aim)
+        nxt = aim * target / cost if cost > 0 else aim * 2
+        if low is not None and high is not None:
+            if high - low <= 1e-9 * max(abs(high), 1.0):
+                break
+            if not low < nxt < high:
+                nxt = (low + high) / 2
+        aim = nxt
+    return _closest(seen.values(), target, tolerance, what)
+
+
+def _closest(candidates, target: float, tolerance: float, what: str) -> Fitted:
+    """The candidate nearest the target among those not above it by more than the tolerance (else the cheapest),
+    with a note naming the nearest costs reached on each side."""
+    candidates = list(candidates)
+    feasible = [c for c in candidates if c.cost <= target * (1 + tolerance)]
+    best = max(feasible, key=lambda c: c.cost) if feasible else min(candidates, key=lambda c: c.cost)
+    above = [c.cost for c in candidates if c.cost > target * (1 + tolerance)]
+    below = [c.cost for c in candidates if c.cost < target * (1 - tolerance)]
+    sides = []
+    if below:
+        sides.append(f"{max(below) / target:.3f}x")
+    if above:
+        sides.append(f"{min(above) / target:.3f}x")
+    why = ("the nearest selections land at " + " and ".join(sides) + " of it: removing one more channel group "
+           "moves the cost by more than the tolerance") if below and above else \
+        ("no selection lowered the cost further (per-layer caps, rounding or ignore= stop it)" if above else
+         "every selection the estimate reaches costs less (the estimate overrates what the kept channels cost)")
+    note = (f"the {what} budget was missed: a step kept {best.cost / target:.3f}x its {what} target "
+            f"(tolerance ±{tolerance:.0%}); {why}")
+    return Fitted(best.removed, best.module, best.cost, note)
