@@ -1,0 +1,228 @@
+"""Timing for latency budgets: the options (device, dtype, threads, eager/compiled), one timer, and the two
+measurements the budget needs: layers alone on a grid of widths, and dense vs candidate end to end in alternation.
+
+Timing is noisy (shared machines, turbo, caches): every number is a median over repetitions, and the end-to-end
+comparison times dense and candidate in alternation (order swapped every round) so a slow burst hits both.
+A ``timer(module, inputs) -> seconds`` in the options replaces the wall clock (tests inject a deterministic one).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from obafx.passes.errors import ConfigError
+from obafx.passes.latency_model import LayerSpec, LayerTable, grid_widths
+
+Timer = Callable[[nn.Module, Tuple[Any, ...]], float]
+DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "obafx",
+                             "latency.json")
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How a latency budget is measured. The batch size is the example input's.
+
+    ``device``: where to time ("cpu", "cuda", "cuda:1"); ``dtype``: the floating dtype to time in (None: the
+    example's); ``threads``: torch intra-op threads while timing (None: as set); ``mode``: "eager" or "compile"
+    (torch.compile, inductor); ``reps``: calls per timing (median), after ``warmup`` calls; ``rounds``: dense /
+    candidate alternations per end-to-end measurement (median); ``grid``: fractions of each layer's widths its
+    table is measured at; ``tolerance``: how far (relative) the measured latency may be from the target; ``cache``:
+    the tables' JSON file ('' = no cache); ``timer``: ``timer(module, inputs) -> seconds`` of one call instead of
+    the wall clock; ``progress``: tqdm bars while measuring."""
+
+    device: str = "cpu"
+    dtype: Optional[torch.dtype] = None
+    threads: Optional[int] = None
+    mode: str = "eager"
+    reps: int = 10
+    warmup: int = 2
+    rounds: int = 5
+    grid: Tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    tolerance: float = 0.05
+    cache: str = DEFAULT_CACHE
+    timer: Optional[Timer] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("eager", "compile"):
+            raise ConfigError(f"LatencyOptions(mode={self.mode!r}). What to do: use 'eager' or 'compile'.")
+        for name in ("reps", "rounds", "threads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"LatencyOptions({name}={v!r}). What to do: pass a positive integer.")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"LatencyOptions(warmup={self.warmup!r}). What to do: pass an integer >= 0.")
+        if not self.grid or any(not (0.0 < f <= 1.0) for f in self.grid):
+            raise ConfigError(f"LatencyOptions(grid={self.grid!r}). What to do: pass fractions in (0, 1], e.g. "
+                              "(0.25, 0.5, 0.75, 1.0).")
+        if not (0.0 < self.tolerance < 1.0):
+            raise ConfigError(f"LatencyOptions(tolerance={self.tolerance}). What to do: pass e.g. 0.05 (5%).")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ConfigError(f"LatencyOptions(dtype={self.dtype!r}). What to do: pass a floating torch dtype, "
+                              "e.g. torch.float16, or None for the example input's.")
+        check_device(self.device)
+
+    def key_parts(self, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+        """What measured numbers depend on (the cache key): device, torch, dtype, threads, mode, timer, shapes."""
+        timer = "wall" if self.timer is None else getattr(self.timer, "__qualname__", type(self.timer).__name__)
+        return {"device": device_name(self.device), "torch": torch.__version__, "dtype": str(_dtype(self, inputs)),
+                "threads": self.threads or torch.get_num_threads(), "mode": self.mode, "timer": timer,
+                "inputs": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]}
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device; ConfigError when it is not there to time on."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"LatencyOptions(device={device!r}) is not a device ({exc}). What to do: pass 'cpu' or "
+                          "'cuda'.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}.get(dev.type, False)
+    if not available:
+        raise ConfigError(f"LatencyOptions(device={device!r}): no such device is available on this machine, so "
+                          "latency cannot be measured there. What to do: time on 'cpu', or run on a machine with "
+                          "that device.")
+    return dev
+
+
+def device_name(device: str) -> str:
+    """The device as the cache and report name it: the card for CUDA, the processor for the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev.index or 0)}"
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}"
+
+
+def _dtype(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> torch.dtype:
+    if opts.dtype is not None:
+        return opts.dtype
+    floats = [x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return floats[0] if floats else torch.get_default_dtype()
+
+
+@contextlib.contextmanager
+def threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (unchanged for None)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def placed(module: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions):
+    """A private eval-mode copy of ``module`` and the inputs on the options' device and dtype (compiled in
+    "compile" mode): (callable module, inputs). The caller's module is not touched."""
+    dtype = _dtype(opts, inputs)
+    moved = copy.deepcopy(module).to(device=opts.device, dtype=dtype).eval()
+    args = tuple(x.to(device=opts.device, dtype=dtype if x.is_floating_point() else x.dtype)
+                 if isinstance(x, torch.Tensor) else x for x in inputs)
+    if opts.mode == "compile" and opts.timer is None:
+        moved = torch.compile(moved, dynamic=False)
+    return moved, args
+
+
+def median_call(module: nn.Module, args: Tuple[Any, ...], opts: LatencyOptions) -> float:
+    """Median seconds of one call of ``module(*args)`` over ``opts.reps`` calls after ``opts.warmup``."""
+    if opts.timer is not None:
+        return statistics.median(opts.timer(module, args) for _ in range(opts.reps))
+    dev = torch.device(opts.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(opts.warmup + opts.reps):
+            sync()
+            start = time.perf_counter()
+            module(*args)
+            sync()
+            if i >= opts.warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def alternate(dense: nn.Module, candidate: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions,
+              desc: str = "obafx timing") -> Dict[str, Any]:
+    """Dense and candidate timed in alternation (order swapped every round). Out: their medians over rounds,
+    the ratio candidate / dense, the per-round spread (min, max) of each, and the protocol."""
+    with threads(opts.threads):
+        pair = {"dense": placed(dense, inputs, opts), "pruned": placed(candidate, inputs, opts)}
+        per: Dict[str, list] = {"dense": [], "pruned": []}
+        for r in tqdm(range(opts.rounds), desc=desc, disable=not opts.progress, leave=False):
+            for name in (("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")):
+                per[name].append(median_call(*pair[name], opts))
+    dense_s, pruned_s = statistics.median(per["dense"]), statistics.median(per["pruned"])
+    return {"dense_s": dense_s, "pruned_s": pruned_s, "ratio": pruned_s / dense_s if dense_s > 0 else 1.0,
+            "speedup": dense_s / pruned_s if pruned_s > 0 else float("inf"),
+            "dense_spread_s": [min(per["dense"]), max(per["dense"])],
+            "pruned_spread_s": [min(per["pruned"]), max(per["pruned"])], **protocol(opts, inputs)}
+
+
+def protocol(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+    """How a measurement was made, for the report."""
+    batch = next((int(x.shape[0]) for x in inputs if isinstance(x, torch.Tensor) and x.dim()), None)
+    return {"device": device_name(opts.device), "dtype": str(_dtype(opts, inputs)), "mode": opts.mode,
+            "threads": opts.threads or torch.get_num_threads(), "batch": batch, "rounds": opts.rounds,
+            "reps": opts.reps, "warmup": opts.warmup, "statistic": "median of per-round medians, alternating",
+            "timer": "wall clock" if opts.timer is None else "custom timer"}
+
+
+def standalone(spec: LayerSpec, in_width: int, out_width: int) -> Tuple[nn.Module, Tuple[torch.Tensor]]:
+    """A fresh layer like ``spec`` at these widths, and a random input of its input shape at ``in_width``."""
+    shape = list(spec.input_shape)
+    if spec.kind == "linear":
+        shape[-1] = in_width
+        return nn.Linear(in_width, out_width, bias=spec.config[0]), (torch.randn(shape),)
+    dims, kernel, stride, padding, dilation, bias = spec.config
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    shape[1] = in_width
+    groups = in_width if spec.tied else 1
+    return conv(in_width, out_width, kernel, stride, padding, dilation, groups, bias), (torch.randn(shape),)
+
+
+def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tuple[Any, ...]) -> Dict[str, LayerTable]:
+    """Each distinct layer's seconds on its grid of widths (signature -> table), one tqdm bar over all points."""
+    jobs = {s.signature(): s for s in specs}
+    points = {sig: _points(s, opts.grid) for sig, s in jobs.items()}
+    bar = tqdm(total=sum(len(i) * len(o) for i, o in points.values()), desc="obafx layer latency grid",
+               disable=not opts.progress, leave=False)
+    tables = {}
+    with threads(opts.threads), bar:
+        for sig, spec in jobs.items():
+            ins, outs = points[sig]
+            rows = []
+            for i in ins:
+                row = []
+                for o in outs:
+                    layer, args = standalone(spec, o if spec.tied else i, o)
+                    row.append(median_call(*placed(layer, args, _like(opts, inputs)), opts))
+                    bar.update(1)
+                rows.append(tuple(row))
+            tables[sig] = LayerTable(ins, outs, tuple(rows))
+    return tables
+
+
+def _points(spec: LayerSpec, grid: Sequence[float]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    outs = grid_widths(spec.out_width, grid, spec.out_slot is not None)
+    ins = (spec.in_width,) if spec.tied else grid_widths(spec.in_width, grid, spec.in_slot is not None)
+    return ins, outs
+
+
+def _like(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> LatencyOptions:
+    """The options with the dtype fixed to the model's timing dtype (layers are built in float32)."""
+    from dataclasses import replace
+
+    return replace(opts, dtype=_dtype(opts, inputs))

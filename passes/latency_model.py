@@ -1,0 +1,171 @@
+"""Latency cost model: each prunable layer's latency as a function of its kept in/out widths, from a measured grid.
+
+Pure: the per-layer tables come in (measured on the real device by obafx/latency_timing.py, cached by
+passes/latency_cache.py), and `LatencyModel.estimate(removed) -> seconds` comes out, in the form select() takes
+for a budget (`estimate(removed units) -> cost`). Layers are convolutions and linears called as modules; what the
+tables do not cover (norms, activations, attention matmuls, pooling) is the "rest": the measured end-to-end time
+minus the layers' dense times, scaled by the kept fraction of all prunable units (element-wise work grows with the
+channels it touches). The caller measures the candidate end to end and corrects the aim, so the model only has to
+rank well and be roughly right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from .facts import Coupling
+
+Slot = Tuple[str, int]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One call of a prunable layer, as a standalone copy needs it.
+
+    ``kind``: "conv" or "linear"; ``config``: the hyper-parameters of a same-kind layer (conv: spatial dims,
+    kernel, stride, padding, dilation; both: bias); ``input_shape``: the shape of the input it is called on
+    (batch included, the channel/feature dim at the widths of the dense layer); ``in_slot``/``out_slot``: the
+    coupling's weight slots whose kept units set the widths (None: that width never changes). ``tied``: a
+    depthwise conv, whose in width is its out width."""
+
+    name: str
+    kind: str
+    in_width: int
+    out_width: int
+    input_shape: Tuple[int, ...]
+    config: Tuple[Any, ...]
+    in_slot: Optional[Slot]
+    out_slot: Optional[Slot]
+    tied: bool = False
+
+    def signature(self) -> str:
+        """What the layer's latency depends on (not its name): the cache key of its table."""
+        return (f"{self.kind}|in={self.in_width}|out={self.out_width}|x={list(self.input_shape)}|cfg={list(self.config)}"
+                f"|tied={int(self.tied)}|pin={int(self.in_slot is None)}{int(self.out_slot is None)}")
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Measured seconds of one layer on a grid of widths: ``seconds[i][j]`` at in width ``in_widths[i]`` and out
+    width ``out_widths[j]``. A table with one row does not depend on the in width (a pinned in width, or a tied
+    layer measured at in = out = ``out_widths[j]``)."""
+
+    in_widths: Tuple[int, ...]
+    out_widths: Tuple[int, ...]
+    seconds: Tuple[Tuple[float, ...], ...]
+
+    def at(self, in_width: float, out_width: float) -> float:
+        """Seconds at these widths: bilinear inside the grid, linear beyond it (never below zero)."""
+        rows = [_interp(self.out_widths, row, out_width) for row in self.seconds]
+        value = rows[0] if len(rows) == 1 else _interp(self.in_widths, rows, in_width)
+        return max(0.0, value)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"in": list(self.in_widths), "out": list(self.out_widths), "seconds": [list(r) for r in self.seconds]}
+
+    @staticmethod
+    def from_dict(data: Dict[str, Any]) -> "LayerTable":
+        table = LayerTable(tuple(int(w) for w in data["in"]), tuple(int(w) for w in data["out"]),
+                           tuple(tuple(float(s) for s in row) for row in data["seconds"]))
+        if len(table.seconds) != len(table.in_widths) or any(len(r) != len(table.out_widths) for r in table.seconds):
+            raise ValueError("table shape does not match its widths")
+        return table
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys) with the end segments extended (np.interp alone would clamp)."""
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if xs.size == 1:
+        return float(ys[0])
+    if x < xs[0]:
+        return float(ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0]))
+    if x > xs[-1]:
+        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return float(np.interp(x, xs, ys))
+
+
+def grid_widths(width: int, fractions: Sequence[float], prunable: bool) -> Tuple[int, ...]:
+    """The widths to measure a dim at: ``fractions`` of ``width`` (rounded, at least 1, distinct, ascending), or
+    only ``width`` when the dim is never pruned."""
+    if not prunable:
+        return (int(width),)
+    return tuple(sorted({max(1, int(round(f * width))) for f in fractions} | {int(width)}))
+
+
+def layer_specs(gm: fx.GraphModule, shapes: Dict[str, Any], coupling: Coupling) -> List[LayerSpec]:
+    """Every call of an nn.Conv1d/2d/3d (ungrouped or depthwise) or nn.Linear in ``gm`` whose widths the
+    coupling can change, with the shape of its input (``shapes``: node name -> shape, from the analysis)."""
+    modules = dict(gm.named_modules())
+    prunable = np.asarray(sorted(coupling.unit_group()), dtype=np.int64)
+    slots = {k: u for k, u in coupling.slot_units.items() if np.isin(u, prunable).any()}  # pinned slots never change
+    specs = []
+    for node in gm.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if module is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        spec = _spec(node.target, module, shapes.get(node.args[0].name), slots)
+        if spec is not None and (spec.in_slot or spec.out_slot):
+            specs.append(spec)
+    return specs
+
+
+def _spec(name: str, module: nn.Module, shape: Any, slots) -> Optional[LayerSpec]:
+    if not isinstance(shape, tuple) or not all(isinstance(s, int) for s in shape):
+        return None
+    weight = f"{name}.weight"
+    out_slot = (weight, 0) if (weight, 0) in slots else None
+    in_slot = (weight, 1) if (weight, 1) in slots else None
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        return LayerSpec(name, "linear", module.in_features, module.out_features, shape, (bias,), in_slot, out_slot)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(module.padding, tuple):
+        config = (len(module.kernel_size), tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
+                  tuple(module.dilation), bias)
+        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if module.groups == 1:
+            return LayerSpec(name, "conv", module.in_channels, module.out_channels, shape, config, in_slot, out_slot)
+        if depthwise and out_slot is not None:
+            return LayerSpec(name, "conv", module.in_channels, module.out_channels, shape, config, None, out_slot,
+                             tied=True)
+    return None  # grouped convs, transposed convs, string padding: part of the rest
+
+
+class LatencyModel:
+    """Estimated seconds of a module after removing units: the layers' tables at their kept widths plus the rest.
+
+    ``rest_seconds`` is the measured time not in any table (end to end minus the layers' dense times, at least 0);
+    it scales with the kept fraction of all units."""
+
+    def __init__(self, coupling: Coupling, specs: Sequence[LayerSpec], tables: Dict[str, LayerTable],
+                 rest_seconds: float):
+        self.specs = list(specs)
+        self.tables = [tables[s.signature()] for s in self.specs]
+        self.rest = max(0.0, float(rest_seconds))
+        self._slots = coupling.slot_units
+        self._all_units = np.asarray(sorted(coupling.unit_group()), dtype=np.int64)
+        self._top = int(max((int(u.max()) for u in self._slots.values() if u.size), default=0))
+
+    def layer_seconds(self) -> float:
+        """The layers' dense seconds (their tables at full width)."""
+        return sum(t.at(s.in_width, s.out_width) for s, t in zip(self.specs, self.tables))
+
+    def estimate(self, removed: Set[int]) -> float:
+        """Seconds with the ``removed`` units gone."""
+        gone = np.zeros(max(self._top, max(removed, default=0)) + 1, dtype=bool)
+        gone[list(removed)] = True
+        total = 0.0
+        for spec, table in zip(self.specs, self.tables):
+            out_w = self._kept(spec.out_slot, spec.out_width, gone)
+            in_w = out_w if spec.tied else self._kept(spec.in_slot, spec.in_width, gone)
+            total += table.at(in_w, out_w)
+        kept_units = 1.0 - gone[self._all_units].mean() if self._all_units.size else 1.0
+        return total + self.rest * kept_units
+
+    def _kept(self, slot: Optional[Slot], width: int, gone: np.ndarray) -> int:
+        if slot is None:
+            return width
+        return int((~gone[self._slots[slot]]).sum())
