@@ -1,6 +1,7 @@
 """obafx: structured pruning with Optimal Brain Apoptosis, as a torch.fx compiler pass pipeline."""
 from obafx.api import compile_prune
 from obafx.io import load, save
+from obafx.latency_timing import LatencyOptions
 from obafx.passes.errors import (BudgetError, ConfigError, ObafxError, PlanError, ScoreError, TraceError,
                                  UnsupportedOpError)
 from obafx.passes.hessian_blocks import hessian_blocks
@@ -8,7 +9,7 @@ from obafx.passes.hvp import parameter_scores
 from obafx.report import Report, report
 
 __all__ = [
-    "compile_prune", "report", "Report", "parameter_scores", "hessian_blocks", "save", "load",
+    "compile_prune", "report", "Report", "LatencyOptions", "parameter_scores", "hessian_blocks", "save", "load",
     "ObafxError", "TraceError", "ConfigError", "BudgetError", "PlanError", "ScoreError", "UnsupportedOpError",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -12,11 +12,12 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from obafx.batches import BatchSource, warn_once
+from obafx.latency_budget import LatencyBudget, check_request
 from obafx.passes.channel_graph import ChannelFacts, analyze
 from obafx.passes.coupling import couple
-from obafx.passes.errors import ConfigError
+from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.facts import Coupling, PrunePlan
-from obafx.passes.fit import fit_budget
+from obafx.passes.fit import TOLERANCE, fit_budget
 from obafx.passes.importance import ScoreContext, unit_scores
 from obafx.passes.macs import MacModel, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
@@ -33,12 +34,14 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   ignore: Iterable[str] = (), round_to: int = 1, max_layer_ratio: float = 0.95,
                   leaf_modules: Iterable[Any] = (), mode: str = "full", delta: float = 0.0, train: bool = False,
                   seed: int = 0, progress: bool = False, verify: bool = True, structure: str = "structured",
-                  sparsity: Optional[float] = None,
+                  sparsity: Optional[float] = None, latency: Any = None, latency_options: Any = None,
                   on_stage: Optional[Callable[[str, Any], None]] = None) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
     Budget: ``macs`` = fraction of the original MACs (thop, on ``example_input``) to keep, or ``channels`` =
-    fraction of prunable channels to remove. ``importance``: "magnitude", "random", "oba", "taylor", "obd",
+    fraction of prunable channels to remove, or ``latency`` = fraction of the dense model's MEASURED latency to keep
+    (0.5, or a speed-up as a string: "2x"), timed as ``latency_options`` (obafx.LatencyOptions: device, dtype,
+    threads, "eager"/"compile"; the batch is the example input's) says. ``importance``: "magnitude", "random", "oba", "taylor", "obd",
     "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
     OBA, re-scoring on fresh batches from ``data`` before each step. ``ignore``: module names whose widths stay.
     ``on_stage(name, facts)`` is called after every stage (the place for dumps). See obafx.report(pruned).
@@ -52,9 +55,11 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         raise ConfigError(f"structure={structure!r}. What to do: use 'structured' or 'unstructured'.")
     steps, ignore, leaf_modules = _check_args(steps, ignore, leaf_modules)
     clock, notes = _Clock(), []
-    budget = Budget(macs, channels, max_layer_ratio, round_to)
+    wanted = check_request(latency, latency_options, example_input) if latency is not None else None
+    budget = Budget(macs, channels, max_layer_ratio, round_to, latency=wanted[0] if wanted else None)
     _check_importance(importance)
     traced = clock("trace", trace, model, example_input, leaf_modules)
+    timing = LatencyBudget(*wanted, traced.gm, traced.inputs) if wanted else None
     hook = on_stage or (lambda name, facts: None)
     facts0 = clock("analyze", analyze, traced)
     coupling0 = clock("couple", couple, facts0, ignore)
@@ -65,7 +70,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         warn_once(source.note)
         notes.append(source.note)
     run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups), clock,
-               hook, notes, verify)
+               hook, notes, verify, timing)
     current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
     for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
         ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress)
@@ -75,6 +80,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     macs1 = known.macs[0] if known.macs else clock("measure", thop_macs, pruned, traced.inputs)[0]
     rep = _report(traced, pruned, coupling0, plan, run.macs0, macs1, importance, steps,
                   max(errors) if verify and errors else None, notes, clock)
+    if timing is not None:
+        rep = replace(rep, latency=timing.report())
     attach(pruned, rep)
     hook("report", rep)
     return pruned
@@ -96,6 +103,7 @@ class _Run:
     hook: Callable
     notes: list
     verify: bool
+    latency: Optional[LatencyBudget] = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,9 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     if run.budget.channels is not None:
         removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0)
         gm, macs = rewritten(removed), None
+    elif run.latency is not None:
+        removed, gm = _fit_latency(run, current, facts, coupling, scores, step, rewritten)
+        macs = None
     else:
         per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
         target = run.macs0 * run.budget.macs ** (step / run.steps)
@@ -203,17 +214,37 @@ def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, un
                                            round_to=budget.round_to))
 
 
-def _fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, notes, clock, what="MAC"):
+def _fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, notes, clock, what="MAC",
+         tolerance: float = TOLERANCE):
     """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
     the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
     corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted in the
     report (the closest feasible candidate is kept). Returns (removed units, module)."""
     fitted = fit_budget(target, lambda aim: clock("select", select, coupling, scores, budget, estimate, aim),
-                        build, measure, what=what)
+                        build, measure, what=what, tolerance=tolerance)
     if fitted.note:
         warn_once(fitted.note)
         notes.append(fitted.note)
     return set(fitted.removed), fitted.module
+
+
+def _fit_latency(run: _Run, current: Traced, facts, coupling, scores, step: int, build):
+    """A step of a latency budget: the cost model of ``current`` selects, the alternating end-to-end measurement
+    against the dense module corrects (costs are fractions of the dense latency). Returns (removed, module)."""
+    lat, clock = run.latency, run.clock
+    estimate = clock("latency model", lat.estimator, current, facts, coupling)
+    target = lat.target(step, run.steps)
+    try:
+        removed, gm = _fit(coupling, scores, run.budget, target, estimate, build,
+                           lambda gm: clock("latency measure", lat.measure, gm), run.notes, clock, what="latency",
+                           tolerance=lat.options.tolerance)
+    except BudgetError as exc:
+        raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
+                          f"removable channel still leaves more than {target:.3g} of the dense latency by the cost "
+                          "model. What to do: ask for a smaller speed-up, raise max_layer_ratio, or drop ignore= "
+                          f"entries. ({exc})") from None
+    lat.accept(gm)
+    return removed, gm
 
 
 def _report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, clock) -> Report:

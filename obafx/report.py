@@ -32,6 +32,7 @@ class Report:
     sparsity: Dict[str, float] = field(default_factory=dict)  # unstructured mode: zeroed fraction per weight
     overall_sparsity: Optional[float] = None  # unstructured mode: zeroed fraction of all scored weights
     inputs: List[Dict[str, Any]] = field(default_factory=list)  # example-input spec, for obafx.load
+    latency: Dict[str, Any] = field(default_factory=dict)  # latency= budget: request, measured times, protocol
 
 
     @property
@@ -57,8 +58,21 @@ class Report:
                      f"/{len(self.groups)}, barriers: {len(self.barriers)}, importance: {self.importance}, steps: {self.steps}")
         if self.sparsity:
             lines.append(f"unstructured sparsity over prunable weights: {self.overall_sparsity:.3f}")
+        if self.latency:
+            lines.append(_latency_line(self.latency))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _latency_line(latency: Dict[str, Any]) -> str:
+    """A latency budget's request and final measurement, with how it was measured."""
+    m = latency.get("measured")
+    if not m:
+        return f"latency: asked for {latency['requested_speedup']:.2f}x (nothing measured)"
+    return (f"latency: asked for {latency['requested_speedup']:.2f}x, measured {m['speedup']:.2f}x (dense "
+            f"{m['dense_s'] * 1e3:.3g} ms, pruned {m['pruned_s'] * 1e3:.3g} ms; {m['device']}, {m['mode']}, "
+            f"{m['dtype']}, batch {m['batch']}, {m['threads']} threads, median of {m['rounds']} alternating rounds x "
+            f"{m['reps']} calls)")
 
 
 def input_spec(inputs) -> List[Dict[str, Any]]:

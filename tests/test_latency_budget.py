@@ -1,0 +1,146 @@
+"""compile_prune(latency=...): the cost model selects, the end-to-end measurement corrects, through the shared
+budget loop. Timers are deterministic fakes (cost from the module's shapes), never the wall clock."""
+import pytest
+import torch
+import torch.nn as nn
+
+import obafx
+from obafx.passes.errors import BudgetError, ConfigError
+from obafx.passes.trace import trace
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+
+class Net(nn.Module):
+    """Convs of several widths, a depthwise conv, BatchNorm and a classifier: enough groups for fine steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.bn = nn.BatchNorm2d(24)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.c1 = nn.Conv2d(24, 48, 1)
+        self.c2 = nn.Conv2d(48, 32, 3, padding=1, stride=2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.c1(torch.relu(self.dw(x))))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+class MacTimer:
+    """Seconds = 1e-9 x (MACs of every conv / linear + elements of every leaf's output, the element-wise work),
+    counted with forward hooks on one run. Counts its calls, and which modules it timed."""
+
+    def __init__(self):
+        self.calls = 0
+        self.timed = []
+
+    def __call__(self, module, args):
+        self.calls += 1
+        self.timed.append(type(module).__name__)
+        total = [0.0]
+
+        def hook(m, inputs, out):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                total[0] += out.numel() * fan_in
+            if not list(m.children()):
+                total[0] += out.numel()
+
+        handles = [m.register_forward_hook(hook) for m in module.modules()]
+        try:
+            with torch.no_grad():
+                module(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        return 1e-9 * total[0]
+
+
+def _opts(timer, tmp_path, **kw):
+    return obafx.LatencyOptions(timer=timer, reps=1, rounds=1, warmup=0, progress=False,
+                                cache=str(tmp_path / "lat.json"), **kw)
+
+
+@pytest.fixture(scope="module")
+def x():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("latency,steps", [(0.5, 1), ("2x", 1), (0.4, 2), ("1.5x", 1)])
+def test_measured_latency_lands_within_tolerance(tmp_path, x, latency, steps):
+    timer = MacTimer()
+    model = Net().eval()
+    pruned = obafx.compile_prune(model, x, latency=latency, steps=steps, latency_options=_opts(timer, tmp_path))
+    want = 1 / float(latency[:-1]) if isinstance(latency, str) else latency
+    truth = MacTimer()(pruned, (x,)) / MacTimer()(model, (x,))  # independent of what compile_prune recorded
+    assert truth == pytest.approx(want, rel=0.05)
+    rep = obafx.report(pruned)
+    m = rep.latency["measured"]
+    assert m["ratio"] == pytest.approx(truth, rel=1e-9) and m["speedup"] == pytest.approx(1 / truth, rel=1e-9)
+    assert rep.latency["requested_fraction"] == pytest.approx(want)
+    assert m["timer"] == "custom timer" and m["batch"] == 2 and m["mode"] == "eager" and m["rounds"] == 1
+    assert "latency: asked for" in rep.summary() and rep.masked_error < 1e-4
+    assert not any("missed" in n for n in rep.notes)
+
+
+def test_the_correction_loop_fixes_a_cost_model_that_is_off(tmp_path, x):
+    """A whole model pays a fixed overhead (30% of the dense work) that no layer alone shows, while the cost
+    model scales what the layers do not explain with the kept channels: it underestimates the pruned latency, and
+    only the end-to-end measurement brings the result to the target."""
+    model = Net().eval()
+    overhead = 0.3 * MacTimer()(model, (x,))
+
+    def with_overhead(module, args):
+        return MacTimer()(module, args) + (overhead if isinstance(module, torch.fx.GraphModule) else 0.0)
+
+    pruned = obafx.compile_prune(model, x, latency=0.5, latency_options=_opts(with_overhead, tmp_path))
+    dense = trace(model, (x,), []).gm  # a GraphModule, like the dense module compile_prune timed
+    assert with_overhead(pruned, (x,)) / with_overhead(dense, (x,)) == pytest.approx(0.5, rel=0.05)
+
+
+def test_layer_tables_are_cached_across_runs_and_remeasured_for_a_new_setup(tmp_path, x):
+    first, second, third = MacTimer(), MacTimer(), MacTimer()
+    for timer in (first, second):
+        timer.__qualname__ = "MacTimer"  # the same timer as far as the cache key goes
+        pruned = obafx.compile_prune(Net(), x, latency=0.5, latency_options=_opts(timer, tmp_path))
+    rep = obafx.report(pruned).latency
+    assert rep["layer_tables_measured"] == 0 and rep["layer_tables_cached"] > 0
+    assert "Conv2d" in first.timed and "Conv2d" not in second.timed  # the second run timed whole models only
+    third.__qualname__ = "MacTimer"
+    obafx.compile_prune(Net(), torch.randn(4, 3, 16, 16), latency=0.5, latency_options=_opts(third, tmp_path))
+    assert "Conv2d" in third.timed  # another batch size: another key, measured again
+
+
+def test_unreachable_latency_is_a_budget_error(tmp_path, x):
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        obafx.compile_prune(Net(), x, latency=0.001, latency_options=_opts(MacTimer(), tmp_path))
+
+
+@pytest.mark.parametrize("latency", [1.0, 1.5, 0.0, -0.2, "1x", "0.5x", "fast", True, float("nan")])
+def test_latency_outside_what_means_a_speedup_is_a_config_error(x, latency):
+    with pytest.raises(ConfigError, match="latency="):
+        obafx.compile_prune(Net(), x, latency=latency)
+
+
+def test_latency_with_another_budget_or_bad_options_is_a_config_error(x):
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        obafx.compile_prune(Net(), x, latency=0.5, macs=0.5)
+    with pytest.raises(ConfigError, match="LatencyOptions"):
+        obafx.compile_prune(Net(), x, latency=0.5, latency_options={"threads": 1})
+
+
+def test_nothing_to_time_with_is_a_config_error():
+    with pytest.raises(ConfigError, match="nothing to time with"):
+        obafx.compile_prune(Net(), None, latency=0.5)
+    with pytest.raises(ConfigError, match="nothing to time with"):
+        obafx.compile_prune(Net(), (3, "a"), latency="2x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_timing_on_an_absent_device_is_a_config_error(x):
+    with pytest.raises(ConfigError, match="no such device is available"):
+        obafx.compile_prune(Net(), x, latency=0.5, latency_options=obafx.LatencyOptions(device="cuda"))
