@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import statistics
 import time
@@ -23,6 +24,8 @@ from obafx.passes.errors import ConfigError
 from obafx.passes.latency_model import LayerSpec, LayerTable, grid_widths
 
 Timer = Callable[[nn.Module, Tuple[Any, ...]], float]
+MIN_SAMPLE_S = 0.002  # a wall-clock sample lasts this long at least (several calls of a fast module)
+MAX_CALLS = 100
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "obafx",
                              "latency.json")
 
@@ -137,21 +140,27 @@ def placed(module: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions):
 
 
 def median_call(module: nn.Module, args: Tuple[Any, ...], opts: LatencyOptions) -> float:
-    """Median seconds of one call of ``module(*args)`` over ``opts.reps`` calls after ``opts.warmup``."""
+    """Median seconds of one call of ``module(*args)`` over ``opts.reps`` samples after ``opts.warmup`` calls.
+    On the wall clock a sample averages enough consecutive calls to last MIN_SAMPLE_S (a layer that runs in
+    microseconds is otherwise timer and scheduler noise)."""
     if opts.timer is not None:
         return statistics.median(opts.timer(module, args) for _ in range(opts.reps))
     dev = torch.device(opts.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(opts.warmup + opts.reps):
-            sync()
-            start = time.perf_counter()
+
+    def run(calls: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
             module(*args)
-            sync()
-            if i >= opts.warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        sync()
+        return (time.perf_counter() - start) / calls
+
+    with torch.inference_mode():
+        for _ in range(opts.warmup):
+            run(1)
+        calls = max(1, min(MAX_CALLS, math.ceil(MIN_SAMPLE_S / max(run(1), 1e-7))))
+        return statistics.median(run(calls) for _ in range(opts.reps))
 
 
 def alternate(dense: nn.Module, candidate: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions,

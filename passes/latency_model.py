@@ -119,7 +119,7 @@ def _spec(name: str, module: nn.Module, shape: Any, slots) -> Optional[LayerSpec
     weight = f"{name}.weight"
     out_slot = (weight, 0) if (weight, 0) in slots else None
     in_slot = (weight, 1) if (weight, 1) in slots else None
-    bias = module.bias is not None
+    bias = getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
         return LayerSpec(name, "linear", module.in_features, module.out_features, shape, (bias,), in_slot, out_slot)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(module.padding, tuple):
