@@ -2,17 +2,18 @@
 from obafx.api import compile_prune
 from obafx.io import load, save
 from obafx.latency_timing import LatencyOptions
-from obafx.passes.errors import (BudgetError, ConfigError, ObafxError, PlanError, ScoreError, TraceError,
-                                 UnsupportedOpError)
+from obafx.passes.errors import (BudgetError, ConfigError, ObafxError, PathError, PlanError, ScoreError,
+                                 TraceError, UnsupportedOpError)
 from obafx.passes.hessian_blocks import hessian_blocks
 from obafx.passes.hvp import parameter_scores
 from obafx.report import Report, report
 
 __all__ = [
     "compile_prune", "report", "Report", "LatencyOptions", "parameter_scores", "hessian_blocks", "save", "load",
-    "ObafxError", "TraceError", "ConfigError", "BudgetError", "PlanError", "ScoreError", "UnsupportedOpError",
+    "ObafxError", "TraceError", "ConfigError", "BudgetError", "PlanError", "PathError", "ScoreError",
+    "UnsupportedOpError",
 ]
-__version__ = "0.1.0"
+from obafx.version import __version__
 
 _LAZY = {  # loaded on first use, so that `import obafx` does not import torch_pruning or torch.distributed
     "OBAImportance": "obafx.tp_interop", "CriterionImportance": "obafx.tp_interop",

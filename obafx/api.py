@@ -11,11 +11,11 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 from torch import nn
 
-from obafx.batches import BatchSource, warn_once
+from obafx.batches import BatchSource, scored_with, warn_once
 from obafx.latency_budget import LatencyBudget, check_request
 from obafx.passes.channel_graph import ChannelFacts, analyze
 from obafx.passes.coupling import couple
-from obafx.passes.errors import BudgetError, ConfigError
+from obafx.passes.errors import BudgetError, ConfigError, ObafxError
 from obafx.passes.facts import Coupling, PrunePlan
 from obafx.passes.fit import TOLERANCE, fit_budget
 from obafx.passes.importance import ScoreContext, unit_scores
@@ -64,7 +64,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     facts0 = clock("analyze", analyze, traced)
     coupling0 = clock("couple", couple, facts0, ignore)
     hook("couple", coupling0)
-    macs = clock("measure", thop_macs, traced.gm, traced.inputs)
+    macs = clock("measure", _measure_original, traced)
     source = BatchSource(data, steps, traced.inputs, batches_per_step)
     if source.note and _needs_data(importance):
         warn_once(source.note)
@@ -79,7 +79,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     pruned = current.gm
     macs1 = known.macs[0] if known.macs else clock("measure", thop_macs, pruned, traced.inputs)[0]
     rep = _report(traced, pruned, coupling0, plan, run.macs0, macs1, importance, steps,
-                  max(errors) if verify and errors else None, notes, clock)
+                  max(errors) if verify and errors else None, notes, clock, scored_with(importance, loss_fn, source))
     if timing is not None:
         rep = replace(rep, latency=timing.report())
     attach(pruned, rep)
@@ -179,6 +179,21 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     return Traced(gm, current.inputs), _Known(macs=macs), plan, error
 
 
+def _measure_original(traced: Traced):
+    """thop's count of the traced model: its first real run (the trace may have run on meta tensors only, whose
+    kernels skip some checks, e.g. an integer input to a float Linear), so a failure here is a bad input."""
+    try:
+        return thop_macs(traced.gm, traced.inputs)
+    except ObafxError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, TypeError, NotImplementedError... for unfit inputs
+        shapes = [(tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else type(x).__name__
+                  for x in traced.inputs]
+        raise ConfigError(f"the model does not run on the example input {shapes}: {type(exc).__name__}: {exc}. "
+                          "What to do: pass an example input shaped and typed like one real batch, on the model's "
+                          "device.") from exc
+
+
 def _run_eval(gm, inputs):
     was = gm.training
     gm.eval()
@@ -247,13 +262,14 @@ def _fit_latency(run: _Run, current: Traced, facts, coupling, scores, step: int,
     return removed, gm
 
 
-def _report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, clock) -> Report:
+def _report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, clock,
+            scored) -> Report:
     groups = [{"id": g.id, "width_before": g.width, "width_after": _width_after(g, plan, coupling0),
                "members": [f"{n}:{d}" for n, d in g.members]} for g in coupling0.groups]
     return Report(param_count(traced.gm), param_count(pruned), macs0, macs1,
                   importance if isinstance(importance, str) else getattr(importance, "__name__", "custom"),
                   int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals,
-                  inputs=input_spec(traced.inputs))
+                  inputs=input_spec(traced.inputs), scored_with=scored)
 
 
 def _width_after(group, plan: PrunePlan, coupling) -> int:

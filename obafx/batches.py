@@ -14,6 +14,8 @@ class BatchSource:
     def __init__(self, data: Optional[Any], steps: int, example_inputs: Sequence[Any], per_step: Optional[int]):
         self.steps = steps
         self.note: Optional[str] = None
+        self.given = data is not None
+        self.first: Any = None  # the first batch handed out (the report says what it carried)
         if data is None:
             self.note = ("no calibration data given: scores use the example input with the model's own "
                          "predictions as labels")
@@ -35,6 +37,12 @@ class BatchSource:
 
     def for_step(self) -> List[Any]:
         """The batches for the next step."""
+        out = self._next()
+        if self.first is None and out:
+            self.first = out[0]
+        return out
+
+    def _next(self) -> List[Any]:
         if self._fixed is not None:
             return self._fixed
         if hasattr(self, "_seq"):
@@ -46,6 +54,25 @@ class BatchSource:
             self._iter = iter(self._data)
             out += list(itertools.islice(self._iter, self._per - len(out)))
         return out
+
+
+def scored_with(importance: Any, loss_fn: Optional[Any], source: BatchSource) -> str:
+    """What the scores were computed from, in words, for the report: the loss and the targets of the batches
+    (read as the scorer reads them: a 2-item list/tuple is (inputs, targets), anything else inputs only)."""
+    if isinstance(importance, str) and importance in ("magnitude", "random"):
+        return f"no data: {importance} scores need none"
+    if source.first is None:
+        return "no data: no batch was scored"
+    loss = "cross_entropy (default)" if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    how = "" if isinstance(importance, str) else "a custom criterion given these batches; "
+    if not source.given:
+        return (f"{how}no data: the example input, loss {loss}, targets = the model's own argmax predictions "
+                "(pass data= with (inputs, targets) batches to use labels)")
+    batch = source.first
+    targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+    if targets is None:
+        return f"{how}data= batches, loss {loss}, targets = the model's own argmax predictions (the batches carry none)"
+    return f"{how}data= batches, loss {loss}, targets = the labels in the batches"
 
 
 def warn_once(message: str) -> None:

@@ -29,12 +29,13 @@ from torch import nn
 
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
-from obafx.passes.errors import ConfigError, PlanError
+from obafx.passes.errors import ConfigError, PathError, PlanError
 from obafx.passes.facts import PrunePlan
 from obafx.passes.plan import plan_from_removed, removed_from_plan
 from obafx.passes.rewrite import rewrite
 from obafx.passes.trace import Traced, as_inputs, trace
 from obafx.report import Report, attach, report
+from obafx.version import __version__
 
 FORMAT = "obafx-pruned"
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ def save(pruned: fx.GraphModule, path: PathLike, example_input: Any = None) -> s
     rep = report(pruned)
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "obafx_version": _obafx_version(), "torch_version": torch.__version__,
+        "obafx_version": __version__, "torch_version": torch.__version__,
         "inputs": _input_spec(rep, example_input),
         "plan": rep.plan,
         "leaf_modules": user_leaves(pruned),
@@ -68,14 +69,15 @@ def save(pruned: fx.GraphModule, path: PathLike, example_input: Any = None) -> s
     tensors = _contiguous_unshared(pruned.state_dict())
     path = os.fspath(path)
     tmp = path + ".partial"
-    save_file(tensors, tmp, metadata={_KEY: json.dumps(header)})
+    try:
+        save_file(tensors, tmp, metadata={_KEY: json.dumps(header)})
+    except Exception as exc:  # safetensors reports I/O failures as its own error type
+        folder = os.path.dirname(os.path.abspath(path))
+        raise PathError(f"cannot write '{path}' ({type(exc).__name__}: {exc}). What to do: pass a path in an "
+                        f"existing, writable folder{'' if os.path.isdir(folder) else f' ({folder} does not exist)'}."
+                        ) from exc
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
     return path
-
-
-def _obafx_version() -> str:
-    import obafx
-    return getattr(obafx, "__version__", "unknown")
 
 
 def _input_spec(rep: Report, example_input: Any) -> List[Dict[str, Any]]:
@@ -174,8 +176,12 @@ def read_header(path: str) -> Dict[str, Any]:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise
+    except OSError as exc:  # missing file, a folder, no access (safetensors' own errors are not OSErrors)
+        if os.path.isfile(path):
+            raise PlanError(f"'{path}' is not a readable safetensors file ({type(exc).__name__}: {exc}). "
+                            "What to do: pass a file written by obafx.save.") from exc
+        raise PathError(f"cannot read '{path}': {exc.strerror or exc}. What to do: pass the path of a file written "
+                        "by obafx.save (check the folder and the file name).") from exc
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise PlanError(f"'{path}' is not a readable safetensors file ({type(exc).__name__}: {exc}). "
                         "What to do: pass a file written by obafx.save.") from exc

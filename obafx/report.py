@@ -33,6 +33,7 @@ class Report:
     overall_sparsity: Optional[float] = None  # unstructured mode: zeroed fraction of all scored weights
     inputs: List[Dict[str, Any]] = field(default_factory=list)  # example-input spec, for obafx.load
     latency: Dict[str, Any] = field(default_factory=dict)  # latency= budget: request, measured times, protocol
+    scored_with: str = ""  # the data, loss and targets the importance scores came from, in words
 
 
     @property
@@ -60,6 +61,8 @@ class Report:
             lines.append(f"unstructured sparsity over prunable weights: {self.overall_sparsity:.3f}")
         if self.latency:
             lines.append(_latency_line(self.latency))
+        if self.scored_with:
+            lines.append(f"scored with: {self.scored_with}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from obafx.batches import BatchSource, warn_once
+from obafx.batches import BatchSource, scored_with, warn_once
 from obafx.passes.hvp import parameter_scores, prunable_parameter_names
 from obafx.passes.macs import param_count, thop_macs
 from obafx.passes.trace import trace
@@ -21,8 +21,8 @@ def prune_unstructured(model, example_input, *, sparsity: float, importance: str
     names = [n for n in prunable_parameter_names(gm) if n.endswith("weight")]
     params = {n: p for n, p in gm.named_parameters() if n in names}
     notes = []
+    source = BatchSource(data, 1, traced.inputs, None)
     if importance == "oba":
-        source = BatchSource(data, 1, traced.inputs, None)
         if source.note:
             warn_once(source.note)
             notes.append(source.note)
@@ -41,6 +41,6 @@ def prune_unstructured(model, example_input, *, sparsity: float, importance: str
     macs, _ = thop_macs(gm, traced.inputs)
     count = param_count(gm)
     rep = Report(count, count, macs, macs, importance, 1, [], [], {}, None, notes, {}, per_tensor,
-                 zeroed / max(total, 1), input_spec(traced.inputs))
+                 zeroed / max(total, 1), input_spec(traced.inputs), scored_with(importance, loss_fn, source))
     attach(gm, rep)
     return gm

@@ -30,6 +30,10 @@ class PlanError(ObafxError):
     """A saved plan or weights file does not match the model it is applied to."""
 
 
+class PathError(ObafxError, OSError):
+    """A file obafx was asked to read or write cannot be opened there (missing file, missing folder, no access)."""
+
+
 class ScoreError(ObafxError):
     """Importance scores could not be computed (loss not scalar, NaN/inf, wrong data)."""
 

@@ -9,6 +9,7 @@ import copy
 from typing import Any, Dict, Iterator, Tuple
 
 import torch
+from torch.fx.immutable_collections import immutable_dict
 import torch.fx as fx
 from torch import nn
 
@@ -185,8 +186,10 @@ def _to_meta(value: Any) -> Any:
         except TypeError:
             return tuple(items)
     if isinstance(value, dict):
-        out = copy.copy(value)
-        for k, v in value.items():
-            out[k] = _to_meta(v)
+        items = {k: _to_meta(v) for k, v in value.items()}
+        if isinstance(value, immutable_dict):  # a dict the graph returns: fx forbids mutating it
+            return immutable_dict(items)
+        out = copy.copy(value)  # keeps OrderedDict and other dict subclasses
+        out.update(items)
         return out
     return value

@@ -125,14 +125,21 @@ def as_inputs(example_input: Any) -> Tuple[Any, ...]:
     )
 
 
-def check_precision(model: nn.Module) -> None:
-    """Refuse half-precision models: the analysis and the scores need float32 or float64."""
-    dtypes = {p.dtype for p in model.parameters()}
-    low = dtypes & {torch.float16, torch.bfloat16}
-    if low:
+def check_precision(model: nn.Module, inputs: Tuple[Any, ...] = ()) -> None:
+    """Refuse what the analysis cannot run on: tensors on the meta device (no data), and floating or complex
+    parameters other than float32/float64 (the analysis and the scores need them; half precision loses them)."""
+    tensors = [t for _, t in named_tensors(model)] + [x for x in inputs if isinstance(x, torch.Tensor)]
+    if any(t.is_meta for t in tensors):
         raise ConfigError(
-            f"the model holds {sorted(str(d) for d in low)} parameters. What to do: prune a float32 copy "
-            "(model.float()), then convert the pruned module back with .half() / .to(torch.bfloat16)."
+            "the model or the example input is on the meta device (shapes without data). What to do: materialise "
+            "it first, e.g. model.to_empty(device='cpu') then load_state_dict(...), and pass a real example input.")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() or p.is_complex()}
+    odd = dtypes - {torch.float32, torch.float64}
+    if odd:
+        raise ConfigError(
+            f"the model holds {sorted(str(d) for d in odd)} parameters; obafx analyses float32 or float64 models. "
+            "What to do: prune a float32 copy (model.float()), then convert the pruned module back with "
+            ".half() / .to(torch.bfloat16)."
         )
 
 
@@ -144,8 +151,8 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile_prune needs an nn.Module, got {type(model).__name__}.")
-    check_precision(model)
     inputs = as_inputs(example_input)
+    check_precision(model, inputs)
     leaf_modules = _checked_leaf_modules(model, leaf_modules)
     private = private_copy(model)
     tracer = _LeafTracer(leaf_modules)

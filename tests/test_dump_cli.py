@@ -1,5 +1,6 @@
 """Graph dumps and the command line."""
 import json
+import re
 import shutil
 
 import networkx as nx
@@ -40,12 +41,16 @@ def test_write_dumps_round_trips_json(tmp_path):
 
 
 def test_cli_inspect_and_prune(tmp_path, capsys):
+    threads = torch.get_num_threads()
     assert cli.main(["inspect", "resnet18", "--input", "1,3,32,32", "--out", str(tmp_path / "i")]) == 0
     out = capsys.readouterr().out
     assert "layer1.0.conv1" in out
     assert cli.main(["prune", "resnet18", "--input", "1,3,32,32", "--macs", "0.5", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "CPU latency" in out and "MACs" in out
+    row = next(line for line in out.splitlines() if "CPU latency" in line)
+    assert re.search(r"\d+\.\d+ \[\d+\.\d+-\d+\.\d+\]", row), row  # median [min-max]
+    assert "1 CPU thread(s)" in out and torch.get_num_threads() == threads  # pinned, then restored
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert abs(rep["macs_ratio"] - 0.5) <= 0.02
 

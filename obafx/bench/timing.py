@@ -43,8 +43,15 @@ def latency(model: nn.Module, example: torch.Tensor, reps: int = 20, warmup: int
 def interleaved(models: Dict[str, nn.Module], example: torch.Tensor, rounds: int = 5, reps: int = 5) -> Dict[str, float]:
     """Median latency of several models measured in alternation, so that a slow burst of the machine hits all of
     them alike; ratios of these medians are the honest comparison."""
+    return {k: statistics.median(v) for k, v in interleaved_rounds(models, example, rounds, reps).items()}
+
+
+def interleaved_rounds(models: Dict[str, nn.Module], example: torch.Tensor, rounds: int = 5,
+                       reps: int = 5) -> Dict[str, List[float]]:
+    """Per model, the median latency of each of ``rounds`` rounds, the models alternating within a round (the
+    spread of these says how much to trust a difference)."""
     per: Dict[str, List[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for name, m in models.items():
             per[name].append(latency(m, example, reps=reps, warmup=1)["median"])
-    return {k: statistics.median(v) for k, v in per.items()}
+    return per
