@@ -1,0 +1,167 @@
+"""Speed-ups on request: does ``compile_prune(model, x, latency="2x")`` give a model that MEASURES 2x faster?
+
+For every cell (model x batch x mode x requested speed-up) the model is pruned with ``latency="<r>x"``
+(importance "magnitude", obafx.LatencyOptions with the cell's threads and mode), then dense and pruned are timed
+again, independently of the pruning loop, in alternation (order swapped every round, medians over
+``--check-rounds`` rounds of ``--reps`` samples). A cell is "met" when that speed-up is within 10% of the request;
+otherwise it says why: the pruning loop's own note (a budget it could not reach with the channel groups at hand),
+an obafx error (the request is out of reach), or noise (the loop measured the request, the re-check did not).
+The MAC ratio (thop) beside each speed-up shows how much pruning a speed-up took: a model whose batch-1 time is
+mostly per-op overhead needs far more than a 2x MAC cut for 2x.
+
+Models and inputs as in benchmarks/throughput.py: resnet50, mobilenet_v2 at 3x128x128 (throughput batch 32),
+vit_b_16 at 3x224x224 (batch 4), obafx.bench.models.vit_tiny at 1x32x32 (batch 64); random weights (latency does
+not depend on them). Layer latency tables are cached in benchmarks/cache/latency_tables.json across runs.
+
+Usage: python3 benchmarks/latency.py [--models resnet50,mobilenet_v2,vit_b_16,vit_tiny] [--batches 1,throughput]
+       [--modes eager,compile] [--requests 1.5,2,3] [--threads 1] [--reps 5] [--rounds 5] [--check-rounds 9]
+       [--reduced "why this run is smaller"] [--quick] [--out benchmarks/results/latency.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torchvision
+
+import obafx
+from obafx.latency_timing import LatencyOptions, alternate
+from obafx.passes.macs import param_count, thop_macs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import error_entry, machine_info, write_json  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "results", "latency.json")
+CACHE = os.path.join(HERE, "cache", "latency_tables.json")
+SPECS = {"resnet50": ("torchvision", (3, 128, 128), 32), "mobilenet_v2": ("torchvision", (3, 128, 128), 32),
+         "vit_b_16": ("torchvision", (3, 224, 224), 4), "vit_tiny": ("obafx", (1, 32, 32), 64)}
+WITHIN = 0.10  # a cell is met when the re-measured speed-up is within 10% of the request
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(SPECS))
+    p.add_argument("--batches", default="1,throughput", help="'1', 'throughput' (the model's batch) or numbers")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--requests", default="1.5,2,3", help="speed-ups to ask for")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5, help="samples per timing (median)")
+    p.add_argument("--rounds", type=int, default=5, help="alternation rounds inside the pruning loop")
+    p.add_argument("--check-rounds", type=int, default=9, help="alternation rounds of the independent re-check")
+    p.add_argument("--reduced", default=None, help="say why this run is smaller than the full one (recorded)")
+    p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, batch 1, eager, 1.5x, 1 round")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.batches, args.modes, args.requests = "vit_tiny", "1", "eager", "1.5"
+        args.reps, args.rounds, args.check_rounds = 1, 1, 1
+    args.models = [m for m in args.models.split(",") if m]
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.requests = [float(r) for r in args.requests.split(",") if r]
+    args.batches = [b for b in args.batches.split(",") if b]
+    bad = [m for m in args.models if m not in SPECS] + [m for m in args.modes if m not in ("eager", "compile")]
+    if bad or any(r <= 1 for r in args.requests) or min(args.threads, args.reps, args.rounds, args.check_rounds) < 1:
+        p.error(f"bad --models/--modes {bad} (models: {sorted(SPECS)}; modes: eager, compile), --requests must be "
+                "> 1 and --threads/--reps/--rounds/--check-rounds >= 1")
+    return args
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if SPECS[name][0] == "torchvision":
+        return getattr(torchvision.models, name)(weights=None).eval()
+    from obafx.bench import models
+
+    return models.build(name).eval()
+
+
+def batch_of(name: str, b: str) -> int:
+    return SPECS[name][2] if b == "throughput" else int(b)
+
+
+def cell(name: str, model: torch.nn.Module, x: torch.Tensor, mode: str, request: float, args,
+         timer: Optional[Callable]) -> Dict[str, Any]:
+    """Prune ``model`` to ``request``x its measured latency, re-measure, and say whether and why not."""
+    row: Dict[str, Any] = {"model": name, "batch": int(x.shape[0]), "input_shape": list(x.shape[1:]), "mode": mode,
+                           "requested_speedup": request}
+    opts = LatencyOptions(threads=args.threads, mode=mode, reps=args.reps, rounds=args.rounds, timer=timer,
+                          cache="" if timer else CACHE, progress=args.progress)
+    start = time.perf_counter()
+    try:
+        pruned = obafx.compile_prune(model, x, latency=f"{request}x", latency_options=opts)
+    except obafx.ObafxError as exc:
+        return {**row, "status": "unreachable", "why": f"{type(exc).__name__}: {exc}",
+                "prune_s": time.perf_counter() - start}
+    except Exception as exc:  # noqa: BLE001 - a crash is a result to record, not the end of the run
+        return {**row, **error_entry(exc), "prune_s": time.perf_counter() - start}
+    rep = obafx.report(pruned)
+    row["prune_s"] = time.perf_counter() - start
+    row["loop"] = rep.latency["measured"]
+    row["loop_speedup"] = row["loop"]["speedup"]
+    check = alternate(model, pruned, (x,), _replace(opts, rounds=args.check_rounds), desc=f"{name} re-check")
+    row["check"] = check
+    row["speedup"] = check["speedup"]
+    row["mac_ratio"] = rep.macs_before / rep.macs_after
+    row["params_ratio"] = param_count(model) / param_count(pruned)
+    row["notes"] = list(rep.notes)
+    row["status"], row["why"] = verdict(request, row)
+    return row
+
+
+def verdict(request: float, row: Dict[str, Any]):
+    """("met", None) when the re-measured speed-up is within WITHIN of the request, else ("missed", why)."""
+    if abs(row["speedup"] / request - 1) <= WITHIN:
+        return "met", None
+    missed = [n for n in row["notes"] if "missed" in n]
+    if missed:
+        return "missed", missed[0]
+    if abs(row["loop_speedup"] / request - 1) <= WITHIN:
+        return "missed", (f"noise: the pruning loop measured {row['loop_speedup']:.2f}x, the re-check "
+                          f"{row['speedup']:.2f}x (spreads dense {row['check']['dense_spread_s']}, pruned "
+                          f"{row['check']['pruned_spread_s']} s)")
+    return "missed", f"the pruning loop ended at {row['loop_speedup']:.2f}x without a note (tolerance wider than 10%?)"
+
+
+def _replace(opts: LatencyOptions, **kw) -> LatencyOptions:
+    from dataclasses import replace
+
+    return replace(opts, **kw)
+
+
+def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> Dict[str, Any]:
+    """Run the cells and write the JSON; ``timer`` (tests) replaces the wall clock everywhere."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    cells = []
+    for name in args.models:
+        model = build(name)
+        for b in args.batches:
+            x = torch.randn(batch_of(name, b), *SPECS[name][1])
+            macs = thop_macs(model, (x,))[0]
+            for mode in args.modes:
+                for request in args.requests:
+                    row = cell(name, model, x, mode, request, args, timer)
+                    row["macs_dense"] = macs
+                    cells.append(row)
+                    print(f"{name} batch {row['batch']} {mode} {request}x: {row.get('status')} "
+                          f"{row.get('speedup', float('nan')):.2f}x {row.get('why') or ''}", flush=True)
+    out = {"machine": {**machine_info(), "threads": args.threads},
+           "protocol": {"within": WITHIN, "reps": args.reps, "rounds": args.rounds, "check_rounds": args.check_rounds,
+                        "threads": args.threads, "statistic": "median of per-round medians, dense and pruned in "
+                        "alternation (order swapped every round); speed-up = dense / pruned",
+                        "timer": "wall clock" if timer is None else "injected (test)"},
+           "reduced": args.reduced, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "cells": cells, "met": sum(c.get("status") == "met" for c in cells), "total": len(cells),
+           "runtime_s": time.perf_counter() - start}
+    write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Smoke test: benchmarks/latency.py --quick runs end to end (with a deterministic injected timer, so no number
+depends on this machine's load) and writes the promised JSON: machine, protocol, one cell per request with its
+verdict and the numbers the verdict follows from."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.prune_oracles import one_thread
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "latency.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("latency_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def params_timer(module, args):
+    """One nanosecond per parameter plus a fixed 20 microseconds (a call's overhead)."""
+    return 2e-5 + 1e-9 * sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latency") / "latency.json"
+    with one_thread():
+        returned = load_script().main(["--quick", "--no-progress", "--out", str(out), "--reduced", "smoke"],
+                                      timer=params_timer)
+    return returned, json.loads(out.read_text())
+
+
+def test_quick_run_writes_machine_protocol_and_cells(quick):
+    returned, report = quick
+    assert report == json.loads(json.dumps(returned))
+    assert {"torch", "cpu_count", "threads", "device"} <= report["machine"].keys()
+    assert report["protocol"]["threads"] == 1 and report["protocol"]["timer"] == "injected (test)"
+    assert report["reduced"] == "smoke" and report["total"] == len(report["cells"]) == 1
+    c = report["cells"][0]
+    assert (c["model"], c["batch"], c["mode"], c["requested_speedup"]) == ("vit_tiny", 1, "eager", 1.5)
+
+
+def test_cell_verdict_follows_from_the_re_measured_speedup(quick):
+    c = quick[1]["cells"][0]
+    assert c["status"] == "met" and c["why"] is None and quick[1]["met"] == 1
+    assert c["speedup"] == pytest.approx(c["check"]["dense_s"] / c["check"]["pruned_s"])
+    assert abs(c["speedup"] / 1.5 - 1) <= 0.10 and c["mac_ratio"] > 1 and c["params_ratio"] > 1
+    assert c["loop"]["mode"] == "eager" and c["loop"]["batch"] == 1
+
+
+def test_verdict_names_why_a_cell_misses():
+    bench = load_script()
+    row = {"speedup": 1.2, "loop_speedup": 2.0, "notes": [], "check": {"dense_spread_s": [1, 2],
+                                                                      "pruned_spread_s": [1, 2]}}
+    assert bench.verdict(2.0, row)[1].startswith("noise")
+    row["notes"] = ["the latency budget was missed: ..."]
+    assert bench.verdict(2.0, row) == ("missed", row["notes"][0])
+    assert bench.verdict(1.25, row) == ("met", None)
+
+
+def test_rejects_a_request_that_is_no_speedup():
+    with pytest.raises(SystemExit):
+        load_script().main(["--requests", "1.0"])
