@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any, Callable, Dict, Set, Tuple
 
 import torch
@@ -78,6 +79,7 @@ class LatencyBudget:
         self.measured: Dict[int, Dict[str, Any]] = {}  # id(module) -> its alternating measurement
         self.current: Dict[str, Any] = {"ratio": 1.0}  # the measurement of the module the next step starts from
         self.cache_hits = self.cache_misses = 0
+        self._dense_placed = None  # (module, inputs) of the dense module on the timing device, made once
 
     def target(self, step: int, steps: int) -> float:
         return self.fraction ** (step / steps)
@@ -86,24 +88,38 @@ class LatencyBudget:
         """The cost model of ``current`` (a Traced), calibrated so that removing nothing costs its measured
         ratio to the dense module: tables from the cache, missing ones measured and cached."""
         opts = self.options
+        # Layers are timed eagerly even for mode="compile": compiling every layer at every grid width would take
+        # minutes per layer, inductor calls the same convolution / GEMM kernels, and the compiled end-to-end
+        # measurement below and in measure() corrects the rest.
+        layer_opts = replace(opts, mode="eager")
         specs = layer_specs(current.gm, facts.shapes, coupling)
-        parts = opts.key_parts(self.inputs)
+        parts = layer_opts.key_parts(self.inputs)
         cached = load_tables(opts.cache, parts)
         hits, missing = split_cached(tuple(s.signature() for s in specs), cached)
         self.cache_hits, self.cache_misses = self.cache_hits + len(hits), self.cache_misses + len(missing)
-        fresh = measure_tables([s for s in specs if s.signature() in set(missing)], opts, self.inputs)
+        fresh = measure_tables([s for s in specs if s.signature() in set(missing)], layer_opts, self.inputs)
         if fresh:
             store_tables(opts.cache, parts, fresh)
         with threads(opts.threads):
-            total = median_call(*placed(current.gm, current.inputs, opts), opts)
-        model = LatencyModel(coupling, specs, {**cached, **fresh}, 0.0)
-        model.rest = max(0.0, total - model.layer_seconds())
+            total = median_call(*self._placed(current.gm), opts)
+        tables = {**cached, **fresh}
+        layers = sum(tables[s.signature()].at(s.in_width, s.out_width) for s in specs)
+        model = LatencyModel(coupling, specs, tables, rest_seconds=total - layers)
         scale = self.current["ratio"] / max(model.estimate(set()), 1e-12)
         return lambda removed: model.estimate(removed) * scale
 
+    def _placed(self, gm):
+        """``gm`` on the timing device and dtype (compiled in "compile" mode); the dense module's is made once."""
+        if gm is not self.dense:
+            return placed(gm, self.inputs, self.options)
+        if self._dense_placed is None:
+            self._dense_placed = placed(self.dense, self.inputs, self.options)
+        return self._dense_placed
+
     def measure(self, gm) -> float:
         """``gm``'s latency as a fraction of the dense module's, timed in alternation with it."""
-        result = alternate(self.dense, gm, self.inputs, self.options, desc="obafx latency: dense vs candidate")
+        result = alternate(self.dense, gm, self.inputs, self.options, desc="obafx latency: dense vs candidate",
+                           dense_placed=self._placed(self.dense))
         self.measured[id(gm)] = result
         return result["ratio"]
 

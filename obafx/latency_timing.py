@@ -164,11 +164,13 @@ def median_call(module: nn.Module, args: Tuple[Any, ...], opts: LatencyOptions) 
 
 
 def alternate(dense: nn.Module, candidate: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions,
-              desc: str = "obafx timing") -> Dict[str, Any]:
+              desc: str = "obafx timing", dense_placed: Optional[Tuple[Any, Tuple[Any, ...]]] = None
+              ) -> Dict[str, Any]:
     """Dense and candidate timed in alternation (order swapped every round). Out: their medians over rounds,
-    the ratio candidate / dense, the per-round spread (min, max) of each, and the protocol."""
+    the ratio candidate / dense, the per-round spread (min, max) of each, and the protocol. ``dense_placed``:
+    placed(dense, ...) made earlier (a compiled dense module is compiled once, not per candidate)."""
     with threads(opts.threads):
-        pair = {"dense": placed(dense, inputs, opts), "pruned": placed(candidate, inputs, opts)}
+        pair = {"dense": dense_placed or placed(dense, inputs, opts), "pruned": placed(candidate, inputs, opts)}
         per: Dict[str, list] = {"dense": [], "pruned": []}
         for r in tqdm(range(opts.rounds), desc=desc, disable=not opts.progress, leave=False):
             for name in (("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")):

@@ -115,6 +115,16 @@ def test_layer_tables_are_cached_across_runs_and_remeasured_for_a_new_setup(tmp_
     assert "Conv2d" in third.timed  # another batch size: another key, measured again
 
 
+def test_compiled_mode_reuses_the_eager_layer_tables(tmp_path, x):
+    """mode="compile" times layers eagerly (compiling each layer at each width would take minutes): a compiled
+    run after an eager one measures no layer again."""
+    timer = MacTimer()
+    obafx.compile_prune(Net(), x, latency=0.5, latency_options=_opts(timer, tmp_path))
+    pruned = obafx.compile_prune(Net(), x, latency=0.5, latency_options=_opts(timer, tmp_path, mode="compile"))
+    rep = obafx.report(pruned).latency
+    assert rep["layer_tables_measured"] == 0 and rep["measured"]["mode"] == "compile"
+
+
 def test_unreachable_latency_is_a_budget_error(tmp_path, x):
     with pytest.raises(BudgetError, match="cannot be reached"):
         obafx.compile_prune(Net(), x, latency=0.001, latency_options=_opts(MacTimer(), tmp_path))
