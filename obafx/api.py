@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -18,9 +18,12 @@ from obafx.passes.coupling import couple
 from obafx.passes.errors import BudgetError, ConfigError, ObafxError
 from obafx.passes.facts import Coupling, PrunePlan
 from obafx.passes.fit import TOLERANCE, fit_budget
-from obafx.passes.importance import ScoreContext, unit_scores
+from obafx.passes.hvp import DEFAULT_MODE
+from obafx.passes.importance import NORMALIZERS, ScoreContext, unit_scores
 from obafx.passes.macs import MacModel, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
+from obafx.passes.ranking import per_cost, unit_costs
+from obafx.passes.recalibrate import has_batchnorm, recalibrated
 from obafx.passes.rewrite import rewrite
 from obafx.passes.select import Budget, select
 from obafx.passes.trace import Traced, trace
@@ -32,10 +35,12 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   channels: Optional[float] = None, importance: Any = "magnitude", data: Optional[Iterable] = None,
                   loss_fn: Optional[Callable] = None, steps: int = 1, batches_per_step: Optional[int] = None,
                   ignore: Iterable[str] = (), round_to: int = 1, max_layer_ratio: float = 0.95,
-                  leaf_modules: Iterable[Any] = (), mode: str = "full", delta: float = 0.0, train: bool = False,
-                  seed: int = 0, progress: bool = False, verify: bool = True, structure: str = "structured",
-                  sparsity: Optional[float] = None, latency: Any = None, latency_options: Any = None,
-                  on_stage: Optional[Callable[[str, Any], None]] = None) -> fx.GraphModule:
+                  leaf_modules: Iterable[Any] = (), mode: str = DEFAULT_MODE, delta: float = 0.0,
+                  train: bool = False, seed: int = 0, progress: bool = False, verify: bool = True,
+                  structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
+                  latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
+                  recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: str = "score",
+                  probes: int = 1) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
     Budget: ``macs`` = fraction of the original MACs (thop, on ``example_input``) to keep, or ``channels`` =
@@ -47,6 +52,20 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``on_stage(name, facts)`` is called after every stage (the place for dumps). See obafx.report(pruned).
     ``structure="unstructured"`` with ``sparsity=`` zeroes that fraction of Conv/Linear weights instead (a traced
     copy of the same size; importance "oba" or "magnitude"); the report holds the sparsity per weight.
+
+    ``recalibrate``: after every step (and after the last) reset the BatchNorm running statistics and
+    re-estimate them on that step's calibration batches (train-mode forward, no gradients), so that the next
+    step scores the pruned network, not one with the unpruned network's statistics. None (default) = on when
+    ``data`` is given, the model has BatchNorm and scoring is in eval mode (``train=False``; in train mode the
+    scoring copy normalises with each batch's own statistics and needs no running statistics).
+    ``normalizer``: how unit scores are scaled within each coupled group before the global ranking: "max"
+    (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
+    None (raw scores, comparable across groups in loss units for the data-driven criteria).
+    ``rank``: "score" ranks units by (normalised) score; "per_mac" by RAW score divided by what removing the
+    unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
+    "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
+    ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
+    ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     """
     if structure == "unstructured":
         return _unstructured(model, example_input, sparsity, importance, data, loss_fn, mode, delta, train,
@@ -54,6 +73,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     if structure != "structured":
         raise ConfigError(f"structure={structure!r}. What to do: use 'structured' or 'unstructured'.")
     steps, ignore, leaf_modules = _check_args(steps, ignore, leaf_modules)
+    _check_options(normalizer, rank, probes, recalibrate, data)
     clock, notes = _Clock(), []
     wanted = check_request(latency, latency_options, example_input) if latency is not None else None
     budget = Budget(macs, channels, max_layer_ratio, round_to, latency=wanted[0] if wanted else None)
@@ -69,11 +89,14 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     if source.note and _needs_data(importance):
         warn_once(source.note)
         notes.append(source.note)
+    if recalibrate is None:
+        recalibrate = data is not None and not train and has_batchnorm(traced.gm)
     run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups), clock,
-               hook, notes, verify, timing)
+               hook, notes, verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate))
     current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
     for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
-        ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress)
+        ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress,
+                           normalizer=None if rank == "per_mac" else normalizer, probes=probes)
         current, known, step_plan, error = _prune_step(run, current, known, step, ctx)
         plan, errors = plan.compose(step_plan), errors + [error]
     pruned = current.gm
@@ -89,8 +112,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
 
 @dataclass(frozen=True)
 class _Run:
-    """What every step of one compile_prune call shares: the settings, the original MACs and unit count, the
-    stage clock, the user's stage hook and the notes for the report."""
+    """What every step of one compile_prune call shares: the settings, the original MACs, unit count and group
+    widths (id -> width, for the per-layer cap), the stage clock, the user's stage hook, the notes for the
+    report, the ranking rule and whether to recalibrate BatchNorm after each step."""
 
     budget: Budget
     steps: int
@@ -104,6 +128,9 @@ class _Run:
     notes: list
     verify: bool
     latency: Optional[LatencyBudget] = None
+    widths0: Dict[str, int] = field(default_factory=dict)
+    rank: str = "score"
+    recalibrate: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,21 +172,26 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     facts = known.facts if known.facts is not None else clock("analyze", analyze, current)
     coupling = known.coupling if known.coupling is not None else clock("couple", couple, facts, run.ignore)
     needs_data = _needs_data(run.importance) or callable(run.importance)
-    ctx = ScoreContext(run.source.for_step() if needs_data else None, *_rest(ctx))
-    scores = clock("score", unit_scores, run.importance, current.gm, coupling, ctx)
+    batches = run.source.for_step() if needs_data else None
+    scores = clock("score", unit_scores, run.importance, current.gm, coupling, replace(ctx, batches=batches))
     run.hook("score", scores)
+    per_module = None
+    if run.budget.channels is None:
+        per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
+    if run.rank == "per_mac":
+        scores = clock("score", per_cost, scores, unit_costs(current.gm, coupling, per_module))
 
     def rewritten(removed):
         return clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
 
     if run.budget.channels is not None:
-        removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0)
+        removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0,
+                        run.widths0)
         gm, macs = rewritten(removed), None
     elif run.latency is not None:
         removed, gm = _fit_latency(run, current, facts, coupling, scores, step, rewritten)
         macs = None
     else:
-        per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
         target = run.macs0 * run.budget.macs ** (step / run.steps)
         measured = {}  # module -> thop (total, per module): the next step's MAC model reuses it
 
@@ -168,7 +200,7 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
             return measured[gm][0]
 
         removed, gm = _fit(coupling, scores, run.budget, target, MacModel(coupling, per_module).estimate,
-                           rewritten, measure, run.notes, clock)
+                           rewritten, measure, run.notes, clock, widths0=run.widths0)
         macs = measured[gm]
     run.hook("rewrite", gm)
     plan = plan_from_removed(coupling, removed)
@@ -176,6 +208,9 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     if run.verify:
         error = clock("verify", lambda: max_relative_error(masked_output(current, coupling, removed, plan=plan),
                                                            _run_eval(gm, current.inputs)))
+    if run.recalibrate:  # after the oracle: it compares against the current module's statistics
+        how = getattr(run.importance, "recalibrated", recalibrated)  # distributed_importance brings its own
+        gm = clock("recalibrate", how, gm, batches if batches is not None else run.source.for_step())
     return Traced(gm, current.inputs), _Known(macs=macs), plan, error
 
 
@@ -216,26 +251,39 @@ def _check_importance(importance: Any) -> None:
                           "callable (model, coupling, ctx) -> {unit: score}.")
 
 
-def _rest(ctx: ScoreContext):
-    return (ctx.loss_fn, ctx.mode, ctx.delta, ctx.train, ctx.seed, ctx.progress, ctx.chunk_size)
+def _check_options(normalizer, rank, probes, recalibrate, data) -> None:
+    """The scoring and ranking options of compile_prune, with what to pass instead."""
+    if normalizer not in NORMALIZERS:
+        raise ConfigError(f"normalizer={normalizer!r}. What to do: use one of {NORMALIZERS}.")
+    if rank not in ("score", "per_mac"):
+        raise ConfigError(f"rank={rank!r}. What to do: use 'score' or 'per_mac'.")
+    if rank == "per_mac" and normalizer not in ("max", None):
+        raise ConfigError(f"rank='per_mac' ranks raw scores per MAC saved; normalizer={normalizer!r} would rescale "
+                          "each group and undo that. What to do: leave normalizer at its default or pass None.")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ConfigError(f"probes={probes!r}. What to do: pass a positive integer (Rademacher probes per batch).")
+    if recalibrate not in (None, True, False):
+        raise ConfigError(f"recalibrate={recalibrate!r}. What to do: pass None (automatic), True or False.")
+    if recalibrate and data is None:
+        raise ConfigError("recalibrate=True needs calibration batches. What to do: pass data=<iterable of batches>.")
 
 
-def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, units0: int):
+def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, units0: int, widths0=None):
     """This step's share of a channel budget: the schedule's cumulative fraction of the ORIGINAL units."""
     now = sum(g.width for g in coupling.groups)
     goal = units0 * (1 - budget.channels) ** (step / steps)  # units left after this step
     fraction = max(0.0, min(1.0, (now - goal) / max(now, 1)))
     return select(coupling, scores, Budget(channels=fraction or 1e-12, max_layer_ratio=budget.max_layer_ratio,
-                                           round_to=budget.round_to))
+                                           round_to=budget.round_to), widths0=widths0)
 
 
 def _fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, notes, clock, what="MAC",
-         tolerance: float = TOLERANCE):
+         tolerance: float = TOLERANCE, widths0=None):
     """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
     the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
     corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted in the
     report (the closest feasible candidate is kept). Returns (removed units, module)."""
-    fitted = fit_budget(target, lambda aim: clock("select", select, coupling, scores, budget, estimate, aim),
+    fitted = fit_budget(target, lambda aim: clock("select", select, coupling, scores, budget, estimate, aim, widths0),
                         build, measure, what=what, tolerance=tolerance)
     if fitted.note:
         warn_once(fitted.note)
@@ -252,7 +300,7 @@ def _fit_latency(run: _Run, current: Traced, facts, coupling, scores, step: int,
     try:
         removed, gm = _fit(coupling, scores, run.budget, target, estimate, build,
                            lambda gm: clock("latency measure", lat.measure, gm), run.notes, clock, what="latency",
-                           tolerance=lat.options.tolerance)
+                           tolerance=lat.options.tolerance, widths0=run.widths0)
     except BudgetError as exc:
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
                           f"removable channel still leaves more than {target:.3g} of the dense latency by the cost "

@@ -31,13 +31,16 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from obafx.passes.errors import ConfigError, ScoreError
 from obafx.passes.facts import Coupling
 from obafx.passes.importance import CRITERIA, ScoreContext, aggregate
+from obafx.passes.private_copy import private_copy
+from obafx.passes.recalibrate import recalibrated
 
 __all__ = ["init_distributed", "shard", "all_reduce_scores", "distributed_importance", "local_parameter_scores",
-           "reduced_parameter_scores", "rank_and_world", "DATA_CRITERIA"]
+           "reduced_parameter_scores", "rank_and_world", "DATA_CRITERIA", "recalibrated_across"]
 
 DATA_CRITERIA = ("oba", "taylor", "obd", "fisher")  # criteria whose scores come from calibration batches
 _OBD_SEED_STRIDE = 1_000_003  # Hutchinson probes differ per rank (independent estimates), reproducibly
@@ -234,11 +237,42 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
             return CRITERIA["magnitude"](model, coupling, ctx)
         if criterion == "random":
             return CRITERIA["random"](model, coupling, dataclasses.replace(ctx, seed=_rank0_seed(ctx.seed, group)))
-        return aggregate(coupling, reduced_parameter_scores(criterion, model, ctx.batches, ctx, group, **criterion_kw))
+        return aggregate(coupling, reduced_parameter_scores(criterion, model, ctx.batches, ctx, group, **criterion_kw),
+                         normalizer=ctx.normalizer)
 
     importance.__name__ = f"{criterion} (distributed)"
     importance.needs_data = criterion in DATA_CRITERIA  # a hint for compile_prune's "no data" warning
+    # compile_prune recalibrates BatchNorm between steps with this: on the union of the shards, so that every
+    # rank keeps identical statistics (each rank's own shard would make the ranks' models drift apart)
+    importance.recalibrated = lambda model, batches: recalibrated_across(model, batches, group)
     return importance
+
+
+def recalibrated_across(model: nn.Module, batches: Iterable, group=None) -> nn.Module:
+    """`obafx.passes.recalibrate.recalibrated` over the batches of ALL ranks: each rank recalibrates a copy on
+    its own ``batches`` (cumulative means over batches), then the statistics are combined weighted by each rank's
+    batch count (one float64 all-reduce), so every rank gets the same statistics, those of the union."""
+    batches = list(batches)
+    local = recalibrated(model, batches) if batches else private_copy(model)
+    norms = [m for m in local.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    if rank_and_world(group)[1] == 1 or not norms:
+        return local
+    dev, n = _comm_device(group), float(len(batches))
+    stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+    packed = torch.cat([t.detach().to(dev, torch.float64).reshape(-1) * n for t in stats]
+                       + [torch.tensor([n], dtype=torch.float64, device=dev)])
+    dist.all_reduce(packed, group=group)
+    if packed[-1] <= 0:
+        raise ConfigError("no rank had calibration batches to recalibrate BatchNorm with. What to do: pass data= "
+                          "with at least one batch, or recalibrate=False")
+    offset = 0
+    with torch.no_grad():
+        for t in stats:
+            t.copy_((packed[offset:offset + t.numel()] / packed[-1]).reshape(t.shape))
+            offset += t.numel()
+        for m in norms:
+            m.num_batches_tracked.fill_(int(packed[-1].item()))
+    return local
 
 
 def _rank0_seed(seed: int, group) -> int:

@@ -32,6 +32,7 @@ from torch_pruning.pruner import function as tpf
 
 from obafx.distributed import DATA_CRITERIA, local_parameter_scores, reduced_parameter_scores
 from obafx.passes.errors import ConfigError
+from obafx.passes.hvp import DEFAULT_MODE
 from obafx.passes.importance import ScoreContext
 
 __all__ = ["CriterionImportance", "OBAImportance"]
@@ -57,8 +58,8 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
     """
 
     def __init__(self, criterion: str = "oba", batches: Union[Iterable, Callable[[], Iterable], None] = None,
-                 loss_fn: Optional[Callable] = None, *, mode: str = "full", delta: float = 0.0, train: bool = False,
-                 normalizer: Any = "max", model: Optional[nn.Module] = None, chunk_size: Optional[int] = None,
+                 loss_fn: Optional[Callable] = None, *, mode: str = DEFAULT_MODE, delta: float = 0.0,
+                 train: bool = False, normalizer: Any = "max", model: Optional[nn.Module] = None, chunk_size: Optional[int] = None,
                  progress: bool = False, seed: int = 0, distributed: bool = False, **criterion_kw):
         if criterion not in DATA_CRITERIA:
             raise ConfigError(f"criterion={criterion!r}. What to do: use one of {DATA_CRITERIA} (Torch-Pruning's "
@@ -184,5 +185,5 @@ class OBAImportance(CriterionImportance):
     ``mode``: "full" (the loss Hessian) or "residual" (H − G). Other keywords as in CriterionImportance.
     """
 
-    def __init__(self, batches, loss_fn: Optional[Callable] = None, mode: str = "full", **kw):
+    def __init__(self, batches, loss_fn: Optional[Callable] = None, mode: str = DEFAULT_MODE, **kw):
         super().__init__("oba", batches, loss_fn, mode=mode, **kw)

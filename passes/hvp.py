@@ -30,7 +30,11 @@ from torch.nn.modules.batchnorm import _NormBase
 from .errors import ConfigError, ScoreError
 from .hvp_kernels import Scores, _hvp
 
-__all__ = ["parameter_scores", "prunable_parameter_names", "PRUNABLE_TYPES", "MHA_PARAMETERS"]
+__all__ = ["parameter_scores", "prunable_parameter_names", "PRUNABLE_TYPES", "MHA_PARAMETERS", "DEFAULT_MODE"]
+
+# The OBA mode used wherever none is given (compile_prune, parameter_scores, ScoreContext, the Torch-Pruning
+# importances): the one place to change it.
+DEFAULT_MODE = "full"
 
 
 # Layers whose weight and bias OBA scores (OBA.md: every Conv/Linear weight and bias).
@@ -228,7 +232,8 @@ def _accumulate(setup: _Setup, batches, per_batch, progress: bool, desc: str) ->
 
 # ------------------------------------------------------------------------------------------------ public
 
-def parameter_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = None, mode: str = "full",
+def parameter_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = None,
+                     mode: str = DEFAULT_MODE,
                      delta: float = 0.0, train: bool = False, params: Optional[Iterable[str]] = None,
                      chunk_size: Optional[int] = None, progress: bool = False, *,
                      _backend: Optional[str] = None) -> Scores:

@@ -2,7 +2,12 @@
 
 Per coupled group and member (a layer's output side, weight rows + bias, or its input side, weight columns):
 sum each unit's slice of the parameter scores, take the absolute value, average over the members that carry
-any score, then divide by the group's maximum so that all groups rank together under one threshold.
+any score, then divide by the group's maximum so that all groups rank together under one threshold
+(``normalizer="max"``; "mean" and "sum" divide by the group's mean / sum of |score|, None keeps raw scores).
+
+Units of a raw score: for the data-driven criteria (OBA θ ⊙ Hθ, Taylor θ ⊙ g, OBD, Fisher) a member's sum is a
+loss change (a number in the loss's units), so raw unit scores compare across groups; the group-exact
+"oba_group" score is a loss change per unit by construction. Magnitude scores are weight norms.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from torch import nn
 
 from .errors import ConfigError, ScoreError
 from .facts import Coupling
+from .hvp import DEFAULT_MODE
+
+NORMALIZERS = ("max", "mean", "sum", None)
 
 
 @dataclass(frozen=True)
@@ -23,12 +31,14 @@ class ScoreContext:
 
     batches: Optional[Any] = None
     loss_fn: Optional[Callable] = None
-    mode: str = "full"
+    mode: str = DEFAULT_MODE
     delta: float = 0.0
     train: bool = False
     seed: int = 0
     progress: bool = False
     chunk_size: Optional[int] = None
+    normalizer: Optional[str] = "max"
+    probes: int = 1
 
 
 def _slot_vector(score: torch.Tensor, dim: int) -> np.ndarray:
@@ -64,9 +74,30 @@ def member_vectors(coupling: Coupling, param_scores: Dict[str, torch.Tensor]) ->
     return out
 
 
-def aggregate(coupling: Coupling, param_scores: Dict[str, torch.Tensor], reduce: str = "oba") -> Dict[int, float]:
-    """Unit -> score normalised by its group's maximum. ``reduce``: "oba" (mean over scored members of |sum|)
-    or "l2" (square root of the sum over members; for squared magnitudes)."""
+def normalized(values: np.ndarray, normalizer: Optional[str]) -> np.ndarray:
+    """One group's unit scores divided by the group's max / mean / sum of |score| (None: unchanged). Scores may
+    be signed (oba_group); dividing by a positive scale keeps their order. An all-zero group stays zero."""
+    if normalizer is None or not values.size:
+        return values
+    size = np.abs(values)
+    scale = {"max": size.max, "mean": size.mean, "sum": size.sum}[normalizer]()
+    return values / scale if scale > 0 else values
+
+
+def normalize_units(coupling: Coupling, scores: Dict[int, float], normalizer: Optional[str]) -> Dict[int, float]:
+    """Unit -> score, each group's scores passed through `normalized`."""
+    out = dict(scores)
+    for g in coupling.groups:
+        vals = normalized(np.array([scores.get(u, 0.0) for u in g.units], dtype=np.float64), normalizer)
+        out.update(zip(g.units, vals.tolist()))
+    return out
+
+
+def aggregate(coupling: Coupling, param_scores: Dict[str, torch.Tensor], reduce: str = "oba",
+              normalizer: Optional[str] = "max") -> Dict[int, float]:
+    """Unit -> score, normalised within its group by ``normalizer`` (see `normalized`; default: the group's
+    maximum). ``reduce``: "oba" (mean over scored members of |sum|) or "l2" (square root of the sum over
+    members; for squared magnitudes)."""
     vectors = member_vectors(coupling, param_scores)
     scores: Dict[int, float] = {}
     for gi, g in enumerate(coupling.groups):
@@ -79,15 +110,14 @@ def aggregate(coupling: Coupling, param_scores: Dict[str, torch.Tensor], reduce:
         if not np.all(np.isfinite(s)):
             raise ScoreError(f"group '{g.id}' has NaN/inf scores. What to do: check the calibration data and loss "
                              "(finite inputs, labels in range), or score in float64.")
-        top = s.max() if s.size else 0.0
-        s = s / top if top > 0 else s
+        s = normalized(s, normalizer)
         scores.update({u: float(v) for u, v in zip(g.units, s)})
     return scores
 
 
 def _magnitude(model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
     squares = {name: p.detach() ** 2 for name, p in model.named_parameters()}
-    return aggregate(coupling, squares, reduce="l2")
+    return aggregate(coupling, squares, reduce="l2", normalizer=ctx.normalizer)
 
 
 def _random(model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
@@ -106,7 +136,7 @@ def _oba(model, coupling, ctx):
     from .hvp import parameter_scores
     s = parameter_scores(model, _needs_batches(ctx, "oba"), loss_fn=ctx.loss_fn, mode=ctx.mode, delta=ctx.delta,
                          train=ctx.train, chunk_size=ctx.chunk_size, progress=ctx.progress)
-    return aggregate(coupling, s)
+    return aggregate(coupling, s, normalizer=ctx.normalizer)
 
 
 def _baseline(name: str):
@@ -119,7 +149,7 @@ def _baseline(name: str):
         extra = {"seed": ctx.seed} if name == "obd" else {}
         s = fn(model, _needs_batches(ctx, name), loss_fn=ctx.loss_fn, train=ctx.train, chunk_size=ctx.chunk_size,
                progress=ctx.progress, **extra)
-        return aggregate(coupling, s)
+        return aggregate(coupling, s, normalizer=ctx.normalizer)
 
     score.__name__ = name
     return score

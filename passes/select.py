@@ -1,7 +1,8 @@
 """Select: unit scores and a budget in, the set of units to remove out.
 
 Units of all groups are ranked together by score (scores are normalised per group by the importance stage).
-Each group keeps at least one unit and loses at most ``max_layer_ratio`` of its width; kept widths are rounded up
+Each group keeps at least one unit and loses at most ``max_layer_ratio`` of its ORIGINAL width over all steps
+(``widths0``: the group widths before the first step; the cap does not compound); kept widths are rounded up
 to a multiple of ``round_to``. A MAC budget is met by bisection on the ranked list with a per-layer MAC model,
 then checked with thop by the caller.
 """
@@ -46,9 +47,16 @@ class Budget:
             raise ConfigError(f"round_to={self.round_to} must be a positive integer.")
 
 
-def _caps(coupling: Coupling, budget: Budget) -> Dict[str, int]:
-    """How many units each group may lose at most."""
-    return {g.id: min(g.width - 1, int(math.floor(budget.max_layer_ratio * g.width))) for g in coupling.groups}
+def _caps(coupling: Coupling, budget: Budget, widths0: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """How many units each group may lose at most in this step: ``max_layer_ratio`` of its original width
+    (``widths0[id]``; the current width for a group not in ``widths0``) less what earlier steps removed."""
+    widths0 = widths0 or {}
+    caps = {}
+    for g in coupling.groups:
+        w0 = max(widths0.get(g.id, g.width), g.width)
+        allowed = int(math.floor(budget.max_layer_ratio * w0)) - (w0 - g.width)
+        caps[g.id] = max(0, min(g.width - 1, allowed))
+    return caps
 
 
 def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str, int], widths: Dict[str, int],
@@ -76,12 +84,14 @@ def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str,
 
 
 def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
-           estimate: Optional[Callable[[Set[int]], float]] = None, target_macs: Optional[float] = None) -> Set[int]:
-    """Units to remove. ``scores``: unit -> normalised importance (lower goes first). For a MAC budget,
-    ``estimate(removed) -> MACs`` and the absolute ``target_macs`` are required."""
+           estimate: Optional[Callable[[Set[int]], float]] = None, target_macs: Optional[float] = None,
+           widths0: Optional[Dict[str, int]] = None) -> Set[int]:
+    """Units to remove. ``scores``: unit -> importance (lower goes first). For a MAC budget,
+    ``estimate(removed) -> MACs`` and the absolute ``target_macs`` are required. ``widths0``: group id ->
+    width before the first pruning step (for the per-layer cap; default: the current widths)."""
     unit_group = coupling.unit_group()
     ranked = sorted(unit_group, key=lambda u: (scores.get(u, 0.0), u))
-    caps = _caps(coupling, budget)
+    caps = _caps(coupling, budget, widths0)
     widths = {g.id: g.width for g in coupling.groups}
     take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to))  # noqa: E731
     if not ranked:

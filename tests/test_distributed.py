@@ -151,6 +151,9 @@ def test_ranks_end_with_identical_models_equal_to_single_process(ranks):
     model, data = make_model(), make_data()
     single = obafx.compile_prune(model, data[0][0][:1], importance="oba", data=data, **PRUNE)
     assert obafx.report(single).plan == a["plan"]
+    # BatchNorm recalibrated on the union of the shards: the single-process statistics, up to round-off
+    want = single.state_dict()
+    assert all(torch.allclose(a["state"][k].double(), want[k].double(), rtol=1e-12, atol=1e-12) for k in want)
 
 
 def test_torch_pruning_importance_all_reduces(ranks):

@@ -1,0 +1,104 @@
+"""normalizer= (per-group scaling of unit scores) and rank="per_mac" (raw score per MAC / parameter saved)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import obafx
+from obafx.passes.channel_graph import analyze
+from obafx.passes.coupling import couple
+from obafx.passes.errors import ConfigError
+from obafx.passes.hvp import parameter_scores
+from obafx.passes.importance import aggregate
+from obafx.passes.macs import thop_macs
+from obafx.passes.ranking import mac_savings, param_savings
+from obafx.passes.rewrite import rewrite
+from obafx.passes.trace import trace
+from tests.small_nets import ConcatNet
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 40), nn.Linear(40, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def wide():
+    torch.manual_seed(0)
+    model, x = Wide().double(), torch.randn(5, 6, dtype=torch.float64)
+    return model, x, trace(model, x)
+
+
+def test_normalizers_scale_each_group_and_keep_its_order():
+    model, x, traced = wide()
+    coupling = couple(analyze(traced))
+    s = parameter_scores(model, [(x, torch.randint(0, 4, (5,)))])
+    raw = aggregate(coupling, s, normalizer=None)
+    for g in coupling.groups:
+        r = np.array([raw[u] for u in g.units])
+        assert r.max() > 0
+        for name, scale in (("max", r.max()), ("mean", r.mean()), ("sum", r.sum())):
+            got = aggregate(coupling, s, normalizer=name)
+            np.testing.assert_allclose([got[u] for u in g.units], r / scale, rtol=1e-12)
+    old_default = aggregate(coupling, s)
+    assert all(old_default[u] <= 1.0 + 1e-12 for u in old_default)
+
+
+def test_mac_savings_match_thop_unit_by_unit():
+    torch.manual_seed(0)
+    model, x = ConcatNet().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    traced = trace(model, x)
+    facts = analyze(traced)
+    coupling = couple(facts)
+    total, per_module = thop_macs(traced.gm, traced.inputs)
+    saved = mac_savings(coupling, per_module)
+    units = [g.units[i] for g in coupling.groups for i in (0, -1)]
+    for u in units:
+        smaller = rewrite(traced, coupling, facts.shapes, {u})
+        assert saved[u] == pytest.approx(total - thop_macs(smaller, traced.inputs)[0], rel=1e-9), u
+
+
+def test_param_savings_count_every_slice_a_unit_removes():
+    model, _, traced = wide()
+    coupling = couple(analyze(traced))
+    saved = param_savings(traced.gm, coupling)
+    by_group = {g.id: {saved[u] for u in g.units} for g in coupling.groups}
+    assert by_group == {"a": {6 + 1 + 32}, "b": {40 + 1 + 4}}
+
+
+def fixed_scores(model, coupling, ctx):
+    """a's units 1.0, b's 1.1: by score a's go first; per parameter saved (1/39 > 1.1/45) b's go first."""
+    return {u: (1.0 if g.id == "a" else 1.1) for g in coupling.groups for u in g.units}
+
+
+@pytest.mark.parametrize("rank,narrowed", [("score", "a"), ("per_mac", "b")])
+def test_per_mac_ranks_raw_scores_per_cost(rank, narrowed):
+    model, x, _ = wide()
+    pruned = obafx.compile_prune(model, x, channels=0.2, importance=fixed_scores, rank=rank)
+    widths = {"a": pruned.a.out_features, "b": pruned.b.out_features}
+    assert widths[narrowed] == {"a": 40, "b": 32}[narrowed] - 14
+    assert widths[{"a": "b", "b": "a"}[narrowed]] == {"a": 40, "b": 32}[{"a": "b", "b": "a"}[narrowed]]
+
+
+def test_per_mac_with_a_mac_budget_runs_on_real_scores():
+    model, x, _ = wide()
+    data = [(x, torch.randint(0, 4, (5,)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = obafx.compile_prune(model, x, macs=0.5, importance="oba", data=data, rank="per_mac", steps=2)
+    assert obafx.report(pruned).macs_ratio <= 0.51
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(normalizer="median"), "normalizer="), (dict(rank="per_flop"), "rank="),
+    (dict(rank="per_mac", normalizer="mean"), "per_mac"), (dict(probes=0), "probes="),
+    (dict(recalibrate="yes"), "recalibrate=")])
+def test_bad_ranking_options_are_config_errors(kw, words):
+    model, x, _ = wide()
+    with pytest.raises(ConfigError, match=words):
+        obafx.compile_prune(model, x, channels=0.2, **kw)
