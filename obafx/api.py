@@ -13,20 +13,20 @@ from torch import nn
 
 from obafx.batches import BatchSource, scored_with, warn_once
 from obafx.latency_budget import LatencyBudget, check_request
-from obafx.passes.channel_graph import ChannelFacts, analyze
+from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import BudgetError, ConfigError, ObafxError
-from obafx.passes.facts import Coupling, PrunePlan
+from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
 from obafx.passes.fit import TOLERANCE, fit_budget
 from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import NORMALIZERS, ScoreContext, unit_scores
+from obafx.passes.importance import NORMALIZERS, unit_scores
 from obafx.passes.macs import MacModel, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import per_cost, unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
 from obafx.passes.rewrite import rewrite
-from obafx.passes.select import Budget, select
-from obafx.passes.trace import Traced, trace
+from obafx.passes.select import select
+from obafx.passes.trace import trace
 from obafx.passes.verify import masked_output, max_relative_error
 from obafx.report import Report, attach, input_spec
 

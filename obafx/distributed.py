@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from obafx.passes.errors import ConfigError, ScoreError
-from obafx.passes.facts import Coupling
-from obafx.passes.importance import CRITERIA, ScoreContext, aggregate
+from obafx.passes.facts import Coupling, ScoreContext
+from obafx.passes.importance import CRITERIA, aggregate
 from obafx.passes.private_copy import private_copy
 from obafx.passes.recalibrate import recalibrated
 

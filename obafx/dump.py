@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterable, Optional
 import networkx as nx
 from torch import nn
 
-from obafx.passes.channel_graph import ChannelFacts, analyze
+from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import user_line
-from obafx.passes.facts import Coupling
+from obafx.passes.facts import ChannelFacts, Coupling
 from obafx.passes.labels import Plane
 from obafx.passes.ops import rule_for
 from obafx.passes.trace import trace

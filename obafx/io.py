@@ -30,10 +30,10 @@ from torch import nn
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import ConfigError, PathError, PlanError
-from obafx.passes.facts import PrunePlan
+from obafx.passes.facts import PrunePlan, Traced
 from obafx.passes.plan import plan_from_removed, removed_from_plan
 from obafx.passes.rewrite import rewrite
-from obafx.passes.trace import Traced, as_inputs, trace
+from obafx.passes.trace import as_inputs, trace
 from obafx.report import Report, attach, report
 from obafx.version import __version__
 

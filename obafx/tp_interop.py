@@ -32,8 +32,8 @@ from torch_pruning.pruner import function as tpf
 
 from obafx.distributed import DATA_CRITERIA, local_parameter_scores, reduced_parameter_scores
 from obafx.passes.errors import ConfigError
+from obafx.passes.facts import ScoreContext
 from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import ScoreContext
 
 __all__ = ["CriterionImportance", "OBAImportance"]
 

@@ -5,7 +5,6 @@ union the op rules recorded and every barrier. Ops without a rule are barriers (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -16,17 +15,9 @@ from .errors import ObafxError, describe_node
 from .labels import Plane, Store
 from .ops import rule_for
 from .rules_shape import barrier
-from .trace import Traced, record_values, tensor_aliases
-
-
-@dataclass(frozen=True, eq=False)
-class ChannelFacts:
-    """What the channel analysis found. ``planes`` and ``shapes`` are keyed by fx node name."""
-
-    traced: Traced
-    store: Store
-    planes: Dict[str, Any]
-    shapes: Dict[str, Any]
+from .facts import ChannelFacts, Traced
+from .record import record_values
+from .tensors import tensor_aliases
 
 
 def _shape_of(value: Any) -> Any:

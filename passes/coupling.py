@@ -13,9 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from .channel_graph import ChannelFacts, barrier_report
+from .channel_graph import barrier_report
 from .errors import ConfigError
-from .facts import Coupling, Group
+from .facts import ChannelFacts, Coupling, Group
 from .labels import PIN, Plane, squeeze_to_dims
 
 

@@ -1,4 +1,8 @@
-"""Facts the stages exchange: frozen values keyed by names (fx node names, parameter qualified names).
+"""The vocabulary: the facts the stages exchange, frozen values keyed by names (fx node names, parameter
+qualified names). The ground floor of passes/: it imports only errors and tensors, and every stage imports it.
+
+    Traced (trace) -> ChannelFacts (channel_graph) -> Coupling of Groups (coupling) -> scores under a
+    ScoreContext (importance) -> removed units under a Budget (select, fit) -> PrunePlan (plan) -> rewrite, verify
 
 Plans hold only ints and strings, so they go to JSON and back and replay on a fresh copy of the architecture.
 """
@@ -6,9 +10,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch.fx as fx
+
+from .errors import ConfigError
+from .tensors import fingerprint
+
+if TYPE_CHECKING:
+    from .labels import Store
+
+# The OBA mode used wherever none is given (compile_prune, parameter_scores, ScoreContext, the Torch-Pruning
+# importances): the one place to change it.
+DEFAULT_MODE = "full"
 
 
 @dataclass(frozen=True)
@@ -69,3 +84,91 @@ class PrunePlan:
                 before = kept.get(name, {}).get(d)
                 kept.setdefault(name, {})[d] = tuple(before[i] for i in idx) if before is not None else idx
         return PrunePlan(kept)
+
+
+@dataclass(frozen=True, eq=False)
+class Recorded:
+    """Every node's value (tensors as meta tensors) from one run of a module, and that module's fingerprint."""
+
+    key: Tuple[Any, ...]
+    values: Dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Traced:
+    """A traced private copy of the model and the example inputs it was traced for.
+
+    ``recorded`` (optional) holds the node values of the check run; `recorded_values` hands them out only while
+    the module still has the graph and parameter shapes they were recorded for.
+    """
+
+    gm: fx.GraphModule
+    inputs: Tuple[Any, ...]
+    recorded: Optional[Recorded] = field(default=None, repr=False)
+
+    def recorded_values(self) -> Optional[Dict[str, Any]]:
+        """The recorded node values if they still describe ``gm`` (else None: run it again)."""
+        rec = self.recorded
+        if rec is None:
+            return None
+        try:
+            return rec.values if rec.key == fingerprint(self.gm, self.inputs) else None
+        except RuntimeError:  # a tensor constant in node arguments has no single truth value: record again
+            return None
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelFacts:
+    """What the channel analysis found. ``planes`` and ``shapes`` are keyed by fx node name."""
+
+    traced: Traced
+    store: Store
+    planes: Dict[str, Any]
+    shapes: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a criterion may use besides the model: calibration batches, the loss, OBA options, a seed."""
+
+    batches: Optional[Any] = None
+    loss_fn: Optional[Callable] = None
+    mode: str = DEFAULT_MODE
+    delta: float = 0.0
+    train: bool = False
+    seed: int = 0
+    progress: bool = False
+    chunk_size: Optional[int] = None
+    normalizer: Optional[str] = "max"
+    probes: int = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``macs``: fraction of the ORIGINAL MACs to keep; ``channels``: fraction of prunable units to remove;
+    ``latency``: fraction of the dense model's measured latency to keep (selected like ``macs``, with a latency
+    estimate in place of the MAC one)."""
+
+    macs: Optional[float] = None
+    channels: Optional[float] = None
+    max_layer_ratio: float = 0.95
+    round_to: int = 1
+    latency: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("macs", "channels", "max_layer_ratio", "round_to", "latency"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"{name}={v!r} is not a number. What to do: pass e.g. {name}=0.5.")
+        if [self.macs, self.channels, self.latency].count(None) != 2:
+            raise ConfigError("give exactly one budget: macs=<fraction of MACs to keep>, channels=<fraction of "
+                              "channels to remove> or latency=<fraction of the measured latency to keep, or '2x'>. "
+                              "What to do: e.g. compile_prune(model, x, macs=0.5).")
+        for name in ("macs", "channels", "latency"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= 1.0):
+                raise ConfigError(f"{name}={v} is outside (0, 1]. What to do: pass a fraction, e.g. {name}=0.5.")
+        if not (0.0 <= self.max_layer_ratio < 1.0):
+            raise ConfigError(f"max_layer_ratio={self.max_layer_ratio} must be in [0, 1): a layer must keep a channel.")
+        if int(self.round_to) < 1:
+            raise ConfigError(f"round_to={self.round_to} must be a positive integer.")

@@ -28,13 +28,12 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import ConfigError, ScoreError
+from .facts import DEFAULT_MODE
 from .hvp_kernels import Scores, _hvp
 
 __all__ = ["parameter_scores", "prunable_parameter_names", "PRUNABLE_TYPES", "MHA_PARAMETERS", "DEFAULT_MODE"]
 
-# The OBA mode used wherever none is given (compile_prune, parameter_scores, ScoreContext, the Torch-Pruning
-# importances): the one place to change it.
-DEFAULT_MODE = "full"
+# DEFAULT_MODE (the OBA mode used wherever none is given) is part of the vocabulary in facts.py.
 
 
 # Layers whose weight and bias OBA scores (OBA.md: every Conv/Linear weight and bias).

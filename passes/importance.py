@@ -11,7 +11,6 @@ loss change (a number in the loss's units), so raw unit scores compare across gr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -19,26 +18,10 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ScoreError
-from .facts import Coupling
+from .facts import Coupling, ScoreContext
 from .hvp import DEFAULT_MODE
 
 NORMALIZERS = ("max", "mean", "sum", None)
-
-
-@dataclass(frozen=True)
-class ScoreContext:
-    """What a criterion may use besides the model: calibration batches, the loss, OBA options, a seed."""
-
-    batches: Optional[Any] = None
-    loss_fn: Optional[Callable] = None
-    mode: str = DEFAULT_MODE
-    delta: float = 0.0
-    train: bool = False
-    seed: int = 0
-    progress: bool = False
-    chunk_size: Optional[int] = None
-    normalizer: Optional[str] = "max"
-    probes: int = 1
 
 
 def _slot_vector(score: torch.Tensor, dim: int) -> np.ndarray:

@@ -15,10 +15,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .facts import Coupling
+from .facts import Coupling, Traced
 from .plan import node_kept, plan_from_removed
 from .private_copy import private_copy
-from .trace import Traced, owner_and_attr, tensor_aliases
+from .tensors import owner_and_attr, tensor_aliases
 
 _RESHAPES = {"view", "reshape", torch.reshape}
 _EXPANDS = {"expand", "broadcast_to"}

@@ -9,42 +9,10 @@ then checked with thop by the caller.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Set
 
-from .errors import BudgetError, ConfigError
-from .facts import Coupling
-
-
-@dataclass(frozen=True)
-class Budget:
-    """``macs``: fraction of the ORIGINAL MACs to keep; ``channels``: fraction of prunable units to remove;
-    ``latency``: fraction of the dense model's measured latency to keep (selected like ``macs``, with a latency
-    estimate in place of the MAC one)."""
-
-    macs: Optional[float] = None
-    channels: Optional[float] = None
-    max_layer_ratio: float = 0.95
-    round_to: int = 1
-    latency: Optional[float] = None
-
-    def __post_init__(self):
-        for name in ("macs", "channels", "max_layer_ratio", "round_to", "latency"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ConfigError(f"{name}={v!r} is not a number. What to do: pass e.g. {name}=0.5.")
-        if [self.macs, self.channels, self.latency].count(None) != 2:
-            raise ConfigError("give exactly one budget: macs=<fraction of MACs to keep>, channels=<fraction of "
-                              "channels to remove> or latency=<fraction of the measured latency to keep, or '2x'>. "
-                              "What to do: e.g. compile_prune(model, x, macs=0.5).")
-        for name in ("macs", "channels", "latency"):
-            v = getattr(self, name)
-            if v is not None and not (0.0 < v <= 1.0):
-                raise ConfigError(f"{name}={v} is outside (0, 1]. What to do: pass a fraction, e.g. {name}=0.5.")
-        if not (0.0 <= self.max_layer_ratio < 1.0):
-            raise ConfigError(f"max_layer_ratio={self.max_layer_ratio} must be in [0, 1): a layer must keep a channel.")
-        if int(self.round_to) < 1:
-            raise ConfigError(f"round_to={self.round_to} must be a positive integer.")
+from .errors import BudgetError
+from .facts import Budget, Coupling
 
 
 def _caps(coupling: Coupling, budget: Budget, widths0: Optional[Dict[str, int]] = None) -> Dict[str, int]:

@@ -14,7 +14,6 @@ import difflib
 import inspect
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -22,39 +21,11 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SOURCE_KEY, ConfigError, TraceError, describe_node
+from .facts import Recorded, Traced  # noqa: F401 (Recorded, Traced: re-exported, they used to live here)
 from .private_copy import private_copy
 from .record import FAILED_NODE, record_values
-
-
-@dataclass(frozen=True, eq=False)
-class Recorded:
-    """Every node's value (tensors as meta tensors) from one run of a module, and that module's fingerprint."""
-
-    key: Tuple[Any, ...]
-    values: Dict[str, Any]
-
-
-@dataclass(frozen=True, eq=False)
-class Traced:
-    """A traced private copy of the model and the example inputs it was traced for.
-
-    ``recorded`` (optional) holds the node values of the check run; `recorded_values` hands them out only while
-    the module still has the graph and parameter shapes they were recorded for.
-    """
-
-    gm: fx.GraphModule
-    inputs: Tuple[Any, ...]
-    recorded: Optional[Recorded] = field(default=None, repr=False)
-
-    def recorded_values(self) -> Optional[Dict[str, Any]]:
-        """The recorded node values if they still describe ``gm`` (else None: run it again)."""
-        rec = self.recorded
-        if rec is None:
-            return None
-        try:
-            return rec.values if rec.key == _fingerprint(self.gm, self.inputs) else None
-        except RuntimeError:  # a tensor constant in node arguments has no single truth value: record again
-            return None
+from .tensors import fingerprint as _fingerprint
+from .tensors import named_tensors, owner_and_attr, tensor_aliases  # noqa: F401 (re-exported)
 
 
 class _LeafTracer(fx.Tracer):
@@ -169,36 +140,6 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
 
 
-def tensor_aliases(module: nn.Module) -> Dict[str, str]:
-    """{name: canonical name} for every parameter/buffer reachable under more than one name (tied weights).
-    The canonical name is the one ``named_parameters()`` / ``named_buffers()`` report."""
-    first: Dict[int, str] = {}
-    aliases: Dict[str, str] = {}
-    for name, t in named_tensors(module):
-        canonical = first.setdefault(id(t), name)
-        if canonical != name:
-            aliases[name] = canonical
-    return aliases
-
-
-def named_tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
-    """``[*named_parameters(remove_duplicate=False), *named_buffers(remove_duplicate=False)]`` from one walk of
-    the module tree (the two walks cost a millisecond each on a model of hundreds of modules)."""
-    params: List[Tuple[str, torch.Tensor]] = []
-    buffers: List[Tuple[str, torch.Tensor]] = []
-    for prefix, m in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        params.extend((dot + k, v) for k, v in m._parameters.items() if v is not None)
-        buffers.extend((dot + k, v) for k, v in m._buffers.items() if v is not None)
-    return params + buffers
-
-
-def owner_and_attr(module: nn.Module, qualname: str) -> Tuple[nn.Module, str]:
-    """The submodule of ``module`` that holds ``qualname``'s last part, and that part (``"a.b.weight"`` ->
-    (module.a.b, "weight")); for parameters, buffers and plain tensor attributes alike."""
-    owner, _, attr = qualname.rpartition(".")
-    return (module.get_submodule(owner) if owner else module), attr
-
 
 def _checked_leaf_modules(model: nn.Module, leaf_modules: Iterable[Any]) -> tuple:
     """``leaf_modules`` as a tuple of submodule names and module classes; raises ConfigError for an entry that is
@@ -257,12 +198,3 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule
     except ImportError:  # an older or newer torch without it: generate the code now
         return fx.GraphModule(root, graph, name)
     return _LazyGraphModule(root, graph, name)
-
-
-def _fingerprint(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
-    """What recorded values depend on: the graph's nodes, parameter/buffer shapes and the input shapes."""
-    tensors = named_tensors(gm)
-    nodes = tuple((n.name, n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes)
-    return (id(gm.graph), nodes,
-            tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors),
-            tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in inputs))

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .facts import Coupling, PrunePlan
+from .facts import Coupling, PrunePlan, Traced
 from .labels import Plane
 from .plan import plan_from_removed
 from .private_copy import copies_lazily, private_copy
-from .trace import Traced, owner_and_attr
+from .tensors import owner_and_attr
 
 
 class _Masker(fx.Interpreter):
