@@ -46,7 +46,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     Budget: ``macs`` = fraction of the original MACs (thop, on ``example_input``) to keep, or ``channels`` =
     fraction of prunable channels to remove, or ``latency`` = fraction of the dense model's MEASURED latency to keep
     (0.5, or a speed-up as a string: "2x"), timed as ``latency_options`` (obafx.LatencyOptions: device, dtype,
-    threads, "eager"/"compile"; the batch is the example input's) says. ``importance``: "magnitude", "random", "oba", "taylor", "obd",
+    threads, "eager"/"compile"; the batch is the example input's) says. ``importance``: "magnitude", "random",
+    "oba", "oba_group" (the loss change of removing each unit alone, passes/group_scores.py), "taylor", "obd",
     "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
     OBA, re-scoring on fresh batches from ``data`` before each step. ``ignore``: module names whose widths stay.
     ``on_stage(name, facts)`` is called after every stage (the place for dumps). See obafx.report(pruned).

@@ -122,6 +122,15 @@ def _oba(model, coupling, ctx):
     return aggregate(coupling, s, normalizer=ctx.normalizer)
 
 
+def _oba_group(model, coupling, ctx):
+    """The group-exact loss change of removing each unit (group_scores.py), signed, then normalised per group."""
+    from .group_scores import group_scores
+    raw = group_scores(model, coupling, _needs_batches(ctx, "oba_group"), loss_fn=ctx.loss_fn, mode=ctx.mode,
+                       train=ctx.train, probes=ctx.probes, seed=ctx.seed, chunk_size=ctx.chunk_size,
+                       progress=ctx.progress)
+    return normalize_units(coupling, raw, ctx.normalizer)
+
+
 def _baseline(name: str):
     """A criterion from criteria.py, called with the same data and options as OBA."""
 
@@ -142,6 +151,7 @@ CRITERIA: Dict[str, Callable[[nn.Module, Coupling, ScoreContext], Dict[int, floa
     "magnitude": _magnitude,
     "random": _random,
     "oba": _oba,
+    "oba_group": _oba_group,
     "taylor": _baseline("taylor"),
     "obd": _baseline("obd"),
     "fisher": _baseline("fisher"),

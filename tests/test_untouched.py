@@ -92,7 +92,7 @@ def quiet(fn, *a, **k):
 
 
 CRITERIA = {
-    "magnitude": {}, "random": {}, "oba": {"data": [(X, Y)]},
+    "magnitude": {}, "random": {}, "oba": {"data": [(X, Y)]}, "oba_group": {"data": [(X, Y)]},
     "taylor": {"data": [(X, Y)]}, "fisher": {"data": [(X, Y)]},
 }
 
