@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ScoreError
-from .facts import Coupling
-from .hvp import DEFAULT_MODE, _check_batch, _chunked, _progress, _scoring, _split_batch
+from .facts import DEFAULT_MODE, Coupling
+from .hvp import _check_batch, _chunked, _progress, _scoring, _split_batch
 from .hvp_kernels import _hvp
 
 __all__ = ["group_scores", "unit_order"]
