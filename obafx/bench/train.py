@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from obafx.bench import channels_last as _channels_last
 from obafx.bench import data as _data
 from obafx.bench import models as _models
 from obafx.passes.errors import ConfigError
@@ -69,15 +70,10 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def channels_last_ok(model: nn.Module) -> bool:
-    """Whether training ``model`` in channels_last memory format is safe and useful on CPU.
-
-    Useful: the model has a Conv2d. Safe: torch 2.14.1's CPU (oneDNN 3.12) weight gradient of a channels_last
-    1x1 stride-2 conv with few input channels segfaults, aborts or hangs (seen for 2-7 input channels, fine
-    from 8); such convs appear in pruned ResNet shortcuts, so they rule channels_last out (below 16 for margin).
+    """Whether training ``model`` in channels_last memory format is useful on CPU (it has a Conv2d). It is safe
+    for every model: the convolutions with the shape of a torch CPU bug run contiguous (obafx.bench.channels_last).
     """
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    risky = [m for m in convs if m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 16]
-    return bool(convs) and not risky
+    return _channels_last.useful(model)
 
 
 def make_optimizer(model: nn.Module, optimizer: str = "auto", lr: Optional[float] = None,
@@ -148,9 +144,10 @@ def train(model: nn.Module, train_loader: Iterable, epochs: float = 1, lr: Optio
     channels_last = channels_last and channels_last_ok(model)
     device = _device(model)
     bar = tqdm(total=steps, desc=f"train {type(model).__name__}", disable=not progress, leave=False)
+    hooks = []
     try:
         if channels_last:
-            model.to(memory_format=torch.channels_last)
+            hooks = _channels_last.enter(model)
         model.train()
         done = 0
         while done < steps:
@@ -173,7 +170,7 @@ def train(model: nn.Module, train_loader: Iterable, epochs: float = 1, lr: Optio
     finally:
         bar.close()
         if channels_last:  # callers (pruning passes, state_dict users) expect ordinary contiguous weights
-            model.to(memory_format=torch.contiguous_format)
+            _channels_last.leave(model, hooks)
     return model.eval()
 
 
