@@ -15,7 +15,7 @@ from .errors import ObafxError, describe_node
 from .labels import Plane, Store
 from .ops import rule_for
 from .rules_shape import barrier
-from .facts import ChannelFacts, Traced
+from .facts import ChannelFacts, Traced, frozen_map
 from .record import record_values
 from .tensors import tensor_aliases
 
@@ -112,7 +112,7 @@ def analyze(traced: Traced) -> ChannelFacts:
     analyzer = _Analyzer(gm, values)
     with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
         analyzer.run()
-    return ChannelFacts(traced, analyzer.store, analyzer.planes, analyzer.shapes)
+    return ChannelFacts(traced, analyzer.store.freeze(), frozen_map(analyzer.planes), frozen_map(analyzer.shapes))
 
 
 def barrier_report(facts: ChannelFacts) -> List[Dict[str, str]]:

@@ -27,14 +27,14 @@ def _components(n_labels: int, pairs: Sequence[np.ndarray]) -> np.ndarray:
     return comp
 
 
-def _pin_ignored(facts: ChannelFacts, ignore: Iterable[str]) -> None:
-    """Pin every slot owned by an ignored module (a name or a prefix of module names)."""
+def _pin_ignored(facts: ChannelFacts, ignore: Iterable[str], pins: List[np.ndarray]) -> None:
+    """Pin every slot owned by an ignored module (a name or a prefix of module names): appends to ``pins``."""
     ignore = list(ignore)
     matched = set()
     for (name, _), (slot, labels) in facts.store.slots.items():
         for prefix in ignore:
             if name == prefix or name.startswith(prefix + "."):
-                facts.store.pin(labels)
+                pins.append(labels)
                 matched.add(prefix)
     unknown = [p for p in ignore if p not in matched]
     if unknown:
@@ -45,16 +45,21 @@ def _pin_ignored(facts: ChannelFacts, ignore: Iterable[str]) -> None:
         )
 
 
-def _pin_narrow_slots(facts: ChannelFacts) -> None:
-    """A width-1 slot can never shrink (it would vanish), and planes do not carry it: pin it."""
-    for slot, labels in facts.store.slots.values():
-        if labels.shape[0] == 1:
-            facts.store.pin(labels)
+def _narrow_slots(facts: ChannelFacts) -> List[np.ndarray]:
+    """A width-1 slot can never shrink (it would vanish), and planes do not carry it: its labels, to pin."""
+    return [labels for slot, labels in facts.store.slots.values() if labels.shape[0] == 1]
 
 
-def _rectangular(facts: ChannelFacts, comp: np.ndarray) -> bool:
-    """Make every multi-dim plane depend on one dim only (so removals stay rectangular); True if unchanged."""
-    stable = True
+def _pin_pairs(pins: List[np.ndarray]) -> List[np.ndarray]:
+    """Union pairs tying every label in ``pins`` to PIN."""
+    flat = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in pins]) if pins else np.zeros(0, np.int64)
+    flat = flat[flat != PIN]
+    return [np.stack([flat, np.full_like(flat, PIN)])] if flat.size else []
+
+
+def _rectangular(facts: ChannelFacts, comp: np.ndarray, extra: List[np.ndarray]) -> bool:
+    """Make every multi-dim plane depend on one dim only (so removals stay rectangular): the unions that does are
+    appended to ``extra``. True if nothing had to change."""
     for value in facts.planes.values():
         for p in _iter_planes(value):
             if len(p.dims) < 2:
@@ -63,9 +68,10 @@ def _rectangular(facts: ChannelFacts, comp: np.ndarray) -> bool:
             if any(np.all(units == squeeze_to_dims(units, (d,))) for d in p.dims):
                 continue
             keep = max(p.dims, key=lambda d: p.arr.shape[d])
-            facts.store.union(p.arr, squeeze_to_dims(p.arr, (keep,)))
+            a, b = np.broadcast_arrays(p.arr, squeeze_to_dims(p.arr, (keep,)))
+            extra.append(np.stack([a.reshape(-1), b.reshape(-1)]).astype(np.int64))
             return False  # components are stale now: recompute before judging another plane
-    return stable
+    return True
 
 
 def _iter_planes(value: Any):
@@ -85,19 +91,23 @@ def _map_units(value: Any, comp: np.ndarray) -> Any:
 
 
 def couple(facts: ChannelFacts, ignore: Iterable[str] = ()) -> Coupling:
-    """Groups of prunable units of ``facts``; ``ignore`` names modules whose widths must not change."""
-    _pin_ignored(facts, ignore)
-    _pin_narrow_slots(facts)
+    """Groups of prunable units of ``facts``; ``ignore`` names modules whose widths must not change.
+
+    Pure: the pins and unions this adds live in a local list beside ``facts.store.pairs``, so calls with
+    different ``ignore`` on the same facts do not add up."""
+    pins: List[np.ndarray] = []
+    _pin_ignored(facts, ignore, pins)
+    extra = _pin_pairs(pins + _narrow_slots(facts))
     while True:  # each pass merges at least two units, so this ends
-        comp = _components(facts.store.next_label, facts.store.pairs)
-        if _rectangular(facts, comp):
+        comp = _components(facts.store.next_label, list(facts.store.pairs) + extra)
+        if _rectangular(facts, comp, extra):
             break
     pinned = int(comp[PIN])
     slot_units = {key: comp[labels] for key, (slot, labels) in facts.store.slots.items()}
     roles = {key: (slot.role, slot.owner) for key, (slot, _) in facts.store.slots.items()}
     groups = _groups(slot_units, roles, pinned)
     node_units = {name: _map_units(v, comp) for name, v in facts.planes.items()}
-    return Coupling(groups, slot_units, roles, node_units, pinned, tuple(barrier_report(facts)))
+    return Coupling.frozen(groups, slot_units, roles, node_units, pinned, barrier_report(facts))
 
 
 def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch.fx as fx
@@ -19,7 +20,7 @@ from .errors import ConfigError
 from .tensors import fingerprint
 
 if TYPE_CHECKING:
-    from .labels import Store
+    from .labels import Slot
 
 # The OBA mode used wherever none is given (compile_prune, parameter_scores, ScoreContext, the Torch-Pruning
 # importances): the one place to change it.
@@ -42,16 +43,47 @@ class Group:
         return len(self.units)
 
 
+def read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view of ``array`` (no copy): facts hand arrays on, and no stage may write into them."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def frozen_map(mapping: Mapping, arrays: bool = False) -> Mapping:
+    """A read-only mapping over a copy of ``mapping``; with ``arrays``, its array values read-only too."""
+    return MappingProxyType({k: read_only(v) if arrays else v for k, v in mapping.items()})
+
+
+@dataclass(frozen=True, eq=False)
+class Unions:
+    """What the channel analysis recorded, frozen: ``next_label`` labels were handed out; ``pairs`` are the
+    (2, n) label arrays that go together; ``slots`` maps (parameter name, dim) to its Slot and labels;
+    ``barriers`` lists (node name, why) for ops that pinned their channels. A stage that adds unions (couple's
+    pins) keeps its own list beside these, so two stages never see each other's additions."""
+
+    next_label: int
+    pairs: Tuple[np.ndarray, ...]
+    slots: Mapping[Tuple[str, int], Tuple["Slot", np.ndarray]]
+    barriers: Tuple[Tuple[str, str], ...]
+
+
 @dataclass(frozen=True, eq=False)
 class Coupling:
     """The coupled groups of a traced model and the map from parameter slots to units (class ids)."""
 
     groups: Tuple[Group, ...]
-    slot_units: Dict[Tuple[str, int], np.ndarray]
-    slot_roles: Dict[Tuple[str, int], Tuple[str, str]]  # (role, owner)
-    node_units: Dict[str, object]  # node name -> planes mapped to unit ids (same structure as planes)
+    slot_units: Mapping[Tuple[str, int], np.ndarray]  # read-only arrays (see ``frozen``)
+    slot_roles: Mapping[Tuple[str, int], Tuple[str, str]]  # (role, owner)
+    node_units: Mapping[str, object]  # node name -> planes mapped to unit ids (same structure as planes)
     pinned: int
     barriers: Tuple[Dict[str, str], ...]
+
+    @staticmethod
+    def frozen(groups, slot_units, slot_roles, node_units, pinned, barriers) -> "Coupling":
+        """A Coupling over read-only copies of the given maps (the one way stages make one)."""
+        return Coupling(tuple(groups), frozen_map(slot_units, arrays=True), frozen_map(slot_roles),
+                        frozen_map(node_units), int(pinned), tuple(barriers))
 
     def unit_group(self) -> Dict[int, str]:
         return {u: g.id for g in self.groups for u in g.units}
@@ -122,9 +154,9 @@ class ChannelFacts:
     """What the channel analysis found. ``planes`` and ``shapes`` are keyed by fx node name."""
 
     traced: Traced
-    store: Store
-    planes: Dict[str, Any]
-    shapes: Dict[str, Any]
+    store: Unions  # the analysis' unions, frozen (named store for what used to be the live collector)
+    planes: Mapping[str, Any]
+    shapes: Mapping[str, Any]
 
 
 @dataclass(frozen=True)

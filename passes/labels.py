@@ -126,6 +126,14 @@ class Store:
     def barrier(self, node_name: str, why: str) -> None:
         self.barriers.append((node_name, why))
 
+    def freeze(self) -> "Unions":
+        """The unions, slots and barriers recorded so far as a frozen fact (read-only views, no copies)."""
+        from .facts import Unions, frozen_map, read_only
+
+        slots = {k: (slot, read_only(labels)) for k, (slot, labels) in self.slots.items()}
+        return Unions(self.next_label, tuple(read_only(p) for p in self.pairs), frozen_map(slots),
+                      tuple(self.barriers))
+
     def pin_width(self, width: "Width") -> None:
         """The measured dim keeps its width (so the number stays what the model was written for)."""
         for p in width.planes:

@@ -6,17 +6,17 @@ mixes the pruned channels).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Optional, Set
+from typing import Any, Dict, Optional, Set
 
 import numpy as np
 import torch
 import torch.fx as fx
+from torch import nn
+from torch.func import functional_call
 
 from .facts import Coupling, PrunePlan, Traced
 from .labels import Plane
 from .plan import plan_from_removed
-from .private_copy import copies_lazily, private_copy
 from .tensors import owner_and_attr
 
 
@@ -57,40 +57,48 @@ def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=
                   plan: Optional[PrunePlan] = None) -> Any:
     """The original model's output with every removed unit zeroed everywhere (eval mode, no grad): in every
     intermediate value and in every parameter and buffer slice, so that the insides of opaque layers agree too
-    (a MultiheadAttention's removed heads contribute nothing). ``traced`` is left as it was: the slices are
-    zeroed in a copy-on-write copy (only the zeroed tensors get memory of their own), or, where tensors cannot
-    be shared that way (other devices), in place and put back afterwards. ``plan``: the plan of ``removed``,
-    when the caller has it already."""
+    (a MultiheadAttention's removed heads contribute nothing). Nothing is written into ``traced``: the zeroed
+    parameters are new tensors (only those that lose slices) swapped in for the run by
+    ``torch.func.functional_call``, on every device alike. ``plan``: the plan of ``removed``, when the caller
+    has it already."""
     plan = plan if plan is not None else plan_from_removed(coupling, removed)
-    in_place = not copies_lazily(traced.gm)
-    gm = traced.gm if in_place else private_copy(traced.gm)
+    gm = traced.gm
     was = gm.training
     gm.eval()
     try:
-        with torch.no_grad(), _zeroed(gm, plan, restore=in_place):
-            return _Masker(gm, coupling, removed).run(*(inputs if inputs is not None else traced.inputs))
+        with torch.no_grad():
+            zeroed = {f"gm.{name}": tensor for name, tensor in _zeroed(gm, plan).items()}
+            runner = _MaskedRun(gm, coupling, removed)
+            return functional_call(runner, zeroed, tuple(inputs if inputs is not None else traced.inputs),
+                                   strict=False, tie_weights=True)
     finally:
         gm.train(was)
 
 
-@contextlib.contextmanager
-def _zeroed(gm: fx.GraphModule, plan: PrunePlan, restore: bool):
-    """Zero the removed slices of ``gm``'s parameters and buffers in place for the block; with ``restore``, put
-    them back afterwards (a copy of a large model on an accelerator would double its memory)."""
-    saved = []
-    try:
-        for name, dims in plan.kept.items():
-            tensor = getattr(*owner_and_attr(gm, name))
-            for dim, kept in dims.items():
-                gone = sorted(set(range(tensor.shape[dim])) - set(kept))
-                index = torch.tensor(gone, dtype=torch.long, device=tensor.device)
-                if restore:
-                    saved.append((tensor, dim, index, tensor.index_select(dim, index)))
-                tensor.index_fill_(dim, index, 0)
-        yield
-    finally:
-        for tensor, dim, index, values in reversed(saved):  # reversed: overlaps get their first values back
-            tensor.index_copy_(dim, index, values)
+class _MaskedRun(nn.Module):
+    """``gm``'s graph run by the masking interpreter, as a module (so functional_call can swap its tensors)."""
+
+    def __init__(self, gm: fx.GraphModule, coupling: Coupling, removed: Set[int]):
+        super().__init__()
+        self.gm = gm
+        self.coupling, self.removed = coupling, removed
+
+    def forward(self, *args):
+        return _Masker(self.gm, self.coupling, self.removed).run(*args)
+
+
+def _zeroed(gm: fx.GraphModule, plan: PrunePlan) -> Dict[str, torch.Tensor]:
+    """{qualified name: a new tensor equal to that parameter or buffer with the plan's removed slices zeroed},
+    for every tensor the plan changes (out of place: ``gm`` keeps its values)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, dims in plan.kept.items():
+        tensor = out.get(name, getattr(*owner_and_attr(gm, name)))
+        for dim, kept in dims.items():
+            gone = sorted(set(range(tensor.shape[dim])) - set(kept))
+            index = torch.tensor(gone, dtype=torch.long, device=tensor.device)
+            tensor = tensor.index_fill(dim, index, 0)
+        out[name] = tensor
+    return out
 
 
 def max_relative_error(a: Any, b: Any) -> float:
