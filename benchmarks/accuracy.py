@@ -1,307 +1,212 @@
-"""The pruning table on real data: accuracy vs MACs for OBA and the baselines, on Fashion-MNIST models.
+"""The pruning table on real data: accuracy vs MACs for OBA's variants and the baselines, on Fashion-MNIST models.
 
-    python3 benchmarks/accuracy.py                      # default grid (long: see --help), writes
-                                                        # benchmarks/results/accuracy.json and accuracy.png
-    python3 benchmarks/accuracy.py --quick --out /tmp/a.json   # smoke run (seconds)
+    python3 benchmarks/accuracy.py --models resnet20 --methods oba_residual,magnitude --seeds 0 --out /tmp/a.json
+    python3 benchmarks/accuracy.py --finetune-best /tmp/a.json --out /tmp/ft.json   # fine-tune the best rows
+    python3 benchmarks/accuracy.py --merge /tmp/a.json,/tmp/ft.json --out benchmarks/results/accuracy.json
+    python3 benchmarks/accuracy.py --quick --out /tmp/q.json     # smoke run (a minute)
 
-Protocol, the same for every method (OBA.md section 4, scaled to a CPU): the cached trained model
-(obafx.bench.train.trained), pruned toward 1/2, 1/3, 1/4 of its MACs in ``--steps`` steps on the exponential schedule,
-re-scoring on fresh calibration batches before each step; then BatchNorm statistics recalibrated on training
-batches (no gradients) and accuracy measured ("pruned"); then the same short fine-tuning for every method and
-accuracy measured again ("finetuned"). Methods: obafx's oba (full), oba (residual), magnitude, taylor, obd
-(Hutchinson diagonal), random; Torch-Pruning's own MetaPruner with its GroupTaylorImportance and its
-GroupHessianImportance (empirical-Fisher OBD; its accumulate_grad keeps only the last sample in 1.6.1, so we
-accumulate per-sample squared gradients correctly and record that). Several seeds (calibration batches, random
-scores, fine-tuning order); mean and spread reported.
+Protocol, the same for every method (acc_protocol.py): the committed dense model (benchmarks/models, see
+obafx.bench.dense), pruned on the exponential MAC schedule with ``--steps-per-halving`` steps per halving of the
+MACs (20: 2x after 20 steps, 3x after 32, 4x after 40), ``--calib-batches`` fresh batches of ``--calib-size``
+training images scored before every step, BatchNorm recalibrated between steps (by obafx) and after pruning
+(``--recal-batches`` batches of 128, no gradients). Column 1, ``acc_pruned``: test accuracy (whole 10k test set)
+after that recalibration, without fine-tuning. Column 2, ``acc_finetuned``: after ``--finetune-epochs`` epochs of
+the same fine-tune for every method (SGD 0.01 or AdamW 1e-4, cosine, crop+flip), for every row (``--finetune all``)
+or, when that does not fit, for the best row of each family per (model, budget) (``--finetune-best``; the JSON says
+which). Seeds change the calibration batches, random scores and the fine-tune's data order, not the dense model.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
+import os
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
 
-import obafx  # noqa: E402
+import acc_protocol as proto  # noqa: E402
+import acc_results as res  # noqa: E402
+import acc_tp  # noqa: E402
 from obafx.bench import data as fmnist  # noqa: E402
+from obafx.bench import dense as dense_models  # noqa: E402
 from obafx.bench import train as training  # noqa: E402
-from obafx.bench.models import Attention  # noqa: E402
 from obafx.passes.macs import param_count, thop_macs  # noqa: E402
 
-OBAFX_METHODS = {"oba_full": ("oba", "full"), "oba_residual": ("oba", "residual"), "magnitude": ("magnitude", None),
-                 "taylor": ("taylor", None), "obd": ("obd", None), "random": ("random", None)}
-TP_METHODS = ("tp_taylor", "tp_hessian")
-TP_TRIES = 4  # full Torch-Pruning runs allowed to land its MACs within 2% of the target
-
-
-def _classifier(model) -> torch.nn.Module:
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-
-
-def prune_obafx(model, example, method: str, factor: float, batches: List, steps: int, seed: int):
-    importance, mode = OBAFX_METHODS[method]
-    return obafx.compile_prune(model, example, importance=importance, mode=mode or "full", data=batches,
-                               macs=1.0 / factor, steps=steps, batches_per_step=len(batches) // steps, seed=seed,
-                               verify=False)
-
-
-class _FixedHessian:
-    """Torch-Pruning's GroupHessianImportance with per-sample squared gradients accumulated over all samples."""
-
-    @staticmethod
-    def make():
-        import torch_pruning as tp
-
-        class Fixed(tp.importance.GroupHessianImportance):
-            def accumulate_grad(self, model):
-                for _, param in model.named_parameters():
-                    if param.grad is not None:
-                        sq = param.grad.detach().clone().pow(2)
-                        self._accu_grad[param] = self._accu_grad.get(param, 0) + sq
-                        self._counter[param] = self._counter.get(param, 0) + 1
-        return Fixed()
-
-
-def prune_tp(model, example, method: str, factor: float, batches: List, steps: int, seed: int):
-    """Torch-Pruning's MetaPruner with its own criterion, iterative, toward the MAC target (global ranking).
-
-    Its pruner takes a channel ratio, not a MAC budget, and with global ranking the MACs a ratio gives depend on
-    the criterion: the ratio is first found for magnitude (cheap), then corrected from each full run (MACs ~
-    (1 - ratio)^a) until the MACs (thop, the count obafx's budgets use) are within 2% of the target, at most
-    ``TP_TRIES`` full runs (the closest is kept; the row records the MACs it reached). TP's own counter also
-    counts attention matmuls, so on the ViT it would stop at a different budget."""
-    keep = 1.0 / factor
-    base, _ = thop_macs(model, (example,))
-    ratio, best = _tp_ratio_for(model, example, keep, base), None
-    for _ in range(TP_TRIES):
-        pruned = _tp_run(model, example, method, ratio, batches, steps, seed)
-        kept = thop_macs(pruned, (example,))[0] / base
-        if best is None or abs(kept - keep) < abs(best[1] - keep):
-            best = (pruned, kept)
-        if abs(kept / keep - 1) <= 0.02 or not 0 < kept < 1:
-            break
-        a = np.log(kept) / np.log(1 - ratio)
-        ratio = float(np.clip(1 - keep ** (1 / max(a, 0.2)), 0.01, 0.95))
-    return best[0]
-
-
-def _tp_run(model, example, method: str, ratio: float, batches: List, steps: int, seed: int):
-    """One iterative MetaPruner run at channel ``ratio`` with Torch-Pruning's Taylor or (fixed) Hessian criterion."""
-    import torch_pruning as tp
-
-    torch.manual_seed(seed)
-    model = copy.deepcopy(model).eval()
-    imp = tp.importance.GroupTaylorImportance() if method == "tp_taylor" else _FixedHessian.make()
-    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, iterative_steps=steps,
-                                  ignored_layers=_tp_ignored(model), global_pruning=True)
-    per = max(1, len(batches) // steps)
-    for s in range(steps):
-        chunk = batches[s * per:(s + 1) * per]
-        model.zero_grad()
-        if method == "tp_taylor":
-            for x, y in chunk:
-                (F.cross_entropy(model(x), y) / len(chunk)).backward()
-        else:
-            imp.zero_grad()
-            for x, y in chunk:
-                for xi, yi in zip(x.split(1), y.split(1)):  # per-sample gradients, as its docs require
-                    model.zero_grad()
-                    F.cross_entropy(model(xi), yi).backward()
-                    imp.accumulate_grad(model)
-        pruner.step()
-    model.zero_grad(set_to_none=True)
-    return model
-
-
-TP_HESSIAN_NOTE = ("per-sample squared gradients accumulated over every calibration sample (Torch-Pruning "
-                   "1.6.1's accumulate_grad keeps only the last)")
-TP_VIT_NOTE = ("on vit_tiny, Torch-Pruning's rows keep the qkv layers' width (ignored_layers): its pruner raises "
-               "IndexError on the qkv reshape into heads, with or without num_heads=")
-
-
-def _tp_ignored(model) -> List[torch.nn.Module]:
-    """What Torch-Pruning must leave alone: the classifier, and the ViT's qkv layers. On qkv reshaped into heads
-    (``reshape(B, N, 3, -1, head_dim)``) its pruner raises IndexError, with or without ``num_heads=`` (head dims or
-    whole heads); keeping qkv's width is the workaround, so TP prunes the MLPs and the residual stream there."""
-    return [_classifier(model)] + [m.qkv for m in model.modules() if isinstance(m, Attention)]
-
-
-def _tp_ratio_for(model, example, keep: float, base: float) -> float:
-    """The channel ratio at which Torch-Pruning's magnitude pruner keeps ``keep`` of the MACs (bisection)."""
-    import torch_pruning as tp
-
-    lo, hi = 0.0, 0.95
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        m = copy.deepcopy(model)
-        tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=mid,
-                             ignored_layers=_tp_ignored(m), global_pruning=True).step()
-        macs, _ = thop_macs(m, (example,))
-        lo, hi = (mid, hi) if macs > keep * base else (lo, mid)
-    return hi
-
-
-def run_one(name: str, model, method: str, factor: float, seed: int, cfg: Dict[str, Any], loaders) -> Dict[str, Any]:
-    train_loader, test_loader = loaders
-    example = torch.zeros(1, 1, 32, 32)
-    batches = [b for s in range(cfg["steps"]) for b in fmnist.calibration_batches(
-        train_loader.dataset, cfg["calib_batches"], cfg["calib_size"], seed=seed, step=s)]
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    pruner = prune_tp if method in TP_METHODS else prune_obafx
-    pruned = pruner(model, example, method, factor, batches, cfg["steps"], seed)
-    seconds = time.perf_counter() - start
-    macs0, _ = thop_macs(model, (example,))
-    macs1, _ = thop_macs(pruned, (example,))
-    training.recalibrate_bn(pruned, train_loader, n_batches=cfg["recal_batches"])
-    acc_pruned = training.evaluate(pruned, test_loader, limit_batches=cfg["eval_batches"])
-    training.finetune(pruned, train_loader, steps=cfg["finetune_steps"], seed=seed, progress=False)
-    acc_tuned = training.evaluate(pruned, test_loader, limit_batches=cfg["eval_batches"])
-    return {"model": name, "method": method, "factor": factor, "seed": seed, "macs_ratio": macs1 / macs0,
-            "params_ratio": param_count(pruned) / param_count(model), "acc_pruned": acc_pruned,
-            "acc_finetuned": acc_tuned, "prune_seconds": seconds}
-
-
-def summarise(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Mean and spread (population std, min, max) over seeds per (model, method, factor)."""
-    keys = sorted({(r["model"], r["method"], r["factor"]) for r in rows if "acc_finetuned" in r})
-    out = []
-    for model, method, factor in keys:
-        rs = [r for r in rows if "acc_finetuned" in r and (r["model"], r["method"], r["factor"]) == (model, method, factor)]
-        entry = {"model": model, "method": method, "factor": factor, "seeds": len(rs)}
-        for k in ("acc_pruned", "acc_finetuned", "macs_ratio", "params_ratio", "prune_seconds"):
-            vals = [r[k] for r in rs]
-            entry[k] = statistics.fmean(vals)
-            entry[k + "_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-        out.append(entry)
-    return out
-
-
-def plot(summary: List[Dict[str, Any]], path: Path) -> None:
-    """Accuracy after fine-tuning against MACs kept, one line per method, one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({s["model"] for s in summary})
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for method in sorted({s["method"] for s in summary if s["model"] == model}):
-            pts = sorted((s["macs_ratio"], s["acc_finetuned"], s["acc_finetuned_std"]) for s in summary
-                         if s["model"] == model and s["method"] == method)
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        capsize=3, label=method)
-        ax.set_xlim(0.0, max(0.6, max(s["macs_ratio"] for s in summary) + 0.05))  # one scale for every panel
-        ax.set_title(model)
-        ax.set_xlabel("MACs kept (fraction)")
-        ax.set_ylabel("test accuracy after fine-tuning")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+DEFAULT_METHODS = ("oba_residual,oba_full,oba_residual_train,oba_group,oba_residual_permac,magnitude,taylor,random,"
+                   "tp_taylor,tp_hessian")
+DATA_SET = "Fashion-MNIST (60k train / 10k test, 28x28 zero-padded to 32x32, normalised)"
+WIDTHS_FACTOR = 3.0  # the budget whose per-layer widths are plotted
 
 
 def config(args) -> Dict[str, Any]:
+    """The run's settings; --quick shrinks everything to a smoke run."""
     if args.quick:
-        return dict(models=["resnet20"], methods=["oba_full", "magnitude", "tp_taylor"], factors=[2.0], seeds=[0],
-                    steps=1, calib_batches=1, calib_size=16, recal_batches=2, finetune_steps=2, eval_batches=1,
-                    train_limit=2000, test_limit=500, epochs=0.02)
+        return dict(models=["resnet20"], methods=["oba_residual", "magnitude", "tp_taylor"], factors=[2.0],
+                    seeds=[0], steps_per_halving=2, calib_batches=1, calib_size=16, recal_batches=2, recal_size=64,
+                    finetune="all", finetune_epochs=None, finetune_steps=2, eval_batches=1, train_limit=2000,
+                    test_limit=500)
     return dict(models=args.models.split(","), methods=args.methods.split(","),
-                factors=[float(f) for f in args.factors.split(",")], seeds=list(range(args.seeds)), steps=args.steps,
-                calib_batches=args.calib_batches, calib_size=64, recal_batches=20,
-                finetune_steps=args.finetune_steps, eval_batches=args.eval_batches, train_limit=None, test_limit=None, epochs=None)
+                factors=sorted(float(f) for f in args.factors.split(",")),
+                seeds=[int(s) for s in args.seeds.split(",")], steps_per_halving=args.steps_per_halving,
+                calib_batches=args.calib_batches, calib_size=args.calib_size, recal_batches=args.recal_batches,
+                recal_size=128, finetune=args.finetune, finetune_epochs=args.finetune_epochs, finetune_steps=None,
+                eval_batches=None, train_limit=None, test_limit=None)
+
+
+def protocol_text(cfg: Dict[str, Any]) -> str:
+    steps = proto.segment_steps(cfg["factors"], cfg["steps_per_halving"])
+    ft = (f"{cfg['finetune_steps']} steps" if cfg["finetune_steps"] else f"{cfg['finetune_epochs']:g} epoch(s)")
+    return (f"exponential MAC schedule, {cfg['steps_per_halving']} steps per halving (cumulative steps to "
+            f"{', '.join(f'{f:g}x' for f in cfg['factors'])}: {', '.join(str(sum(steps[:i + 1])) for i in range(len(steps)))}); "
+            f"{cfg['calib_batches']} calibration batches of {cfg['calib_size']} per step (fresh each step); BatchNorm "
+            f"recalibrated between steps (obafx; Torch-Pruning rows: on the step's batches) and after pruning "
+            f"({cfg['recal_batches']} batches of {cfg['recal_size']}); acc_pruned = after that recalibration, no "
+            f"fine-tune; acc_finetuned = after {ft} of the same fine-tune (SGD lr 0.01 wd 1e-4 / AdamW 1e-4, cosine, "
+            f"crop+flip) for every method; accuracy on the whole test set")
+
+
+def load_dense(name: str, cfg: Dict[str, Any], quick: bool):
+    """The committed dense model; a quick run without committed files trains a tiny one in ./benchmarks/cache."""
+    if dense_models.available(name) or not quick:
+        return dense_models.load(name), f"benchmarks/models/{name}.safetensors"
+    return (training.trained(name, epochs=0.02, data_kw={"train_limit": cfg["train_limit"]}, progress=False),
+            "quick: trained for 0.02 epochs")
+
+
+def dense_row(name: str, model, source: str, test_loader, cfg) -> Dict[str, Any]:
+    return {"model": name, "method": "dense", "source": source, "widths": proto.widths(model),
+            "macs": thop_macs(model, (proto.EXAMPLE,))[0], "params": param_count(model),
+            "acc_dense": training.evaluate(model, test_loader, limit_batches=cfg["eval_batches"])}
+
+
+def run(args, cfg: Dict[str, Any], out: Path) -> int:
+    """Every (model, method, seed) trajectory of the config; the JSON is rewritten after every one."""
+    train_loader, test_loader = fmnist.loaders(batch_size=128, train_limit=cfg["train_limit"],
+                                               test_limit=cfg["test_limit"])
+    data = (train_loader.dataset, test_loader)
+    snapshots = Path(args.snapshots) if args.snapshots else Path(tempfile.mkdtemp(prefix="obafx-acc-"))
+    rows: List[Dict[str, Any]] = []
+    for name in cfg["models"]:
+        model, source = load_dense(name, cfg, args.quick)
+        rows.append(dense_row(name, model, source, test_loader, cfg))
+        for seed in cfg["seeds"]:
+            for method in cfg["methods"]:
+                try:
+                    rows += proto.run_method(name, model, method, seed, cfg, data, snapshots)
+                except Exception as exc:  # one failing method must not lose the others' results
+                    rows.append({"model": name, "method": method, "factor": 0.0, "seed": seed,
+                                 "error": f"{type(exc).__name__}: {exc}"[:500]})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("widths", "groups")}), flush=True)
+                write(out, cfg, rows)
+    write(out, cfg, rows)
+    return 0
+
+
+def finetune_best(args, out: Path) -> int:
+    """Fine-tune, per (model, budget), the rows of the best method of each family (by mean acc_pruned)."""
+    part = json.loads(Path(args.finetune_best).read_text())
+    cfg = {**(part["config"][0] if isinstance(part["config"], list) else part["config"]),
+           "finetune_epochs": args.finetune_epochs, "finetune_steps": None}
+    rows = [r for r in part["rows"] if "error" not in r]
+    chosen = res.best_per_family(res.summarise(rows))
+    models, factors = args.models.split(","), {float(f) for f in args.factors.split(",")}
+    train_loader, test_loader = fmnist.loaders(batch_size=128)
+    done: List[Dict[str, Any]] = []
+    for r in rows:
+        if r["method"] == "dense" or r["model"] not in models or r["factor"] not in factors:
+            continue
+        if chosen.get((r["model"], r["factor"], r["family"])) != r["method"] or "acc_finetuned" in r:
+            continue
+        model = torch.load(r["snapshot"], weights_only=False)
+        done.append(proto.finetune_row({**r, "finetune_selection": "best of its family by mean acc_pruned"},
+                                       model, train_loader.dataset, test_loader, cfg))
+        print(json.dumps({k: v for k, v in done[-1].items() if k not in ("widths", "groups")}), flush=True)
+        write(out, cfg, done)
+    write(out, cfg, done)
+    return 0
+
+
+def merge(paths: List[str], out: Path) -> int:
+    """Combine per-process files (prune runs, fine-tune runs) into ``out``, its summary and plots."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = res.merge_rows([p["rows"] for p in parts])
+    configs = [c for p in parts for c in (p["config"] if isinstance(p["config"], list) else [p["config"]])]
+    write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
+                          "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
+                          **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
+                          "config": configs, "machine": parts[0]["machine"],
+                          "rows": rows, "summary": res.summarise(rows)})
+    _plots(rows, out)
+    return 0
+
+
+def _commit() -> str:
+    """The obafx commit the run used: $OBAFX_COMMIT (runs from a frozen copy of the tree), else git's HEAD."""
+    if os.environ.get("OBAFX_COMMIT"):
+        return os.environ["OBAFX_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        return "unknown"
+
+
+def _header(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return {"data_set": DATA_SET, "obafx_commit": _commit(), "protocol": protocol_text(cfg), "tp_hessian_note": acc_tp.TP_HESSIAN_NOTE,
+            "tp_vit_note": acc_tp.TP_VIT_NOTE,
+            "finetune_note": "rows with acc_finetuned were fine-tuned; 'finetune_selection' says why a row was"}
+
+
+def _plots(rows: List[Dict[str, Any]], out: Path) -> None:
+    summary = res.summarise(rows)
+    if summary:
+        res.plot_accuracy(summary, out.with_suffix(".png"))
+        dense_widths = {r["model"]: r["widths"] for r in rows if r["method"] == "dense" and "widths" in r}
+        res.plot_widths(rows, dense_widths, WIDTHS_FACTOR, 0, out.with_name(out.stem + "_widths.png"))
+
+
+def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **_header(cfg),
+                          "config": cfg, "machine": machine_info(), "rows": rows, "summary": res.summarise(rows)})
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet20,vgg_bn,vit_tiny")
-    p.add_argument("--methods", default=",".join(list(OBAFX_METHODS) + list(TP_METHODS)))
-    p.add_argument("--factors", default="2,3,4", help="MAC reduction factors")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (of 64) per step")
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--eval-batches", type=int, default=None,
-                   help="test batches (of 128) per evaluation (default: the whole 10k test set)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {sorted(proto.METHODS)}")
+    p.add_argument("--factors", default="2,3,4", help="MAC reduction factors (one trajectory passes through all)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--steps-per-halving", type=int, default=20)
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches per step")
+    p.add_argument("--calib-size", type=int, default=64, help="images per calibration batch")
+    p.add_argument("--recal-batches", type=int, default=20, help="batches of 128 for BatchNorm after pruning")
+    p.add_argument("--finetune", choices=("none", "all"), default="none",
+                   help="fine-tune every row in the run (all) or leave it to --finetune-best (none)")
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-best", default=None, help="a result file: fine-tune its best row per family")
+    p.add_argument("--snapshots", default="benchmarks/cache/snapshots", help="where pruned models are kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 when several jobs share the cores)")
-    p.add_argument("--merge", default=None,
-                   help="comma-separated JSON files of earlier runs (e.g. one per model, run side by side): their "
-                        "rows are combined into --out and the plot; nothing is run")
+    p.add_argument("--merge", default=None, help="comma-separated result files to combine into --out (runs nothing)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
-    if args.merge:
-        return merge(args.merge.split(","), Path(args.out))
-    cfg = config(args)
-    training.set_threads(args.threads)
-    loaders = fmnist.loaders(batch_size=128, train_limit=cfg["train_limit"], test_limit=cfg["test_limit"])
-    rows: List[Dict[str, Any]] = []
     out = Path(args.out)
-    for name in cfg["models"]:
-        data_kw = {"train_limit": cfg["train_limit"]} if cfg["train_limit"] else None
-        model = training.trained(name, epochs=cfg["epochs"], data_kw=data_kw, progress=False)
-        dense = training.evaluate(model, loaders[1], limit_batches=cfg["eval_batches"])
-        rows.append({"model": name, "method": "dense", "acc_dense": dense})
-        for factor in cfg["factors"]:
-            for method in cfg["methods"]:
-                for seed in cfg["seeds"]:
-                    try:
-                        rows.append(run_one(name, model, method, factor, seed, cfg, loaders))
-                    except Exception as exc:  # one failing method must not lose the others' results
-                        rows.append({"model": name, "method": method, "factor": factor, "seed": seed,
-                                     "error": f"{type(exc).__name__}: {exc}"[:500]})
-                    print(rows[-1], flush=True)
-                    _write(out, args, cfg, rows)
-    _write(out, args, cfg, rows)
-    if not args.quick:
-        plot(summarise(rows), out.with_suffix(".png"))
-    return 0
-
-
-def merge(paths: List[str], out: Path) -> int:
-    """Combine the rows of several result files (e.g. one per model or budget, run side by side) into ``out`` and
-    its plot; the JSON keeps every part's command and config and one reproducing command per protocol."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for part in parts for r in part["rows"]]
-    write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
-                          "reproduce": _reproduce_commands(parts), "commands": [part["command"] for part in parts],
-                          "config": [part["config"] for part in parts],
-                          "machine": parts[0]["machine"], "tp_hessian_note": TP_HESSIAN_NOTE,
-                          "tp_vit_note": TP_VIT_NOTE, "rows": rows, "summary": summarise(rows)})
-    plot(summarise(rows), out.with_suffix(".png"))
-    return 0
-
-
-def _reproduce_commands(parts: List[Dict[str, Any]]) -> List[str]:
-    """One command per distinct protocol among ``parts``, with the budgets of all parts that share it."""
-    factors: Dict[tuple, set] = {}
-    for part in parts:
-        c = part["config"]
-        key = (tuple(c["models"]), tuple(c["methods"]), len(c["seeds"]), c["steps"], c["finetune_steps"],
-               c.get("eval_batches"))
-        factors.setdefault(key, set()).update(r["factor"] for r in part["rows"] if "factor" in r)  # what ran
-    commands = []
-    for (models, methods, seeds, steps, finetune, eval_batches), fs in factors.items():
-        commands.append(f"python3 benchmarks/accuracy.py --models {','.join(models)} --methods {','.join(methods)} "
-                        f"--factors {','.join(f'{f:g}' for f in sorted(fs))} --seeds {seeds} --steps {steps} "
-                        f"--finetune-steps {finetune}" + (f" --eval-batches {eval_batches}" if eval_batches else ""))
-    return commands
-
-
-def _write(out: Path, args, cfg, rows) -> None:
-    write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), "config": cfg,
-                          "machine": machine_info(), "tp_hessian_note": TP_HESSIAN_NOTE, "tp_vit_note": TP_VIT_NOTE,
-                          "rows": rows, "summary": summarise(rows)})
+    if args.merge:
+        return merge(args.merge.split(","), out)
+    training.set_threads(args.threads)
+    if args.finetune_best:
+        return finetune_best(args, out)
+    cfg = config(args)
+    code = run(args, cfg, out)
+    _plots(json.loads(out.read_text())["rows"], out)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Smoke run of benchmarks/accuracy.py on a tiny setting: the JSON has the documented shape."""
+"""Smoke run of benchmarks/accuracy.py on a tiny setting: the JSON has the documented shape; --merge combines."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,23 +9,47 @@ import pytest
 from obafx.bench.data import default_root
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"oba_residual", "magnitude", "tp_taylor"}
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_schedule_and_family_choice():
+    """One exponential schedule serves every budget; the fine-tune phase picks each family's best mean row."""
+    bench = _bench()
+    assert bench.proto.segment_steps([2.0, 3.0, 4.0], 20) == [20, 12, 8]  # 2x after 20 steps, 3x after 32, 4x 40
+    assert bench.proto.segment_steps([3.0], 20) == [32]
+    rows = [{"model": "m", "method": meth, "family": fam, "factor": 2.0, "seed": s, "acc_pruned": acc}
+            for meth, fam, s, acc in [("a", "OBA", 0, 0.5), ("a", "OBA", 1, 0.9), ("b", "OBA", 0, 0.8),
+                                      ("b", "OBA", 1, 0.7), ("c", "magnitude", 0, 0.1)]]
+    assert bench.res.best_per_family(bench.res.summarise(rows)) == {("m", 2.0, "OBA"): "b", ("m", 2.0, "magnitude"): "c"}
+    merged = bench.res.merge_rows([rows, [{**rows[0], "acc_finetuned": 0.6}, {**rows[1], "error": "x"}]])
+    assert len(merged) == 5 and merged[0]["acc_finetuned"] == 0.6 and "error" not in merged[1]
 
 
 @pytest.mark.skipif(not any(default_root().glob("*")), reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
 def test_accuracy_quick(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the model cache goes under the tmp dir
-    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    monkeypatch.chdir(tmp_path)  # snapshots (and a fallback model cache) go under the tmp dir
+    bench = _bench()
     out = tmp_path / "acc.json"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = [r for r in data["rows"] if r["method"] != "dense"]
-    assert {r["method"] for r in rows} == {"oba_full", "magnitude", "tp_taylor"}
+    assert {r["method"] for r in rows} == METHODS
+    dense = [r for r in data["rows"] if r["method"] == "dense"][0]
     for r in rows:
         assert "error" not in r, r
-        assert 0 < r["macs_ratio"] < 0.75 and 0 <= r["acc_finetuned"] <= 1
-    assert {s["method"] for s in data["summary"]} == {"oba_full", "magnitude", "tp_taylor"}
+        assert 0 < r["macs_ratio"] < 0.75 and 0 <= r["acc_pruned"] <= 1 and 0 <= r["acc_finetuned"] <= 1
+        assert set(r["widths"]) == set(dense["widths"]) and r["widths"] != dense["widths"]
+        assert Path(r["snapshot"]).is_file()
+    assert {s["method"] for s in data["summary"]} == METHODS
+    assert "Fashion-MNIST" in data["data_set"] and "steps per halving" in data["protocol"]
     assert "machine" in data and "command" in data
     # --merge combines runs (e.g. one per budget, run side by side) into one table and plot
     other = json.loads(out.read_text())
@@ -36,5 +61,5 @@ def test_accuracy_quick(tmp_path, monkeypatch):
     assert bench.main(["--merge", f"{out},{tmp_path / 'b.json'}", "--out", str(merged)]) == 0
     both = json.loads(merged.read_text())
     assert len(both["rows"]) == len(data["rows"]) + len(rows)
-    assert {s["factor"] for s in both["summary"]} == {2.0, 3.0} and any("--factors 2,3 " in c for c in both["reproduce"])
-    assert merged.with_suffix(".png").exists()
+    assert {s["factor"] for s in both["summary"]} == {2.0, 3.0}
+    assert merged.with_suffix(".png").exists() and (tmp_path / "merged_widths.png").exists()
