@@ -33,7 +33,7 @@ METHODS: Dict[str, tuple] = {
     "oba_residual": ("OBA", dict(importance="oba", mode="residual")),
     "oba_full": ("OBA", dict(importance="oba", mode="full")),
     "oba_residual_train": ("OBA", dict(importance="oba", mode="residual", train=True)),
-    "oba_group": ("OBA", dict(importance="oba_group")),
+    "oba_group": ("OBA", dict(importance="oba_group", mode="residual")),
     "oba_residual_permac": ("OBA", dict(importance="oba", mode="residual", rank="per_mac")),
     "magnitude": ("magnitude", dict(importance="magnitude")),
     "taylor": ("Taylor", dict(importance="taylor")),
