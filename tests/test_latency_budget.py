@@ -154,3 +154,11 @@ def test_nothing_to_time_with_is_a_config_error():
 def test_timing_on_an_absent_device_is_a_config_error(x):
     with pytest.raises(ConfigError, match="no such device is available"):
         obafx.compile_prune(Net(), x, latency=0.5, latency_options=obafx.LatencyOptions(device="cuda"))
+
+
+def test_the_latency_record_survives_save_and_load(tmp_path, x):
+    pruned = obafx.compile_prune(Net(), x, latency=0.5, latency_options=_opts(MacTimer(), tmp_path))
+    obafx.save(pruned, str(tmp_path / "saved"))
+    again = obafx.load(str(tmp_path / "saved"), Net)
+    assert obafx.report(again).latency == obafx.report(pruned).latency
+    assert obafx.report(again).latency["measured"]["timer"] == "custom timer"
