@@ -5,7 +5,10 @@ For a CIFAR ResNet-56 and a small ViT (patch 4, dim 192, depth 6, 3 heads) on a 
 
 - ``gradient``: forward + ``loss.backward()``, the baseline;
 - ``full``: ``parameter_scores(model, [(x, y)], mode="full")`` (one exact HVP, forward-over-reverse);
-- ``residual``: ``parameter_scores(..., mode="residual")`` (one forward + one HVP with the cotangent fixed).
+- ``residual``: ``parameter_scores(..., mode="residual")`` (one forward + one HVP with the cotangent fixed);
+- ``group_full`` / ``group_residual``: the group-exact score (importance="oba_group", one Rademacher probe):
+  ``group_scores(model, coupling, [(x, y)], mode=...)``, the coupling computed once outside the measurement
+  (compile_prune has it from the step's analysis); its index of units per parameter entry is built inside.
 
 Peak memory: each (model, operation) runs once in its own fresh subprocess, so allocations of one cannot hide
 in another's high-water mark; on CPU it is the run's peak resident set size above the resident size just
@@ -19,7 +22,7 @@ recorded in the JSON tell how far wall-clock times were inflated).
 
 Usage: python3 benchmarks/hvp_cost.py [--reps 5] [--batch 128] [--threads N] [--quick] [--device cpu] [--out PATH]
 Writes JSON (default benchmarks/results/hvp_cost.json). Targets: full <= 4x and residual <= 7x the gradient's
-time, peak memory <= 4x.
+time, peak memory <= 4x; the group-exact score <= 1.2x the OBA score of the same mode (time and memory).
 """
 from __future__ import annotations
 
@@ -38,10 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OPS = ("gradient", "full", "residual")
+OPS = ("gradient", "full", "residual", "group_full", "group_residual")
 MODELS = ("resnet56", "vit")
 TARGETS = {"full_time": 4.0, "residual_time": 7.0, "full_cpu": 4.0, "residual_cpu": 7.0, "full_mem": 4.0,
-           "residual_mem": 4.0}
+           "residual_mem": 4.0, **{f"group_{m}_vs_{m}_{k}": 1.2 for m in ("full", "residual")
+                                   for k in ("time", "cpu", "mem")}}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hvp_cost.json")
 
 
@@ -150,6 +154,13 @@ def _operation(op: str, model: nn.Module, x, y):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
         return run
+    if op.startswith("group_"):
+        from obafx.passes.channel_graph import analyze
+        from obafx.passes.coupling import couple
+        from obafx.passes.group_scores import group_scores
+        from obafx.passes.trace import trace
+        coupling = couple(analyze(trace(model, x[:2])))
+        return lambda: group_scores(model, coupling, [(x, y)], mode=op[len("group_"):])
     from obafx.passes.hvp import parameter_scores
     return lambda: parameter_scores(model, [(x, y)], mode=op)
 
@@ -256,13 +267,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ratios(ops: dict) -> dict:
-    """Wall-clock, process-CPU and peak-memory ratios of full and residual scoring to the gradient."""
-    base = ops["gradient"]
-    mem = max(base["peak_mem_mib"], 1e-9)
-    return {"full_time": ops["full"]["time_s"] / base["time_s"],
-            "residual_time": ops["residual"]["time_s"] / base["time_s"],
-            "full_cpu": ops["full"]["cpu_s"] / base["cpu_s"], "residual_cpu": ops["residual"]["cpu_s"] / base["cpu_s"],
-            "full_mem": ops["full"]["peak_mem_mib"] / mem, "residual_mem": ops["residual"]["peak_mem_mib"] / mem}
+    """Wall-clock, process-CPU and peak-memory ratios of full and residual scoring to the gradient, and of the
+    group-exact score to the OBA score of the same mode."""
+    out = {}
+    for op, base in (("full", "gradient"), ("residual", "gradient"), ("group_full", "full"),
+                     ("group_residual", "residual")):
+        name = op if base == "gradient" else f"{op}_vs_{base}"
+        out[f"{name}_time"] = ops[op]["time_s"] / ops[base]["time_s"]
+        out[f"{name}_cpu"] = ops[op]["cpu_s"] / max(ops[base]["cpu_s"], 1e-9)
+        out[f"{name}_mem"] = ops[op]["peak_mem_mib"] / max(ops[base]["peak_mem_mib"], 1e-9)
+    return out
 
 
 def _load() -> list:

@@ -59,8 +59,9 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
 
     def __init__(self, criterion: str = "oba", batches: Union[Iterable, Callable[[], Iterable], None] = None,
                  loss_fn: Optional[Callable] = None, *, mode: str = DEFAULT_MODE, delta: float = 0.0,
-                 train: bool = False, normalizer: Any = "max", model: Optional[nn.Module] = None, chunk_size: Optional[int] = None,
-                 progress: bool = False, seed: int = 0, distributed: bool = False, **criterion_kw):
+                 train: bool = False, normalizer: Any = "max", model: Optional[nn.Module] = None,
+                 chunk_size: Optional[int] = None, progress: bool = False, seed: int = 0, distributed: bool = False,
+                 **criterion_kw):
         if criterion not in DATA_CRITERIA:
             raise ConfigError(f"criterion={criterion!r}. What to do: use one of {DATA_CRITERIA} (Torch-Pruning's "
                               f"own GroupMagnitudeImportance/RandomImportance cover the data-free ones)")
@@ -180,7 +181,8 @@ def _column_sums(s: Tensor, groups: int, transposed: bool) -> Tensor:
 
 
 class OBAImportance(CriterionImportance):
-    """OBA scores θ ⊙ (Hθ) as a Torch-Pruning importance: ``OBAImportance(batches, loss_fn=None, mode="full")``.
+    """OBA scores θ ⊙ (Hθ) as a Torch-Pruning importance: ``OBAImportance(batches, loss_fn=None, mode=...)``
+    (default: DEFAULT_MODE of obafx.passes.facts).
 
     ``mode``: "full" (the loss Hessian) or "residual" (H − G). Other keywords as in CriterionImportance.
     """

@@ -25,12 +25,13 @@ def test_quick_run_writes_the_json_schema(tmp_path):
     assert report["settings"]["model_source"] in ("obafx.models", "local")
     assert set(report["models"]) == {"resnet56", "vit"}
     for entry in report["models"].values():
-        assert set(entry["ops"]) == {"gradient", "full", "residual"}
+        assert set(entry["ops"]) == {"gradient", "full", "residual", "group_full", "group_residual"}
         for op in entry["ops"].values():
             assert op["time_s"] > 0 and op["cpu_s"] >= 0 and len(op["times_s"]) == 1
             assert isinstance(op["peak_mem_mib"], float) and op["params"] > 0
-        assert set(entry["ratios"]) == {"full_time", "residual_time", "full_cpu", "residual_cpu", "full_mem",
-                                        "residual_mem"}
+        assert set(entry["ratios"]) == {f"{op}_{k}" for op in ("full", "residual", "group_full_vs_full",
+                                                               "group_residual_vs_residual")
+                                        for k in ("time", "cpu", "mem")}
         assert all(v > 0 for k, v in entry["ratios"].items() if k.endswith("time"))
         assert set(entry["meets_targets"]) == set(entry["ratios"])
 

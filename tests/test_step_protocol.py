@@ -127,3 +127,20 @@ def test_a_mac_budget_only_a_compounding_cap_could_reach_is_refused():
         obafx.compile_prune(model, x, steps=3, max_layer_ratio=0.5, macs=0.3)
     pruned = obafx.compile_prune(model, x, steps=3, max_layer_ratio=0.5, macs=0.32)
     assert pruned.a.out_features >= 20 and pruned.b.out_features >= 16
+
+
+def test_every_default_mode_is_the_one_constant():
+    """Flipping passes/facts.py's DEFAULT_MODE flips the default everywhere: every signature names the constant
+    (a literal "full" would compare equal today and stay behind after the flip, so the source is read)."""
+    import inspect
+
+    from obafx.passes.facts import DEFAULT_MODE, ScoreContext
+    from obafx.passes.group_scores import group_scores
+    from obafx.passes.hvp import parameter_scores
+    from obafx.tp_interop import CriterionImportance, OBAImportance
+    for fn in (obafx.compile_prune, parameter_scores, group_scores, CriterionImportance.__init__,
+               OBAImportance.__init__, ScoreContext):
+        source = inspect.getsource(fn)
+        head = source if fn is ScoreContext else source.split('"""')[0]
+        assert "mode: str = DEFAULT_MODE" in head, fn
+    assert ScoreContext().mode == DEFAULT_MODE == inspect.signature(obafx.compile_prune).parameters["mode"].default
