@@ -40,7 +40,9 @@ class LatencyOptions:
     candidate alternations per end-to-end measurement (median); ``grid``: fractions of each layer's widths its
     table is measured at; ``tolerance``: how far (relative) the measured latency may be from the target; ``cache``:
     the tables' JSON file ('' = no cache); ``timer``: ``timer(module, inputs) -> seconds`` of one call instead of
-    the wall clock; ``progress``: tqdm bars while measuring."""
+    the clock; ``clock``: "wall" (default) or "process" (this process's CPU time: on a CPU shared with other jobs it
+    leaves out the time they hold the core; needs device "cpu" and threads=1); ``progress``: tqdm bars while
+    measuring."""
 
     device: str = "cpu"
     dtype: Optional[torch.dtype] = None
@@ -53,6 +55,7 @@ class LatencyOptions:
     tolerance: float = 0.05
     cache: str = DEFAULT_CACHE
     timer: Optional[Timer] = None
+    clock: str = "wall"
     progress: bool = True
 
     def __post_init__(self):
@@ -73,10 +76,16 @@ class LatencyOptions:
             raise ConfigError(f"LatencyOptions(dtype={self.dtype!r}). What to do: pass a floating torch dtype, "
                               "e.g. torch.float16, or None for the example input's.")
         check_device(self.device)
+        if self.clock not in ("wall", "process"):
+            raise ConfigError(f"LatencyOptions(clock={self.clock!r}). What to do: use 'wall' or 'process'.")
+        if self.clock == "process" and (torch.device(self.device).type != "cpu" or self.threads != 1):
+            raise ConfigError("LatencyOptions(clock='process') measures this process's CPU time, which is latency "
+                              "only on the CPU with one thread. What to do: pass device='cpu', threads=1, or use "
+                              "clock='wall'.")
 
     def key_parts(self, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
         """What measured numbers depend on (the cache key): device, torch, dtype, threads, mode, timer, shapes."""
-        timer = "wall" if self.timer is None else getattr(self.timer, "__qualname__", type(self.timer).__name__)
+        timer = self.clock if self.timer is None else getattr(self.timer, "__qualname__", type(self.timer).__name__)
         return {"device": device_name(self.device), "torch": torch.__version__, "dtype": str(_dtype(self, inputs)),
                 "threads": self.threads or torch.get_num_threads(), "mode": self.mode, "timer": timer,
                 "inputs": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]}
@@ -148,13 +157,15 @@ def median_call(module: nn.Module, args: Tuple[Any, ...], opts: LatencyOptions) 
     dev = torch.device(opts.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
+    now = time.perf_counter if opts.clock == "wall" else time.process_time
+
     def run(calls: int) -> float:
         sync()
-        start = time.perf_counter()
+        start = now()
         for _ in range(calls):
             module(*args)
         sync()
-        return (time.perf_counter() - start) / calls
+        return (now() - start) / calls
 
     with torch.inference_mode():
         for _ in range(opts.warmup):
@@ -188,7 +199,8 @@ def protocol(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     return {"device": device_name(opts.device), "dtype": str(_dtype(opts, inputs)), "mode": opts.mode,
             "threads": opts.threads or torch.get_num_threads(), "batch": batch, "rounds": opts.rounds,
             "reps": opts.reps, "warmup": opts.warmup, "statistic": "median of per-round medians, alternating",
-            "timer": "wall clock" if opts.timer is None else "custom timer"}
+            "timer": {"wall": "wall clock", "process": "process CPU time"}[opts.clock] if opts.timer is None
+            else "custom timer"}
 
 
 def standalone(spec: LayerSpec, in_width: int, out_width: int) -> Tuple[nn.Module, Tuple[torch.Tensor]]:
@@ -211,6 +223,7 @@ def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tup
     bar = tqdm(total=sum(len(i) * len(o) for i, o in points.values()), desc="obafx layer latency grid",
                disable=not opts.progress, leave=False)
     tables = {}
+    like = _like(opts, inputs)
     with threads(opts.threads), bar:
         for sig, spec in jobs.items():
             ins, outs = points[sig]
@@ -219,7 +232,7 @@ def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tup
                 row = []
                 for o in outs:
                     layer, args = standalone(spec, o if spec.tied else i, o)
-                    row.append(median_call(*placed(layer, args, _like(opts, inputs)), opts))
+                    row.append(median_call(*placed(layer, args, like), opts))
                     bar.update(1)
                 rows.append(tuple(row))
             tables[sig] = LayerTable(ins, outs, tuple(rows))

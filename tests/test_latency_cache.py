@@ -73,6 +73,7 @@ def test_options_key_names_every_setting():
     changed = [LatencyOptions(threads=2).key_parts(x), LatencyOptions(threads=1, mode="compile").key_parts(x),
                LatencyOptions(threads=1, dtype=torch.float64).key_parts(x),
                LatencyOptions(threads=1).key_parts((torch.randn(1, 3, 8, 8),)),
-               LatencyOptions(threads=1, timer=lambda m, a: 1.0).key_parts(x)]
+               LatencyOptions(threads=1, timer=lambda m, a: 1.0).key_parts(x),
+               LatencyOptions(threads=1, clock="process").key_parts(x)]
     keys = {cache_key(p) for p in changed} | {cache_key(base)}
     assert len(keys) == len(changed) + 1

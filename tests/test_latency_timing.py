@@ -62,7 +62,8 @@ def test_measure_tables_times_each_distinct_layer_on_its_grid():
     (dict(mode="jit"), "'eager' or 'compile'"), (dict(reps=0), "positive integer"), (dict(threads=1.5), "threads"),
     (dict(grid=(0.0, 1.0)), "fractions in (0, 1]"), (dict(tolerance=1.5), "tolerance"),
     (dict(dtype=torch.int8), "floating"), (dict(device="nonsense"), "not a device"),
-    (dict(warmup=-1), "warmup")])
+    (dict(warmup=-1), "warmup"), (dict(clock="cpu"), "'wall' or 'process'"),
+    (dict(clock="process", threads=2), "one thread"), (dict(clock="process"), "one thread")])
 def test_bad_options_are_config_errors(kwargs, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         LatencyOptions(**kwargs)
