@@ -21,15 +21,15 @@ from torch.func import grad, vmap
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import ConfigError
-from .hvp import _accumulate, _chunked, _resolve_names, _scoring, _Setup
-from .hvp_kernels import Scores, _hvp, _leaves
+from .hvp_kernels import detached_leaves, grad_and_hvp
+from .scoring import Scores, Setup, accumulate, chunked, resolve_names, scoring
 
 __all__ = ["taylor_scores", "obd_scores", "fisher_scores", "magnitude_scores"]
 
 
-def _gradient(setup: _Setup, args: tuple, targets) -> Scores:
+def _gradient(setup: Setup, args: tuple, targets) -> Scores:
     """The loss gradient w.r.t. the scored parameters on one (chunk of a) batch, by plain reverse mode."""
-    leaves = _leaves(setup.theta)
+    leaves = detached_leaves(setup.theta)
     with torch.enable_grad():
         loss = setup.loss(setup.forward(leaves, args), targets)
         got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
@@ -40,11 +40,11 @@ def taylor_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
                   params: Optional[Iterable[str]] = None, chunk_size: Optional[int] = None,
                   progress: bool = False) -> Scores:
     """First-order Taylor scores θ ⊙ ḡ (ḡ: the loss gradient averaged over batches), signed."""
-    with _scoring(model, params, loss_fn, train, chunk_size) as setup:
+    with scoring(model, params, loss_fn, train, chunk_size) as setup:
         def per_batch(args, targets):
-            (g,) = _chunked(setup, args, targets, chunk_size, lambda a, t: (_gradient(setup, a, t),))
+            (g,) = chunked(setup, args, targets, chunk_size, lambda a, t: (_gradient(setup, a, t),))
             return {n: th * g[n] for n, th in setup.theta.items()}
-        return _accumulate(setup, batches, per_batch, progress, "Taylor scores")
+        return accumulate(setup, batches, per_batch, progress, "Taylor scores")
 
 
 def obd_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = None,
@@ -62,7 +62,7 @@ def obd_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] 
         raise ConfigError(f"diagonal={diagonal!r}. What to do: use 'hutchinson' or 'exact'")
     if diagonal == "hutchinson" and (not isinstance(samples, int) or samples < 1):
         raise ConfigError(f"samples={samples!r}. What to do: pass a positive number of Hutchinson probes")
-    with _scoring(model, params, loss_fn, train, chunk_size) as setup:
+    with scoring(model, params, loss_fn, train, chunk_size) as setup:
         total = sum(t.numel() for t in setup.theta.values())
         if diagonal == "exact" and total > max_exact_numel:
             raise ConfigError(f"an exact Hessian diagonal needs one HVP per coordinate: {total} here, over "
@@ -74,16 +74,16 @@ def obd_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] 
         def per_batch(args, targets):
             diag = estimate(setup, args, targets, chunk_size, samples, generator)
             return {n: 0.5 * th * th * diag[n] for n, th in setup.theta.items()}
-        return _accumulate(setup, batches, per_batch, progress, f"OBD ({diagonal}) scores")
+        return accumulate(setup, batches, per_batch, progress, f"OBD ({diagonal}) scores")
 
 
-def _hessian_times(setup: _Setup, args, targets, chunk_size, vec: Scores) -> Scores:
+def _hessian_times(setup: Setup, args, targets, chunk_size, vec: Scores) -> Scores:
     """H · vec on one batch (chunked like the OBA scores)."""
-    (hv,) = _chunked(setup, args, targets, chunk_size, lambda a, t: (_hvp(setup, a, t, vec)[1],))
+    (hv,) = chunked(setup, args, targets, chunk_size, lambda a, t: (grad_and_hvp(setup, a, t, vec)[1],))
     return hv
 
 
-def _exact_diagonal(setup: _Setup, args, targets, chunk_size, samples, generator) -> Scores:
+def _exact_diagonal(setup: Setup, args, targets, chunk_size, samples, generator) -> Scores:
     """diag(H) coordinate by coordinate: (H e_j)_j for every scored coordinate j."""
     diag = {n: torch.zeros_like(t) for n, t in setup.theta.items()}
     for name, theta in setup.theta.items():
@@ -94,7 +94,7 @@ def _exact_diagonal(setup: _Setup, args, targets, chunk_size, samples, generator
     return diag
 
 
-def _hutchinson_diagonal(setup: _Setup, args, targets, chunk_size, samples, generator) -> Scores:
+def _hutchinson_diagonal(setup: Setup, args, targets, chunk_size, samples, generator) -> Scores:
     """mean over ``samples`` Rademacher z of z ⊙ Hz (E[z ⊙ Hz] = diag(H) since E[z zᵀ] = I)."""
     diag = {n: torch.zeros_like(t) for n, t in setup.theta.items()}
     for _ in range(samples):
@@ -118,14 +118,14 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: Optional[Callabl
     if train and any(isinstance(m, _NormBase) for m in model.modules()):
         raise ConfigError("per-sample gradients are undefined with BatchNorm in train mode (a sample alone has "
                           "no batch statistics). What to do: use train=False (BatchNorm on running stats)")
-    with _scoring(model, params, loss_fn, train, chunk_size) as setup:
+    with scoring(model, params, loss_fn, train, chunk_size) as setup:
         def per_batch(args, targets):
-            (sq,) = _chunked(setup, args, targets, chunk_size, lambda a, t: (_mean_squared_grads(setup, a, t),))
+            (sq,) = chunked(setup, args, targets, chunk_size, lambda a, t: (_mean_squared_grads(setup, a, t),))
             return {n: 0.5 * th * th * sq[n] for n, th in setup.theta.items()}
-        return _accumulate(setup, batches, per_batch, progress, "Fisher scores")
+        return accumulate(setup, batches, per_batch, progress, "Fisher scores")
 
 
-def _mean_squared_grads(setup: _Setup, args: tuple, targets: Tensor) -> Scores:
+def _mean_squared_grads(setup: Setup, args: tuple, targets: Tensor) -> Scores:
     """mean over the samples of ``args`` of the squared per-sample loss gradient."""
     def sample_loss(theta, sample_args, target):
         batch_of_one = tuple(a.unsqueeze(0) for a in sample_args)
@@ -137,7 +137,7 @@ def _mean_squared_grads(setup: _Setup, args: tuple, targets: Tensor) -> Scores:
         return _looped_squared_grads(setup, args, targets)
 
 
-def _looped_squared_grads(setup: _Setup, args: tuple, targets: Tensor) -> Scores:
+def _looped_squared_grads(setup: Setup, args: tuple, targets: Tensor) -> Scores:
     """The same mean of squared per-sample gradients, one sample at a time (slow, works on any model)."""
     n = targets.shape[0]
     total = {name: torch.zeros_like(t) for name, t in setup.theta.items()}
@@ -151,6 +151,6 @@ def _looped_squared_grads(setup: _Setup, args: tuple, targets: Tensor) -> Scores
 
 def magnitude_scores(model: nn.Module, params: Optional[Iterable[str]] = None) -> Scores:
     """θ² for every scored parameter (default: the prunable ones); no data needed."""
-    names = _resolve_names(model, params)
+    names = resolve_names(model, params)
     found = dict(model.named_parameters())
     return {n: found[n].detach() ** 2 for n in names}

@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch.fx as fx
 
 from .errors import ConfigError
 from .tensors import fingerprint
-
-if TYPE_CHECKING:
-    from .labels import Slot
 
 # The OBA mode used wherever none is given (compile_prune, parameter_scores, ScoreContext, the Torch-Pruning
 # importances): the one place to change it.
@@ -55,6 +52,16 @@ def frozen_map(mapping: Mapping, arrays: bool = False) -> Mapping:
     return MappingProxyType({k: read_only(v) if arrays else v for k, v in mapping.items()})
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One dim of one parameter or buffer: ``name`` is its qualified name in the traced module."""
+
+    name: str
+    dim: int
+    role: str  # "out" (a producer's channels), "in" (a consumer's channels) or "through" (norms, free params)
+    owner: str  # the layer (module qualified name or node name) this slot belongs to
+
+
 @dataclass(frozen=True, eq=False)
 class Unions:
     """What the channel analysis recorded, frozen: ``next_label`` labels were handed out; ``pairs`` are the
@@ -64,7 +71,7 @@ class Unions:
 
     next_label: int
     pairs: Tuple[np.ndarray, ...]
-    slots: Mapping[Tuple[str, int], Tuple["Slot", np.ndarray]]
+    slots: Mapping[Tuple[str, int], Tuple[Slot, np.ndarray]]
     barriers: Tuple[Tuple[str, str], ...]
 
 

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, ScoreError
 from .facts import DEFAULT_MODE, Coupling
-from .hvp import _check_batch, _chunked, _progress, _scoring, _split_batch
-from .hvp_kernels import _hvp
+from .hvp_kernels import grad_and_hvp
+from .scoring import check_batch, chunked, progress_bar, scoring, split_batch
 
 __all__ = ["group_scores", "unit_order"]
 
@@ -117,10 +117,10 @@ def group_scores(model: nn.Module, coupling: Coupling, batches: Iterable, loss_f
         return {u: 0.0 for u in index.units}
     generator = torch.Generator().manual_seed(seed)
     total, count = torch.zeros(index.n, dtype=torch.float64), 0
-    with _scoring(model, list(index.ids), loss_fn, train, chunk_size) as setup:
-        for batch in _progress(batches, progress, f"OBA group-exact ({mode}) scores"):
-            args, targets = _split_batch(batch)
-            _check_batch(setup, args, targets)
+    with scoring(model, list(index.ids), loss_fn, train, chunk_size) as setup:
+        for batch in progress_bar(batches, progress, f"OBA group-exact ({mode}) scores"):
+            args, targets = split_batch(batch)
+            check_batch(setup, args, targets)
             rows = signs.double() if signs is not None else _rademacher(index.n, probes, generator)
             total += _batch_delta(setup, index, args, targets, rows, mode, chunk_size)
             count += 1
@@ -138,7 +138,7 @@ def _batch_delta(setup, index: _UnitIndex, args, targets, rows: Tensor, mode: st
     first, quad = None, torch.zeros(index.n, dtype=torch.float64)
     for row in rows:
         v = index.vector(row.to(setup.dtype), setup.theta)
-        g, mv = _chunked(setup, args, targets, chunk_size, lambda a, t: _hvp(setup, a, t, v, mode))
+        g, mv = chunked(setup, args, targets, chunk_size, lambda a, t: grad_and_hvp(setup, a, t, v, mode))
         if first is None:
             first = index.per_unit({n: th * g[n] for n, th in setup.theta.items()})
         quad += row * index.per_unit({n: th * mv[n] for n, th in setup.theta.items()})

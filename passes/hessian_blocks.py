@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, TraceError
-from .hvp import PRUNABLE_TYPES, prunable_parameter_names
+from .scoring import PRUNABLE_TYPES, prunable_parameter_names
 from .trace import trace
 
 __all__ = ["HessianBlocks", "Block", "Evidence", "hessian_blocks", "hessian_blocks_of_graph", "needed_pairs",

@@ -1,7 +1,7 @@
 """The HVP kernels behind `hvp.parameter_scores`: (g, Mv) on one batch, M = H or H − G (see hvp.py).
 
 Two ways to differentiate twice: forward-over-reverse (``torch.func.jvp`` of a ``torch.func.vjp``) and double
-backward. `_hvp` tries them in order, with and without the math attention kernel, until one works on the model,
+backward. `grad_and_hvp` tries them in order, with and without the math attention kernel, until one works on the model,
 and remembers the winner per model.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import ObafxError, ScoreError
 
-if TYPE_CHECKING:
-    from .hvp import _Setup
+from .scoring import Scores
 
-Scores = dict[str, Tensor]
+if TYPE_CHECKING:
+    from .scoring import Setup
 
 # Differentiation backends, tried in this order until one works: (method, force the math SDPA kernel).
 # The CPU flash-attention kernel has neither forward-mode AD nor a double backward; its math kernel has both.
@@ -66,7 +66,7 @@ def _rng_rewinder(enabled: bool) -> Callable[[], None]:
     return rewind
 
 
-def _leaves(theta: Scores) -> Scores:
+def detached_leaves(theta: Scores) -> Scores:
     """Fresh autograd leaves sharing storage with ``theta`` (the user's tensors are never touched)."""
     return {n: t.detach().requires_grad_() for n, t in theta.items()}
 
@@ -81,7 +81,7 @@ def _grad_dot(outs: list[Tensor], leaves: Scores, vec: list[Tensor]) -> Scores:
     return dict(zip(leaves, got))
 
 
-def _forward_over_reverse(setup: _Setup, args, targets, vec: Scores, residual: bool):
+def _forward_over_reverse(setup: Setup, args, targets, vec: Scores, residual: bool):
     """(g, Mv) as the jvp along v of a vjp: of θ ↦ ∂ℓ/∂θ for M = H, of θ ↦ J(θ)ᵀ r with r = ∂ℓ/∂f held fixed
     for M = H − G. (jvp of ``torch.func.grad`` gives the same numbers but measured ~1.8x the peak memory.)"""
     if not residual:
@@ -100,9 +100,9 @@ def _forward_over_reverse(setup: _Setup, args, targets, vec: Scores, residual: b
     return jvp(pull_back, (setup.theta,), (vec,))
 
 
-def _double_backward(setup: _Setup, args, targets, vec: Scores, residual: bool):
+def _double_backward(setup: Setup, args, targets, vec: Scores, residual: bool):
     """The same by double backward: differentiate g·v (g = Jᵀ r with r detached for the residual)."""
-    leaves = _leaves(setup.theta)
+    leaves = detached_leaves(setup.theta)
     kw = dict(allow_unused=True, materialize_grads=True)
     with torch.enable_grad():
         out = setup.forward(leaves, args)
@@ -120,7 +120,7 @@ def _double_backward(setup: _Setup, args, targets, vec: Scores, residual: bool):
 _KERNELS = {"forward_over_reverse": _forward_over_reverse, "double_backward": _double_backward}
 
 
-def _hvp(setup: _Setup, args, targets, vec: Scores, mode: str = "full", force: Optional[str] = None):
+def grad_and_hvp(setup: Setup, args, targets, vec: Scores, mode: str = "full", force: Optional[str] = None):
     """(g, Mv) on one batch: the loss gradient and M·vec with M = H (``full``) or H − G (``residual``).
 
     Tries the differentiation backends in order until one works and remembers the winner per model.

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .facts import Slot, Unions, frozen_map, read_only  # noqa: F401 (Slot re-exported: it used to live here)
+
 PIN = 0
 
 
@@ -26,16 +28,6 @@ class Plane:
 
     def moved(self, dims: Tuple[int, ...], arr: np.ndarray) -> "Plane":
         return Plane(tuple(sorted(dims)), arr)
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One dim of one parameter or buffer: ``name`` is its qualified name in the traced module."""
-
-    name: str
-    dim: int
-    role: str  # "out" (a producer's channels), "in" (a consumer's channels) or "through" (norms, free params)
-    owner: str  # the layer (module qualified name or node name) this slot belongs to
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,8 +120,6 @@ class Store:
 
     def freeze(self) -> "Unions":
         """The unions, slots and barriers recorded so far as a frozen fact (read-only views, no copies)."""
-        from .facts import Unions, frozen_map, read_only
-
         slots = {k: (slot, read_only(labels)) for k, (slot, labels) in self.slots.items()}
         return Unions(self.next_label, tuple(read_only(p) for p in self.pairs), frozen_map(slots),
                       tuple(self.barriers))

@@ -39,7 +39,7 @@ def recalibrated(model: nn.Module, batches: Iterable) -> nn.Module:
     mode (dropout off), under ``torch.no_grad`` (no gradients, no parameter changes). Training flags and momenta
     of the copy are as in ``model``. A model without such norms is returned as it is.
     """
-    from .hvp import _split_batch  # lazy: hvp imports torch.func machinery this module does not need
+    from .scoring import split_batch  # lazy: scoring imports torch.func machinery this module does not need
 
     if not has_batchnorm(model):
         return model
@@ -56,7 +56,7 @@ def recalibrated(model: nn.Module, batches: Iterable) -> nn.Module:
             m.train()
         with torch.no_grad():
             for batch in batches:
-                args, _ = _split_batch(batch)
+                args, _ = split_batch(batch)
                 copy(*args)
                 seen += 1
     finally:
