@@ -122,6 +122,11 @@ def verdict(request: float, row: Dict[str, Any]):
     if abs(row["speedup"] / request - 1) <= WITHIN:
         return "met", None
     missed = [n for n in row["notes"] if "missed" in n]
+    if row["speedup"] < request and row["mac_ratio"] > 2 * request:
+        return "missed", (f"overhead-bound: the result has {row['mac_ratio']:.1f}x fewer MACs but runs only "
+                          f"{row['speedup']:.2f}x faster; the time that does not shrink with channels (per-op "
+                          f"overhead at batch {row['batch']}) bounds the speed-up" + (f" ({missed[0]})" if missed
+                                                                                      else ""))
     if missed:
         return "missed", missed[0]
     if abs(row["loop_speedup"] / request - 1) <= WITHIN:

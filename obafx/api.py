@@ -307,7 +307,10 @@ def _fit_latency(run: _Run, current: Traced, facts, coupling, scores, step: int,
                           f"removable channel still leaves more than {target:.3g} of the dense latency by the cost "
                           "model. What to do: ask for a smaller speed-up, raise max_layer_ratio, or drop ignore= "
                           f"entries. ({exc})") from None
-    lat.accept(gm)
+    note = lat.accept(gm, target)
+    if note:
+        warn_once(note)
+        run.notes.append(note)
     return removed, gm
 
 

@@ -53,12 +53,14 @@ def test_cell_verdict_follows_from_the_re_measured_speedup(quick):
 
 def test_verdict_names_why_a_cell_misses():
     bench = load_script()
-    row = {"speedup": 1.2, "loop_speedup": 2.0, "notes": [], "check": {"dense_spread_s": [1, 2],
-                                                                      "pruned_spread_s": [1, 2]}}
+    row = {"speedup": 1.2, "loop_speedup": 2.0, "notes": [], "mac_ratio": 2.1, "batch": 1,
+           "check": {"dense_spread_s": [1, 2], "pruned_spread_s": [1, 2]}}
     assert bench.verdict(2.0, row)[1].startswith("noise")
     row["notes"] = ["the latency budget was missed: ..."]
     assert bench.verdict(2.0, row) == ("missed", row["notes"][0])
     assert bench.verdict(1.25, row) == ("met", None)
+    row["mac_ratio"] = 50.0
+    assert bench.verdict(2.0, row)[1].startswith("overhead-bound: the result has 50.0x fewer MACs")
 
 
 def test_rejects_a_request_that_is_no_speedup():

@@ -125,6 +125,24 @@ def test_compiled_mode_reuses_the_eager_layer_tables(tmp_path, x):
     assert rep["layer_tables_measured"] == 0 and rep["measured"]["mode"] == "compile"
 
 
+def test_a_speedup_bounded_by_overhead_is_noted_not_faked(tmp_path, x):
+    """A fixed per-call cost of twice the dense work (the cost model cannot see it apart from the rest) makes
+    2x unreachable: the fastest candidate is returned, with notes that say how far it got and why."""
+    model = Net().eval()
+    overhead = 2.0 * MacTimer()(model, (x,))
+
+    def with_overhead(module, args):
+        return MacTimer()(module, args) + (overhead if isinstance(module, torch.fx.GraphModule) else 0.0)
+
+    with pytest.warns(UserWarning, match="short of 2.00x"):
+        pruned = obafx.compile_prune(model, x, latency="2x", latency_options=_opts(with_overhead, tmp_path))
+    rep = obafx.report(pruned)
+    reached = rep.latency["measured"]["speedup"]
+    assert 1.0 < reached < 1.5
+    assert any(f"runs {reached:.2f}x faster than the dense model, short of 2.00x" in n for n in rep.notes)
+    assert any("budget was missed" in n for n in rep.notes)
+
+
 def test_unreachable_latency_is_a_budget_error(tmp_path, x):
     with pytest.raises(BudgetError, match="cannot be reached"):
         obafx.compile_prune(Net(), x, latency=0.001, latency_options=_opts(MacTimer(), tmp_path))
