@@ -97,7 +97,8 @@ class LatencyBudget:
         cached = load_tables(opts.cache, parts)
         hits, missing = split_cached(tuple(s.signature() for s in specs), cached)
         self.cache_hits, self.cache_misses = self.cache_hits + len(hits), self.cache_misses + len(missing)
-        fresh = measure_tables([s for s in specs if s.signature() in set(missing)], layer_opts, self.inputs)
+        todo = set(missing)
+        fresh = measure_tables([s for s in specs if s.signature() in todo], layer_opts, self.inputs)
         if fresh:
             store_tables(opts.cache, parts, fresh)
         with threads(opts.threads):
