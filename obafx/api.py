@@ -20,13 +20,13 @@ from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreC
 from obafx.passes.fit import TOLERANCE, fit_budget
 from obafx.passes.hvp import DEFAULT_MODE
 from obafx.passes.importance import NORMALIZERS, unit_scores
-from obafx.passes.macs import MacModel, param_count, thop_macs
+from obafx.passes.capture import capture as capture_graph, capture_kind
+from obafx.passes.macs import MacModel, counter_name, flop_macs, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import per_cost, unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
 from obafx.passes.rewrite import rewrite
 from obafx.passes.select import select
-from obafx.passes.trace import trace
 from obafx.passes.verify import masked_output, max_relative_error
 from obafx.report import Report, attach, input_spec
 
@@ -40,10 +40,10 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: str = "score",
-                  probes: int = 1) -> fx.GraphModule:
+                  probes: int = 1, capture: str = "auto", counter: Optional[str] = None) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
-    Budget: ``macs`` = fraction of the original MACs (thop, on ``example_input``) to keep, or ``channels`` =
+    Budget: ``macs`` = fraction of the original MACs (``counter``, on ``example_input``) to keep, or ``channels`` =
     fraction of prunable channels to remove, or ``latency`` = fraction of the dense model's MEASURED latency to keep
     (0.5, or a speed-up as a string: "2x"), timed as ``latency_options`` (obafx.LatencyOptions: device, dtype,
     threads, "eager"/"compile"; the batch is the example input's) says. ``importance``: "magnitude", "random",
@@ -67,6 +67,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
+    ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
+    (passes/capture.py). ``counter``: what counts MACs, "thop" (module hooks) or "flops" (torch's FlopCounterMode:
+    every dispatched matmul, convolution and attention); default "thop" on an fx graph, "flops" on an exported one.
     """
     if structure == "unstructured":
         return _unstructured(model, example_input, sparsity, importance, data, loss_fn, mode, delta, train,
@@ -79,13 +82,19 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     wanted = check_request(latency, latency_options, example_input) if latency is not None else None
     budget = Budget(macs, channels, max_layer_ratio, round_to, latency=wanted[0] if wanted else None)
     _check_importance(importance)
-    traced = clock("trace", trace, model, example_input, leaf_modules)
+    traced = clock("trace", capture_graph, model, example_input, leaf_modules, capture)
+    counter = counter_name(counter, capture_kind(traced.gm))
+    count = thop_macs if counter == "thop" else flop_macs  # read here, not in macs.py: tests count the calls
     timing = LatencyBudget(*wanted, traced.gm, traced.inputs) if wanted else None
     hook = on_stage or (lambda name, facts: None)
     facts0 = clock("analyze", analyze, traced)
     coupling0 = clock("couple", couple, facts0, ignore)
     hook("couple", coupling0)
-    macs = clock("measure", _measure_original, traced)
+    macs = clock("measure", _measure_original, traced, count)
+    if budget.macs is not None and macs[0] <= 0 and coupling0.groups:  # without groups select says so
+        raise BudgetError(f"macs={budget.macs} asks for a fraction of the MACs, and the '{counter}' counter sees no "
+                          "compute in this model on the example input. What to do: use counter='flops' (torch's "
+                          "FlopCounterMode sees every dispatched matmul and convolution), or a channels= budget.")
     source = BatchSource(data, steps, traced.inputs, batches_per_step)
     if source.note and _needs_data(importance):
         warn_once(source.note)
@@ -93,7 +102,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     if recalibrate is None:
         recalibrate = data is not None and not train and has_batchnorm(traced.gm)
     run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups), clock,
-               hook, notes, verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate))
+               hook, notes, verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate),
+               count)
     current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
     for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
         ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress,
@@ -101,9 +111,10 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         current, known, step_plan, error = _prune_step(run, current, known, step, ctx)
         plan, errors = plan.compose(step_plan), errors + [error]
     pruned = current.gm
-    macs1 = known.macs[0] if known.macs else clock("measure", thop_macs, pruned, traced.inputs)[0]
+    macs1 = known.macs[0] if known.macs else clock("measure", count, pruned, traced.inputs)[0]
     rep = _report(traced, pruned, coupling0, plan, run.macs0, macs1, importance, steps,
-                  max(errors) if verify and errors else None, notes, clock, scored_with(importance, loss_fn, source))
+                  max(errors) if verify and errors else None, notes, clock, scored_with(importance, loss_fn, source),
+                  counter)
     if timing is not None:
         rep = replace(rep, latency=timing.report())
     attach(pruned, rep)
@@ -132,6 +143,7 @@ class _Run:
     widths0: Dict[str, int] = field(default_factory=dict)
     rank: str = "score"
     recalibrate: bool = False
+    count: Callable = thop_macs  # (module, inputs) -> (total MACs, MACs per layer): thop_macs or flop_macs
 
 
 @dataclass(frozen=True)
@@ -178,7 +190,7 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     run.hook("score", scores)
     per_module = None
     if run.budget.channels is None:
-        per_module = (known.macs or clock("measure", thop_macs, current.gm, current.inputs))[1]
+        per_module = (known.macs or clock("measure", run.count, current.gm, current.inputs))[1]
     if run.rank == "per_mac":
         scores = clock("score", per_cost, scores, unit_costs(current.gm, coupling, per_module))
 
@@ -194,10 +206,10 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
         macs = None
     else:
         target = run.macs0 * run.budget.macs ** (step / run.steps)
-        measured = {}  # module -> thop (total, per module): the next step's MAC model reuses it
+        measured = {}  # module -> (total, per module): the next step's MAC model reuses it
 
         def measure(gm):
-            measured[gm] = clock("measure", thop_macs, gm, current.inputs)
+            measured[gm] = clock("measure", run.count, gm, current.inputs)
             return measured[gm][0]
 
         removed, gm = _fit(coupling, scores, run.budget, target, MacModel(coupling, per_module).estimate,
@@ -215,11 +227,12 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     return Traced(gm, current.inputs), _Known(macs=macs), plan, error
 
 
-def _measure_original(traced: Traced):
-    """thop's count of the traced model: its first real run (the trace may have run on meta tensors only, whose
-    kernels skip some checks, e.g. an integer input to a float Linear), so a failure here is a bad input."""
+def _measure_original(traced: Traced, count=thop_macs):
+    """``count``'s count (thop or FlopCounterMode) of the traced model: its first real run (the trace may have run
+    on meta tensors only, whose kernels skip some checks, e.g. an integer input to a float Linear), so a failure
+    here is a bad input."""
     try:
-        return thop_macs(traced.gm, traced.inputs)
+        return count(traced.gm, traced.inputs)
     except ObafxError:
         raise
     except Exception as exc:  # torch raises RuntimeError, TypeError, NotImplementedError... for unfit inputs
@@ -315,13 +328,14 @@ def _fit_latency(run: _Run, current: Traced, facts, coupling, scores, step: int,
 
 
 def _report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, clock,
-            scored) -> Report:
+            scored, counter="thop") -> Report:
     groups = [{"id": g.id, "width_before": g.width, "width_after": _width_after(g, plan, coupling0),
                "members": [f"{n}:{d}" for n, d in g.members]} for g in coupling0.groups]
     return Report(param_count(traced.gm), param_count(pruned), macs0, macs1,
                   importance if isinstance(importance, str) else getattr(importance, "__name__", "custom"),
                   int(steps), groups, list(coupling0.barriers), plan.to_dict(), error, notes, clock.totals,
-                  inputs=input_spec(traced.inputs), scored_with=scored)
+                  inputs=input_spec(traced.inputs), scored_with=scored, counter=counter,
+                  capture=capture_kind(traced.gm))
 
 
 def _width_after(group, plan: PrunePlan, coupling) -> int:

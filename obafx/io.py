@@ -33,7 +33,8 @@ from obafx.passes.errors import ConfigError, PathError, PlanError
 from obafx.passes.facts import PrunePlan, Traced
 from obafx.passes.plan import plan_from_removed, removed_from_plan
 from obafx.passes.rewrite import rewrite
-from obafx.passes.trace import as_inputs, trace
+from obafx.passes.capture import capture
+from obafx.passes.trace import as_inputs
 from obafx.report import Report, attach, report
 from obafx.version import __version__
 
@@ -60,7 +61,7 @@ def save(pruned: fx.GraphModule, path: PathLike, example_input: Any = None) -> s
         "obafx_version": __version__, "torch_version": torch.__version__,
         "inputs": _input_spec(rep, example_input),
         "plan": rep.plan,
-        "leaf_modules": user_leaves(pruned),
+        "leaf_modules": user_leaves(pruned) if rep.capture == "fx" else [],
         "training": {name: m.training for name, m in pruned.named_modules()},
         "frozen": [name for name, p in pruned.named_parameters() if not p.requires_grad],
         "graph_sha256": graph_hash(pruned),
@@ -243,7 +244,7 @@ def _dtype(name: Any) -> torch.dtype:
 def _rebuild(model: nn.Module, inputs, leaves, header: Dict[str, Any], spec_inputs: bool) -> fx.GraphModule:
     """Trace ``model`` and rewrite it with the saved plan (PlanError when the plan does not fit)."""
     try:
-        traced = trace(model, inputs, leaves)
+        traced = capture(model, inputs, leaves, header.get("report", {}).get("capture", "fx"))
     except ConfigError as exc:
         if not spec_inputs:
             raise

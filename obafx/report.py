@@ -34,6 +34,8 @@ class Report:
     inputs: List[Dict[str, Any]] = field(default_factory=list)  # example-input spec, for obafx.load
     latency: Dict[str, Any] = field(default_factory=dict)  # latency= budget: request, measured times, protocol
     scored_with: str = ""  # the data, loss and targets the importance scores came from, in words
+    counter: str = "thop"  # what counted the MACs: "thop" or "flops" (torch's FlopCounterMode)
+    capture: str = "fx"  # how the model was captured: "fx" (symbolic trace) or "export" (torch.export)
 
 
     @property
@@ -52,7 +54,7 @@ class Report:
         """A short before/after table."""
         rows = [("", "before", "after", "ratio"),
                 ("params", f"{self.params_before:,}", f"{self.params_after:,}", f"{self.params_after / max(self.params_before, 1):.3f}"),
-                ("MACs (thop)", f"{self.macs_before:,.0f}", f"{self.macs_after:,.0f}", f"{self.macs_ratio:.3f}")]
+                (f"MACs ({self.counter})", f"{self.macs_before:,.0f}", f"{self.macs_after:,.0f}", f"{self.macs_ratio:.3f}")]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"groups pruned: {sum(1 for g in self.groups if g['width_after'] < g['width_before'])}"

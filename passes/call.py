@@ -82,6 +82,16 @@ class Call:
         return self.store.slot(node.target, dim, value.shape[dim], role, self.owner(), like)
 
 
+def op_name(target: Any) -> str:
+    """The bare name of a call target, the same for an op's torch-level and aten forms: 'view' for the method
+    name, ``torch.Tensor.view`` or ``torch.ops.aten.view.default``; 'transpose' for ``aten.transpose.int``."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", "")
+
+
 def out_planes(labels: Optional[np.ndarray], ndim: int, dim: int, keep: Sequence[Plane] = ()) -> Tuple[Plane, ...]:
     """Planes ``keep`` plus, when ``labels`` exist and are wider than 1, a plane of ``labels`` along ``dim``."""
     extra = (plane_for(labels, ndim, dim),) if labels is not None and labels.shape[0] > 1 else ()

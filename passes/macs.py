@@ -1,20 +1,24 @@
 """MACs and parameter counts: thop on the real module, and a fast per-layer estimate for selection.
 
-thop counts what module hooks see (conv, linear, norms, pooling); functional matmuls and attention inside
-nn.MultiheadAttention are invisible to it, so `flop_counter_macs` (torch.utils.flop_counter) is offered beside it.
+thop counts what module hooks see (conv, linear, norms, pooling); functional matmuls, attention inside
+nn.MultiheadAttention and every op of a torch.export graph (no submodules) are invisible to it. `flop_macs` counts
+with torch.utils.flop_counter's FlopCounterMode instead (compile_prune(counter="flops"), the default on exported
+graphs), per layer as thop does.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 import thop
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ConfigError
 from .facts import Coupling
 from .private_copy import private_copy
 
@@ -56,6 +60,61 @@ def flop_counter_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> float:
     finally:
         model.train(was)
     return counter.get_total_flops() / 2.0
+
+
+class _NodeFlops(fx.Interpreter):
+    """Runs a graph under one FlopCounterMode and charges each node's FLOPs to the layer it applies: a submodule
+    (call_module: its qualified name) or the owner of a get_attr ``*.weight`` argument (aten.linear, addmm, conv:
+    'model.layers.0.mlp.up_proj'); anything else is charged to the node itself."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+        super().__init__(gm)
+        self.counter = counter
+        self.per_layer: Dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        value = super().run_node(n)
+        flops = self.counter.get_total_flops() - before
+        if flops:
+            key = _layer_key(n)
+            self.per_layer[key] = self.per_layer.get(key, 0.0) + flops / 2.0
+        return value
+
+
+def _layer_key(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return n.target
+    for a in n.all_input_nodes:
+        if a.op == "get_attr" and a.target.endswith(".weight"):
+            return a.target.rpartition(".")[0]
+    return n.name
+
+
+def flop_macs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Tuple[float, Dict[str, float]]:
+    """Total MACs (FlopCounterMode's FLOPs / 2: every dispatched matmul, convolution and attention) of ``gm`` on
+    ``inputs``, and the MACs of each layer it applies (see `_NodeFlops`), in the same form as `thop_macs`. The
+    graph runs once in eval mode, with autograd enabled (see `flop_counter_macs`)."""
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            runner = _NodeFlops(gm, counter)
+            runner.run(*inputs)
+    finally:
+        gm.train(was)
+    return counter.get_total_flops() / 2.0, runner.per_layer
+
+
+def counter_name(counter: Optional[str], capture: str) -> str:
+    """The MAC counter to use: ``counter`` ("thop" or "flops"; ConfigError otherwise), or by default thop on an
+    fx graph and FlopCounterMode on an exported one (``capture``), where thop's module hooks see nothing."""
+    if counter is None:
+        return "flops" if capture == "export" else "thop"
+    if counter not in ("thop", "flops"):
+        raise ConfigError(f"counter={counter!r}. What to do: use 'thop' (module hooks) or 'flops' (torch's "
+                          "FlopCounterMode), or leave it out.")
+    return counter
 
 
 def param_count(model: nn.Module) -> int:

@@ -1,6 +1,7 @@
 """THE table: how each module type, function and method treats channels. An op not in it is a barrier.
 
-Keys: module classes (matched through the MRO, most specific first), function objects, and method names.
+Keys: module classes (matched through the MRO, most specific first), function objects, method names, and aten
+overloads (torch.export's graphs; most share their torch-level twin's rule).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rules_aten as A
 from . import rules_index as I
 from . import rules_layers as L
 from . import rules_pieces as P
@@ -125,6 +127,61 @@ except ImportError:  # torchvision is optional
 MODULE_RULES.update(_EXTRA_MODULE_RULES)
 
 
+# aten overloads (torch.export's training IR), each with the rule of its torch-level twin where the semantics and
+# argument order match; aten-only forms have their own rules (rules_aten.py). Unlisted overloads are barriers.
+aten = torch.ops.aten
+_ATEN_TWINS = {
+    aten.linear.default: F.linear, aten.conv1d.default: F.conv1d, aten.conv2d.default: F.conv2d,
+    aten.conv3d.default: F.conv3d, aten.conv1d.padding: F.conv1d, aten.conv2d.padding: F.conv2d,
+    aten.layer_norm.default: F.layer_norm, aten.rms_norm.default: F.rms_norm, aten.group_norm.default: F.group_norm,
+    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention, aten.prelu.default: F.prelu,
+    aten.glu.default: F.glu, aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm,
+    aten.mm.default: torch.matmul, aten.cat.default: torch.cat, aten.stack.default: torch.stack,
+    aten.roll.default: torch.roll, aten.pixel_shuffle.default: F.pixel_shuffle,
+    aten.repeat_interleave.self_int: torch.repeat_interleave,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+    aten.max_pool2d.default: F.max_pool2d,
+}
+_ATEN_METHOD_TWINS = {
+    aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "view",
+    aten.flatten.using_ints: "flatten", aten.unflatten.int: "unflatten", aten.unsqueeze.default: "unsqueeze",
+    aten.squeeze.default: "squeeze", aten.squeeze.dim: "squeeze", aten.squeeze.dims: "squeeze",
+    aten.permute.default: "permute", aten.transpose.int: "transpose", aten.t.default: "t",
+    aten.movedim.int: "movedim", aten.expand.default: "expand", aten.repeat.default: "repeat",
+    aten.split.Tensor: "split", aten.split_with_sizes.default: "split", aten.chunk.default: "chunk",
+    aten.unbind.int: "unbind", aten.sym_size.int: "size", aten.sym_numel.default: "numel",
+    aten.mean.dim: "mean", aten.mean.default: "mean", aten.sum.dim_IntList: "sum", aten.sum.default: "sum",
+    aten.amax.default: "amax", aten.amin.default: "amin", aten.var.correction: "var", aten.std.correction: "std",
+    aten.logsumexp.default: "logsumexp", aten.linalg_vector_norm.default: "norm",
+}
+_ATEN_UNARY = (
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "neg", "abs", "cos",
+    "sin", "erf", "dropout", "_softmax", "clone", "contiguous", "alias", "_to_copy", "detach", "hardtanh",
+    "hardswish", "hardsigmoid", "leaky_relu", "elu", "clamp", "clamp_min", "clamp_max", "square", "reciprocal",
+    "mish", "softplus", "lift_fresh_copy", "type_as",
+    "full_like", "zeros_like", "ones_like",  # a value per position, whatever the width: planes pass
+)
+_ATEN_ELEMENTWISE = (
+    ("add", "Tensor"), ("add", "Scalar"), ("add_", "Tensor"), ("sub", "Tensor"), ("sub", "Scalar"),
+    ("mul", "Tensor"), ("mul", "Scalar"), ("mul_", "Tensor"), ("div", "Tensor"), ("div", "Scalar"),
+    ("div", "Tensor_mode"), ("pow", "Tensor_Tensor"), ("where", "self"), ("where", "ScalarOther"),
+    ("where", "ScalarSelf"), ("masked_fill", "Scalar"), ("masked_fill", "Tensor"), ("__and__", "Tensor"),
+    ("bitwise_and", "Tensor"), ("minimum", "default"), ("maximum", "default"), ("min", "other"), ("max", "other"),
+    *((cmp, kind) for cmp in ("eq", "ne", "gt", "lt", "ge", "le") for kind in ("Tensor", "Scalar")),
+)
+FUNCTION_RULES.update({op: FUNCTION_RULES[twin] for op, twin in _ATEN_TWINS.items()})
+FUNCTION_RULES.update({op: METHOD_RULES[twin] for op, twin in _ATEN_METHOD_TWINS.items()})
+FUNCTION_RULES.update({getattr(aten, n).default: S.unary for n in _ATEN_UNARY})
+FUNCTION_RULES.update({getattr(aten.to, k): S.unary for k in ("dtype", "device", "dtype_layout", "other")})
+FUNCTION_RULES.update({aten.softmax.int: S.unary, aten.log_softmax.int: S.unary, aten.pow.Tensor_Scalar: S.unary})
+FUNCTION_RULES.update({getattr(getattr(aten, n), k): S.elementwise for n, k in _ATEN_ELEMENTWISE})
+FUNCTION_RULES.update({
+    aten.embedding.default: A.embedding, aten.addmm.default: A.addmm, aten.batch_norm.default: A.batch_norm, aten.slice.Tensor: A.slice_,
+    aten.select.int: A.select, aten._assert_tensor_metadata.default: A.assert_metadata,
+    aten._assert_scalar.default: S.no_planes,
+})
+
+
 def rule_for(op: str, target, module: Optional[nn.Module] = None) -> Optional[Rule]:
     """The rule for one fx node, or None (a barrier). A rule that fails half-way leaves no half-recorded
     unions behind (see `_all_or_nothing`)."""
@@ -150,7 +207,8 @@ def _lookup(op: str, target, module: Optional[nn.Module]) -> Optional[Rule]:
 
 # Rules whose ops may take sizes computed from a pruned width (view(b, c // g, ...), expand, split sizes,
 # slice bounds): rewrite rewrites changed literal sizes, and getitem checks its bounds itself.
-_WIDTH_ARGS_OK = (S.reshape, S.expand, P.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes)
+_WIDTH_ARGS_OK = (S.reshape, S.expand, P.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes, A.slice_,
+                  A.select)
 
 
 def _all_or_nothing(rule: Rule) -> Rule:

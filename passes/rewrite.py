@@ -20,9 +20,12 @@ from .plan import node_kept, plan_from_removed
 from .private_copy import private_copy
 from .tensors import owner_and_attr, tensor_aliases
 
-_RESHAPES = {"view", "reshape", torch.reshape}
-_EXPANDS = {"expand", "broadcast_to"}
-_SPLITS = {"split", "chunk", torch.split, torch.chunk}
+aten = torch.ops.aten
+_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_EXPANDS = {"expand", "broadcast_to", aten.expand.default}
+_SPLITS = {"split", "chunk", torch.split, torch.chunk, aten.split.Tensor, aten.split_with_sizes.default,
+           aten.chunk.default}
+_LAYER_NORMS = {F.layer_norm, F.rms_norm, aten.layer_norm.default, aten.rms_norm.default}
 
 
 def rewrite(traced: Traced, coupling: Coupling, shapes: Dict[str, Any], removed: Set[int]) -> fx.GraphModule:
@@ -118,7 +121,9 @@ def _rewrite_literals(node: fx.Node, shapes, kept, new_shapes) -> None:
         _rewrite_split(node, old, new)
     elif target is operator.getitem:
         _rewrite_getitem(node, shapes, kept)
-    elif target is F.layer_norm or target is F.rms_norm:
+    elif target is aten.slice.Tensor or target is aten.select.int:
+        _rewrite_aten_index(node, shapes, kept)
+    elif target in _LAYER_NORMS:
         _rewrite_layer_norm(node, new_shapes)
 
 
@@ -173,8 +178,10 @@ def _rewrite_split(node: fx.Node, old, new) -> None:
     sizes = [piece[dim] for piece in new]
     if [p[dim] for p in old] == sizes:
         return
-    is_method = node.op == "call_method"
-    node.target = "split" if is_method else torch.split
+    if isinstance(node.target, torch._ops.OpOverload):
+        node.target = aten.split_with_sizes.default
+    else:
+        node.target = "split" if node.op == "call_method" else torch.split
     node.args = (node.args[0], sizes, dim)
     node.kwargs = {}
 
@@ -202,6 +209,26 @@ def _rewrite_getitem(node: fx.Node, shapes, kept) -> None:
         out.append(_move_index(i, keep, src_shape[d]) if keep is not None else i)
         d += 1
     node.args = (src, tuple(out) if isinstance(index, tuple) or len(out) > 1 else out[0])
+
+
+def _rewrite_aten_index(node: fx.Node, shapes, kept) -> None:
+    """aten.slice(x, dim, start, end, step) / aten.select(x, dim, index) on a changed dim: the bounds (the
+    index) move to the positions of the kept indices, as for x[...] (`_rewrite_getitem`)."""
+    src = node.args[0]
+    src_kept = kept.get(src.name) if isinstance(src, fx.Node) else None
+    src_shape = shapes.get(src.name) if isinstance(src, fx.Node) else None
+    if src_kept is None or not isinstance(src_shape, tuple) or any(isinstance(s, tuple) for s in src_shape):
+        return
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim = (args[1] if args[1] is not None else node.kwargs.get("dim", 0)) % len(src_shape)
+    keep = src_kept[dim] if dim < len(src_kept) else None
+    if keep is None or len(keep) == src_shape[dim]:  # the dim kept every position (bounds on a dynamic size stay)
+        return
+    if node.target is aten.select.int:
+        node.args = (src, args[1], _move_index(args[2], keep, src_shape[dim]))
+        return
+    moved = _move_index(slice(args[2], args[3], args[4]), keep, src_shape[dim])
+    node.args = (src, args[1], moved.start, moved.stop) + ((moved.step,) if moved.step is not None else ())
 
 
 def _move_index(i: Any, keep: np.ndarray, size: int) -> Any:

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .call import Call, collect_widths
+from .call import Call, collect_widths, op_name
 from .labels import Plane, Width, index_plane, merge_along, pin_all
 
 
@@ -44,8 +44,8 @@ def scalar(call: Call):
 def size(call: Call):
     """x.size() / x.size(d) / x.numel(): records the Widths of labelled dims (the node carries no planes)."""
     per_dim = tuple(_width(call.lx, d) for d in range(call.x.dim()))
-    name = call.node.target
-    if name == "numel":
+    name = op_name(call.node.target)
+    if name in ("numel", "sym_numel"):
         planes = tuple(p for w in per_dim if w is not None for p in w.planes)
         widths = Width(planes, 0, None) if planes else None
     else:
@@ -70,13 +70,19 @@ def getitem(call: Call):
             call.store.widths[call.node.name] = widths[index]
         labels = call.largs[0]
         return labels[index] if labels else ()
-    shape = tuple(container.shape)
+    return index_tensor(call, index, call.node.args[1])
+
+
+def index_tensor(call: Call, index, node_index):
+    """The planes of ``call.x[index]`` (``node_index``: the same index as written in the graph, with nodes where
+    bounds are computed). Shared by getitem and the aten forms (slice, select)."""
+    shape = tuple(call.x.shape)
     idx = index if isinstance(index, tuple) else (index,)
     if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx):
         pin_all(call.store, call.lx)
         call.store.barrier(call.node.name, "advanced (tensor) indexing")
         return ()
-    _dynamic_bounds(call, idx, shape)
+    _dynamic_bounds(call, idx, shape, node_index)
     out = []
     dims_by_int = _int_indexed_dims(idx, len(shape))
     stepped = _stepped_dims(idx, len(shape))
@@ -96,11 +102,10 @@ def getitem(call: Call):
     return tuple(out)
 
 
-def _dynamic_bounds(call: Call, idx: tuple, shape) -> None:
+def _dynamic_bounds(call: Call, idx: tuple, shape, node_index) -> None:
     """Index entries computed from Widths (``x[..., : x.shape[-1] // 2]``) follow the PRUNED width at run time.
     A bound of exactly width // k on the measured dim stays right when every k-th chunk keeps the same
     indices (rotate_half's halves): those positions are unioned. Any other computed index pins the dim."""
-    node_index = call.node.args[1]
     nidx = _expand_ellipsis(node_index if isinstance(node_index, tuple) else (node_index,), len(shape))
     src = 0
     for entry in nidx:
@@ -193,7 +198,7 @@ def check_size_args(call: Call, out_planes: Sequence[Plane]) -> None:
     expand) follow the pruned width at run time. ``width // k`` landing on an output dim that holds the first
     of k equal chunks of the measured channels stays right when every chunk keeps the same indices (they are
     unioned); any other measured size pins what it measured."""
-    if call.node.target not in ("view", "reshape", torch.reshape, "expand", "broadcast_to"):
+    if op_name(call.node.target) not in ("view", "reshape", "_unsafe_view", "expand", "broadcast_to"):
         return
     args = list(call.node.args[1:])
     sizes = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else args

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .call import Call
+from .call import Call, op_name
 from .labels import Plane, merge_along, pin_all
 from .rules_shape import elementwise_planes, value_shape
 
@@ -89,9 +89,10 @@ def split(call: Call):
     """split/chunk/tensor_split/unbind: each output piece gets the slice of the planes it holds. A piece of
     width 1 along a plane's only dim pins that channel (the piece would vanish); on a multi-dim plane the split
     dim keeps every coordinate (the plane is merged along it)."""
-    name = call.node.target if isinstance(call.node.target, str) else call.node.target.__name__
+    name = op_name(call.node.target)
     n = call.x.dim()
-    dim = call.arg(2, "dim", 0) if name in ("split", "chunk", "tensor_split") else call.arg(1, "dim", 0)
+    pieces_then_dim = ("split", "split_with_sizes", "chunk", "tensor_split")
+    dim = call.arg(2, "dim", 0) if name in pieces_then_dim else call.arg(1, "dim", 0)
     dim = dim % n
     lx = list(call.lx)
     sizes = [1 if name == "unbind" else piece.shape[dim] for piece in call.out]

@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .call import Call
+from .call import Call, op_name
 from .labels import Plane, couple_facing, merge_along, pin_all, reshape_plane, shifted, squeeze_to_dims
 from .rules_index import check_size_args, scalar
 
@@ -112,7 +112,7 @@ def repeat(call: Call):
 
 
 def _perm(call: Call) -> List[int]:
-    name = call.node.target if isinstance(call.node.target, str) else getattr(call.node.target, "__name__", "")
+    name = op_name(call.node.target)
     n = call.x.dim()
     rest = list(call.args[1:])
     if name in ("permute",):
@@ -161,9 +161,9 @@ def _reduced_dims(call: Call) -> Tuple[Sequence[int], bool]:
     """The reduced dims and keepdim. torch.norm(x, p, dim, keepdim) and std/var(x, dim, unbiased, keepdim)
     place their arguments differently from sum(x, dim, keepdim)."""
     n = call.x.dim()
-    name = call.node.target if isinstance(call.node.target, str) else getattr(call.node.target, "__name__", "")
-    dim_pos = 2 if name == "norm" else 1
-    keep_pos = 3 if name in ("norm", "std", "var") else 2
+    name = op_name(call.node.target)
+    dim_pos = 2 if name in ("norm", "linalg_vector_norm") else 1
+    keep_pos = 3 if name in ("norm", "linalg_vector_norm", "std", "var") else 2
     dim = call.arg(dim_pos, "dim", None)
     keep = bool(call.arg(keep_pos, "keepdim", False))
     if dim is None:

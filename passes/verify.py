@@ -1,8 +1,10 @@
 """Verify: oracles that check a pruned module against the original.
 
 Masking equivalence: run the ORIGINAL traced graph with every removed unit's positions zeroed after every node
-(and its parameter slices zeroed); the pruned module must give the same output (exactly, up to float round-off, wherever no normalisation or mean
-mixes the pruned channels).
+(and its parameter slices zeroed); the pruned module must give the same output (exactly, up to float round-off).
+A mean or a layer norm over a dim that lost positions computes over the kept positions only, as the pruned module
+does (the residual stream of a transformer feeds RMSNorm's mean of squares and LayerNorm); other normalisations
+over a pruned dim (BatchNorm in train mode, GroupNorm, softmax) still mix the zeroed positions in.
 """
 from __future__ import annotations
 
@@ -29,22 +31,83 @@ class _Masker(fx.Interpreter):
         self.removed = np.array(sorted(removed), dtype=np.int64)
 
     def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
+        value = self._over_kept(n) if n.op == "call_function" and n.target in _KEPT_ONLY else None
+        if value is None:
+            value = super().run_node(n)
         if n.op in ("output", "placeholder"):
             return value
         return _mask(value, self.coupling.node_units.get(n.name, ()), self.removed)
 
+    def _over_kept(self, n: fx.Node) -> Optional[torch.Tensor]:
+        """A mean or layer norm over the last dim computed over the kept positions of its (masked) input only;
+        None when its input lost no positions there (or lost different ones at different places)."""
+        x_node = n.args[0]
+        x = self.env.get(x_node) if isinstance(x_node, fx.Node) else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        if _KEPT_ONLY[n.target] == "mean":
+            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+            if not isinstance(dims, (list, tuple)) or len(dims) != 1 or dims[0] % x.dim() != x.dim() - 1:
+                return None
+        elif len(n.args[1]) != 1:  # layer_norm(x, normalized_shape, ...) over more than the last dim
+            return None
+        idx = _kept_last(self.coupling.node_units.get(x_node.name, ()), x.shape, self.removed)
+        if idx is None:
+            return None
+        index = torch.as_tensor(idx, device=x.device)
+        part = x.index_select(-1, index)
+        if _KEPT_ONLY[n.target] == "mean":
+            return part.mean(-1, keepdim=bool(keepdim))
+        args = list(self.fetch_args_kwargs_from_env(n)[0]) + [None] * 5
+        weight, bias = (None if t is None else t.index_select(0, index) for t in args[2:4])
+        out = torch.zeros_like(x)
+        out[..., index] = torch.nn.functional.layer_norm(part, (len(idx),), weight, bias, args[4] or 1e-5)
+        return out
+
+
+_KEPT_ONLY = {torch.ops.aten.mean.dim: "mean", torch.ops.aten.layer_norm.default: "layer_norm"}
+
+
+def _kept_last(planes: Any, shape, removed: np.ndarray) -> Optional[np.ndarray]:
+    """Kept positions along the last dim of a value with ``planes``, when some are removed and the same ones at
+    every other coordinate; else None."""
+    keep = _keep_mask(planes, removed)
+    if keep is None:
+        return None
+    rows = np.broadcast_to(_broadcastable(keep, shape), tuple(shape)).reshape(-1, shape[-1])
+    if not (rows == rows[:1]).all() or rows[0].all():
+        return None
+    return np.nonzero(rows[0])[0]
+
+
+def _keep_mask(planes: Any, removed: np.ndarray) -> Optional[np.ndarray]:
+    """Where a value with ``planes`` keeps its positions (a broadcastable bool array), or None if all stay."""
+    keep = None
+    for p in planes if isinstance(planes, tuple) else ():
+        if isinstance(p, Plane):
+            k = ~np.isin(p.arr, removed)
+            if not k.all():
+                keep = k if keep is None else keep & k
+    return keep
+
+
+def _broadcastable(keep: np.ndarray, shape) -> np.ndarray:
+    """``keep`` reduced to size 1 on dims where it has the example's size but ``shape`` (another input's) differs
+    and it does not vary: a plane may span a dim it is constant along (a reshape that inserts a size-1 dim groups
+    it with its neighbours), which must not tie the mask to the example's sequence length."""
+    for d, (k, n) in enumerate(zip(keep.shape, shape)):
+        if k not in (1, n) and (keep == np.take(keep, [0], axis=d)).all():
+            keep = np.take(keep, [0], axis=d)
+    return keep
+
 
 def _mask(value: Any, planes: Any, removed: np.ndarray) -> Any:
     if isinstance(value, torch.Tensor):
-        keep = None
-        for p in planes if isinstance(planes, tuple) else ():
-            if isinstance(p, Plane):
-                k = ~np.isin(p.arr, removed)
-                if not k.all():
-                    keep = k if keep is None else keep & k
+        keep = _keep_mask(planes, removed)
         if keep is None:
             return value
+        keep = _broadcastable(keep, value.shape)
         mask = torch.from_numpy(np.ascontiguousarray(keep)).to(device=value.device)
         return torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
     if isinstance(value, (tuple, list)) and isinstance(planes, tuple) and len(planes) == len(value):
