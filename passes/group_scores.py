@@ -64,29 +64,35 @@ class _UnitIndex:
                 shape[dim] = p.shape[dim]
                 local = torch.as_tensor(pos[units], device=p.device).reshape(shape)
                 rows.append(local.expand(p.shape).reshape(-1))
-            if rows:
-                ids = torch.stack(rows).sort(dim=0).values
+            if not rows:
+                continue
+            ids = torch.stack(rows)
+            if len(rows) > 1:
+                ids = ids.sort(dim=0).values
                 ids[1:][ids[1:] == ids[:-1]] = n  # a unit on two dims of one entry (a square coupled weight)
-                if bool((ids < n).any()):
-                    self.ids[name] = ids
+            if bool((ids < n).any()):
+                self.ids[name] = ids
 
     def vector(self, signs: Tensor, theta: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """v = Σ_u s_u θ_(u) on every scored parameter."""
-        ext = torch.cat([signs, signs.new_zeros(1)])
         out = {}
         for name, t in theta.items():
-            ids = self.ids[name]
-            coef = ext.to(t.device)[ids].sum(0).reshape(t.shape).to(t.dtype)
-            out[name] = t * coef
+            ext = torch.cat([signs, signs.new_zeros(1)]).to(t.device, t.dtype)
+            coef = ext[self.ids[name][0]]
+            for row in self.ids[name][1:]:  # row by row: no (k, numel) temporary
+                coef += ext[row]
+            out[name] = t * coef.reshape(t.shape)
         return out
 
     def per_unit(self, values: Dict[str, Tensor]) -> Tensor:
-        """Per unit (float64, CPU), the sum of ``values`` over the unit's entries."""
-        out = torch.zeros(self.n + 1, dtype=torch.float64)
+        """Per unit (float64, CPU), the sum of ``values`` over the unit's entries (summed on their device)."""
+        out = None
         for name, ids in self.ids.items():
-            v = values[name].detach().reshape(-1).double().cpu()
-            out.index_add_(0, ids.reshape(-1).cpu(), v.repeat(ids.shape[0]))
-        return out[:self.n]
+            v = values[name].detach().reshape(-1).double()
+            out = torch.zeros(self.n + 1, dtype=torch.float64, device=v.device) if out is None else out
+            for row in ids:
+                out.index_add_(0, row, v)
+        return out[:self.n].cpu()
 
 
 def _rademacher(n: int, probes: int, generator: torch.Generator) -> Tensor:

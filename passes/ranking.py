@@ -20,22 +20,8 @@ __all__ = ["unit_costs", "per_cost", "mac_savings", "param_savings"]
 
 
 def mac_savings(coupling: Coupling, per_module: Dict[str, float]) -> Dict[int, float]:
-    """Unit -> MACs saved by removing that unit alone: per module, its MACs times (1 - the product over its
-    slots of the kept fraction), the rule of `MacModel.estimate` applied to one unit at a time."""
-    model = MacModel(coupling, per_module)
-    units = np.unique(np.concatenate([np.asarray(g.units) for g in coupling.groups])) if coupling.groups else []
-    if not len(units) or not model._macs.size:
-        return {int(u): 0.0 for u in units}
-    size = int(max(units.max(), model._units.max())) + 1
-    saved = np.zeros(size)
-    ends = model._starts + model._lengths.astype(np.int64)
-    for m, ops in enumerate(model._macs):  # one pass per module; units outside it keep a product of 1
-        kept = np.ones(size)
-        for s in np.flatnonzero(model._module_of_slot == m):
-            slot = model._units[model._starts[s]:ends[s]]
-            kept *= 1.0 - np.bincount(slot, minlength=size)[:size] / model._lengths[s]
-        saved += ops * (1.0 - kept)
-    return {int(u): float(saved[u]) for u in units}
+    """Unit -> MACs saved by removing that unit alone (`MacModel.savings` on every prunable unit)."""
+    return MacModel(coupling, per_module).savings(u for g in coupling.groups for u in g.units)
 
 
 def param_savings(model: nn.Module, coupling: Coupling) -> Dict[int, float]:

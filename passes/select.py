@@ -1,6 +1,7 @@
 """Select: unit scores and a budget in, the set of units to remove out.
 
-Units of all groups are ranked together by score (scores are normalised per group by the importance stage).
+Units of all groups are ranked together by score (normalised per group by the importance stage, or raw per MAC
+saved with rank="per_mac").
 Each group keeps at least one unit and loses at most ``max_layer_ratio`` of its ORIGINAL width over all steps
 (``widths0``: the group widths before the first step; the cap does not compound); kept widths are rounded up
 to a multiple of ``round_to``. A MAC budget is met by bisection on the ranked list with a per-layer MAC model,
