@@ -292,13 +292,14 @@ def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, un
 
 
 def _fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, notes, clock, what="MAC",
-         tolerance: float = TOLERANCE, widths0=None):
+         tolerance: float = TOLERANCE, widths0=None, rounds: int = 12):
     """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
     the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
     corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted in the
-    report (the closest feasible candidate is kept). Returns (removed units, module)."""
+    report (the closest feasible candidate is kept); ``rounds`` caps the candidates built. Returns (removed units,
+    module)."""
     fitted = fit_budget(target, lambda aim: clock("select", select, coupling, scores, budget, estimate, aim, widths0),
-                        build, measure, what=what, tolerance=tolerance)
+                        build, measure, what=what, tolerance=tolerance, rounds=rounds)
     if fitted.note:
         warn_once(fitted.note)
         notes.append(fitted.note)
@@ -314,7 +315,7 @@ def _fit_latency(run: _Run, current: Traced, facts, coupling, scores, step: int,
     try:
         removed, gm = _fit(coupling, scores, run.budget, target, estimate, build,
                            lambda gm: clock("latency measure", lat.measure, gm), run.notes, clock, what="latency",
-                           tolerance=lat.options.tolerance, widths0=run.widths0)
+                           tolerance=lat.options.tolerance, widths0=run.widths0, rounds=lat.options.candidates)
     except BudgetError as exc:
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
                           f"removable channel still leaves more than {target:.3g} of the dense latency by the cost "

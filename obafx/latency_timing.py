@@ -42,7 +42,8 @@ class LatencyOptions:
     the tables' JSON file ('' = no cache); ``timer``: ``timer(module, inputs) -> seconds`` of one call instead of
     the clock; ``clock``: "wall" (default) or "process" (this process's CPU time: on a CPU shared with other jobs it
     leaves out the time they hold the core; needs device "cpu" and threads=1); ``progress``: tqdm bars while
-    measuring."""
+    measuring; ``candidates``: at most this many candidates per step are built and timed end to end (each costs
+    ``rounds`` alternations, and a compile in "compile" mode)."""
 
     device: str = "cpu"
     dtype: Optional[torch.dtype] = None
@@ -57,11 +58,12 @@ class LatencyOptions:
     timer: Optional[Timer] = None
     clock: str = "wall"
     progress: bool = True
+    candidates: int = 8
 
     def __post_init__(self):
         if self.mode not in ("eager", "compile"):
             raise ConfigError(f"LatencyOptions(mode={self.mode!r}). What to do: use 'eager' or 'compile'.")
-        for name in ("reps", "rounds", "threads"):
+        for name in ("reps", "rounds", "threads", "candidates"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"LatencyOptions({name}={v!r}). What to do: pass a positive integer.")

@@ -143,6 +143,25 @@ def test_a_speedup_bounded_by_overhead_is_noted_not_faked(tmp_path, x):
     assert any("budget was missed" in n for n in rep.notes)
 
 
+def test_candidates_caps_the_end_to_end_measurements(tmp_path, x):
+    timed = []
+
+    def counting(module, args):
+        if isinstance(module, torch.fx.GraphModule):
+            timed.append(module)
+        return MacTimer()(module, args)
+
+    model = Net().eval()
+    overhead = 2.0 * MacTimer()(model, (x,))  # 2x unreachable: the loop would try many candidates
+    with pytest.warns(UserWarning):
+        obafx.compile_prune(model, x, latency="2x", latency_options=_opts(
+            lambda m, a: counting(m, a) + (overhead if isinstance(m, torch.fx.GraphModule) else 0.0), tmp_path,
+            candidates=2))
+    dense_params = sum(p.numel() for p in model.parameters())
+    candidates = [m for m in timed if sum(p.numel() for p in m.parameters()) < dense_params]
+    assert len(candidates) == 2  # rounds=1, reps=1: one timed call per candidate
+
+
 def test_unreachable_latency_is_a_budget_error(tmp_path, x):
     with pytest.raises(BudgetError, match="cannot be reached"):
         obafx.compile_prune(Net(), x, latency=0.001, latency_options=_opts(MacTimer(), tmp_path))

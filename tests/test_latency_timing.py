@@ -59,7 +59,8 @@ def test_measure_tables_times_each_distinct_layer_on_its_grid():
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(mode="jit"), "'eager' or 'compile'"), (dict(reps=0), "positive integer"), (dict(threads=1.5), "threads"),
+    (dict(mode="jit"), "'eager' or 'compile'"), (dict(reps=0), "positive integer"),
+    (dict(candidates=0), "candidates"), (dict(threads=1.5), "threads"),
     (dict(grid=(0.0, 1.0)), "fractions in (0, 1]"), (dict(tolerance=1.5), "tolerance"),
     (dict(dtype=torch.int8), "floating"), (dict(device="nonsense"), "not a device"),
     (dict(warmup=-1), "warmup"), (dict(clock="cpu"), "'wall' or 'process'"),
