@@ -61,7 +61,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     scoring copy normalises with each batch's own statistics and needs no running statistics).
     ``normalizer``: how unit scores are scaled within each coupled group before the global ranking: "max"
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
-    None (raw scores, comparable across groups in loss units for the data-driven criteria).
+    None (raw scores comparable across groups: a unit's total over all its slices, in loss units for the
+    data-driven criteria, e.g. |g_uᵀθ_u| for Taylor).
     ``rank``: "score" ranks units by (normalised) score; "per_mac" by RAW score divided by what removing the
     unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).

@@ -3,11 +3,14 @@
 Per coupled group and member (a layer's output side, weight rows + bias, or its input side, weight columns):
 sum each unit's slice of the parameter scores, take the absolute value, average over the members that carry
 any score, then divide by the group's maximum so that all groups rank together under one threshold
-(``normalizer="max"``; "mean" and "sum" divide by the group's mean / sum of |score|, None keeps raw scores).
+(``normalizer="max"``; "mean" and "sum" divide by the group's mean / sum of |score|).
 
-Units of a raw score: for the data-driven criteria (OBA θ ⊙ Hθ, Taylor θ ⊙ g, OBD, Fisher) a member's sum is a
-loss change (a number in the loss's units), so raw unit scores compare across groups; the group-exact
-"oba_group" score is a loss change per unit by construction. Magnitude scores are weight norms.
+``normalizer=None`` gives raw scores meant to be compared across groups (and divided by a unit's MACs for
+rank="per_mac"), so they are the unit's TOTAL: |Σ over all its slices|, not the mean over members (a member
+mean would make a unit with many members, e.g. a residual-stream channel read by many layers, look several
+times cheaper than it is). For the data-driven criteria that total is in the loss's units: for Taylor it is the
+first-order loss change of removing the unit, |g_uᵀθ_u|; for OBA |θ_uᵀ(Mθ)|; OBD and Fisher sum ½θ²·curvature.
+The group-exact "oba_group" score is a loss change per unit by construction. Magnitude scores are weight norms.
 """
 from __future__ import annotations
 
@@ -79,14 +82,17 @@ def normalize_units(coupling: Coupling, scores: Dict[int, float], normalizer: Op
 def aggregate(coupling: Coupling, param_scores: Dict[str, torch.Tensor], reduce: str = "oba",
               normalizer: Optional[str] = "max") -> Dict[int, float]:
     """Unit -> score, normalised within its group by ``normalizer`` (see `normalized`; default: the group's
-    maximum). ``reduce``: "oba" (mean over scored members of |sum|) or "l2" (square root of the sum over
-    members; for squared magnitudes)."""
+    maximum). ``reduce``: "oba" (mean over scored members of |sum|; with normalizer=None the raw total
+    |Σ over members|, see the module docstring) or "l2" (square root of the sum over members; for squared
+    magnitudes)."""
     vectors = member_vectors(coupling, param_scores)
     scores: Dict[int, float] = {}
     for gi, g in enumerate(coupling.groups):
         members = list(vectors.get(gi, {}).values())
         if reduce == "l2":
             s = np.sqrt(np.maximum(sum(members), 0.0)) if members else np.zeros(g.width)
+        elif normalizer is None:
+            s = np.abs(sum(members)) if members else np.zeros(g.width)
         else:
             scored = [np.abs(v) for v in members if np.any(v != 0)]
             s = np.mean(scored, axis=0) if scored else np.zeros(g.width)

@@ -11,7 +11,9 @@ from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import ConfigError
 from obafx.passes.hvp import parameter_scores
-from obafx.passes.importance import aggregate
+from obafx.passes.criteria import taylor_scores
+from obafx.passes.group_scores import _UnitIndex
+from obafx.passes.importance import aggregate, member_vectors
 from obafx.passes.macs import thop_macs
 from obafx.passes.ranking import mac_savings, param_savings
 from obafx.passes.rewrite import rewrite
@@ -34,19 +36,41 @@ def wide():
     return model, x, trace(model, x)
 
 
+def member_means(coupling, scores):
+    """The paper's unit score before normalisation: mean over scored members of |member sum|."""
+    out = {}
+    for gi, g in enumerate(coupling.groups):
+        scored = [np.abs(v) for v in member_vectors(coupling, scores)[gi].values() if np.any(v != 0)]
+        out.update(zip(g.units, np.mean(scored, axis=0)))
+    return out
+
+
 def test_normalizers_scale_each_group_and_keep_its_order():
     model, x, traced = wide()
     coupling = couple(analyze(traced))
     s = parameter_scores(model, [(x, torch.randint(0, 4, (5,)))])
-    raw = aggregate(coupling, s, normalizer=None)
+    means = member_means(coupling, s)
     for g in coupling.groups:
-        r = np.array([raw[u] for u in g.units])
+        r = np.array([means[u] for u in g.units])
         assert r.max() > 0
         for name, scale in (("max", r.max()), ("mean", r.mean()), ("sum", r.sum())):
             got = aggregate(coupling, s, normalizer=name)
             np.testing.assert_allclose([got[u] for u in g.units], r / scale, rtol=1e-12)
-    old_default = aggregate(coupling, s)
-    assert all(old_default[u] <= 1.0 + 1e-12 for u in old_default)
+
+
+def test_raw_scores_are_each_units_total_loss_change():
+    """normalizer=None: |Σ over every slice of the unit|; for Taylor that is |g_uᵀθ_u|, computed here by the
+    group-exact score's own index of unit slices (an independent route through the coupling)."""
+    torch.manual_seed(0)
+    model, x = ConcatNet().double(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    coupling = couple(analyze(trace(model, x)))
+    taylor = taylor_scores(model, [(x, torch.randint(0, 4, (4,)))])
+    raw = aggregate(coupling, taylor, normalizer=None)
+    index = _UnitIndex(coupling, {n: p for n, p in model.named_parameters() if n in taylor})
+    want = index.per_unit({n: taylor[n] for n in index.ids}).abs()
+    np.testing.assert_allclose([raw[u] for u in index.units], want.numpy(), rtol=1e-12, atol=1e-15)
+    means = member_means(coupling, taylor)
+    assert any(abs(raw[u] - means[u]) > 1e-6 * raw[u] for u in raw)  # not the member mean
 
 
 def test_mac_savings_match_thop_unit_by_unit():
