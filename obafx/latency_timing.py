@@ -237,7 +237,7 @@ def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tup
                     row.append(median_call(*placed(layer, args, like), opts))
                     bar.update(1)
                 rows.append(tuple(row))
-            tables[sig] = LayerTable(ins, outs, tuple(rows))
+            tables[sig] = LayerTable(ins, outs, tuple(rows)).monotone()
     return tables
 
 

@@ -64,6 +64,14 @@ class LayerTable:
         value = rows[0] if len(rows) == 1 else _interp(self.in_widths, rows, in_width)
         return max(0.0, value)
 
+    def monotone(self) -> "LayerTable":
+        """The same table made non-decreasing in both widths (running maximum along each axis): a timing dip at
+        a wider layer is noise or an alignment effect the grid is too coarse to model, and an estimate that can
+        fall as channels come back would make select's bisection arbitrary."""
+        grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(self.seconds, dtype=np.float64), axis=0),
+                                     axis=1)
+        return LayerTable(self.in_widths, self.out_widths, tuple(tuple(float(v) for v in row) for row in grid))
+
     def to_dict(self) -> Dict[str, Any]:
         return {"in": list(self.in_widths), "out": list(self.out_widths), "seconds": [list(r) for r in self.seconds]}
 

@@ -55,6 +55,12 @@ def test_table_interpolates_piecewise_between_measured_points_and_never_goes_neg
         LayerTable.from_dict({"in": [1, 2], "out": [2], "seconds": [[1.0]]})
 
 
+def test_monotone_tables_never_get_faster_with_more_channels():
+    table = LayerTable((1, 2, 3), (1, 2), ((1.0, 0.5), (0.8, 2.0), (3.0, 1.0)))
+    assert table.monotone().seconds == ((1.0, 1.0), (1.0, 2.0), (3.0, 3.0))
+    assert _table((4, 8), (2, 4), _bilinear).monotone() == _table((4, 8), (2, 4), _bilinear)  # already monotone
+
+
 def test_grid_widths_are_distinct_rounded_fractions_with_the_full_width():
     assert grid_widths(10, (0.25, 0.5, 0.75, 1.0), True) == (2, 5, 8, 10)
     assert grid_widths(3, (0.1, 0.2, 0.5), True) == (1, 2, 3)
