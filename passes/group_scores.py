@@ -55,11 +55,12 @@ class _UnitIndex:
         pos = np.full(top, n, dtype=np.int64)
         pos[self.units] = np.arange(n)
         self.ids: Dict[str, Tensor] = {}
+        slots: Dict[str, list] = {}
+        for (slot, dim), units in coupling.slot_units.items():
+            slots.setdefault(slot, []).append((dim, units))
         for name, p in params.items():
             rows = []
-            for (slot, dim), units in coupling.slot_units.items():
-                if slot != name:
-                    continue
+            for dim, units in slots.get(name, ()):
                 shape = [1] * p.dim()
                 shape[dim] = p.shape[dim]
                 local = torch.as_tensor(pos[units], device=p.device).reshape(shape)
