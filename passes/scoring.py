@@ -33,14 +33,43 @@ def prunable_parameter_names(model: nn.Module) -> list[str]:
 
     In: any ``nn.Module``. Out: names of every weight and bias of Conv1d/2d/3d, ConvTranspose1d/2d/3d and
     Linear modules, plus nn.MultiheadAttention's in_proj_weight/in_proj_bias/q,k,v_proj_weight and out_proj
-    weight/bias. A parameter shared by several modules appears once, under its first name.
+    weight/bias, plus (in a torch.export graph, which has no such modules) the weights and biases its aten
+    linear / conv / addmm nodes read. A parameter shared by several modules appears once, under its first name.
     """
     def attrs(m):
         return ("weight", "bias") if isinstance(m, PRUNABLE_TYPES) else \
             MHA_PARAMETERS if isinstance(m, nn.MultiheadAttention) else ()
     owned = {id(getattr(m, a)) for m in model.modules() for a in attrs(m)
              if isinstance(getattr(m, a, None), nn.Parameter)}
+    if isinstance(model, torch.fx.GraphModule):
+        owned |= {id(p) for p in _graph_layer_parameters(model)}
     return [name for name, p in model.named_parameters() if id(p) in owned]
+
+
+_ATEN = torch.ops.aten
+# Layer ops of torch.export graphs (no nn.Linear modules there) -> argument positions of their weight and bias.
+_GRAPH_LAYERS = {_ATEN.linear.default: (1, 2), _ATEN.conv1d.default: (1, 2), _ATEN.conv2d.default: (1, 2),
+                 _ATEN.conv3d.default: (1, 2), _ATEN.conv1d.padding: (1, 2), _ATEN.conv2d.padding: (1, 2),
+                 _ATEN.addmm.default: (2, 0)}
+
+
+def _graph_layer_parameters(gm: torch.fx.GraphModule) -> list:
+    """The parameters an exported graph's linear / conv / addmm (GPT-2's Conv1D) nodes read as weight or bias."""
+    found = []
+    for node in gm.graph.nodes:
+        for i in _GRAPH_LAYERS.get(node.target, ()) if node.op == "call_function" else ():
+            arg = node.args[i] if i < len(node.args) else None
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and _is_parameter(gm, arg.target):
+                found.append(gm.get_parameter(arg.target))
+    return found
+
+
+def _is_parameter(gm: torch.fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ functional setup

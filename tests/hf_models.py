@@ -18,12 +18,14 @@ _DECODER = dict(_COMMON, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, 
 
 
 def config(name: str, **overrides):
-    """The tiny config of architecture ``name``."""
+    """The tiny config of architecture ``name`` (``overrides``: constructor arguments of the decoder configs,
+    attributes set afterwards for the others)."""
+    decoder = dict(_DECODER, **overrides)
     make = {
-        "llama": lambda: T.LlamaConfig(**_DECODER),
-        "qwen2": lambda: T.Qwen2Config(**_DECODER),
-        "qwen3": lambda: T.Qwen3Config(**_DECODER, head_dim=8),
-        "mistral": lambda: T.MistralConfig(**_DECODER),
+        "llama": lambda: T.LlamaConfig(**decoder),
+        "qwen2": lambda: T.Qwen2Config(**decoder),
+        "qwen3": lambda: T.Qwen3Config(**dict(decoder, head_dim=decoder.get("head_dim", 8))),
+        "mistral": lambda: T.MistralConfig(**decoder),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                      bos_token_id=0, eos_token_id=1),
         "bert": lambda: T.BertConfig(**_COMMON, num_labels=3),
@@ -38,7 +40,8 @@ def config(name: str, **overrides):
     cfg = make()
     cfg._attn_implementation = "sdpa"
     for k, v in overrides.items():
-        setattr(cfg, k, v)
+        if not hasattr(cfg, k) or name not in ("llama", "qwen2", "qwen3", "mistral"):
+            setattr(cfg, k, v)
     return cfg
 
 
