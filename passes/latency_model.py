@@ -44,8 +44,8 @@ class LayerSpec:
 
     def signature(self) -> str:
         """What the layer's latency depends on (not its name): the cache key of its table."""
-        return (f"{self.kind}|in={self.in_width}|out={self.out_width}|x={list(self.input_shape)}|cfg={list(self.config)}"
-                f"|tied={int(self.tied)}|pin={int(self.in_slot is None)}{int(self.out_slot is None)}")
+        return (f"{self.kind}|in={self.in_width}|out={self.out_width}|x={list(self.input_shape)}"
+                f"|cfg={list(self.config)}|tied={int(self.tied)}|pin={int(self.in_slot is None)}{int(self.out_slot is None)}")
 
 
 @dataclass(frozen=True)
