@@ -114,9 +114,21 @@ def device_name(device: str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev.index or 0)}"
+    return f"cpu:{_cpu_model()}:{os.cpu_count()}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's processor or machine string."""
     import platform
 
-    return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: fall back to what platform knows
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _dtype(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> torch.dtype:
