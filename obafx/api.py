@@ -73,6 +73,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     every dispatched matmul, convolution and attention); default "thop" on an fx graph, "flops" on an exported one.
     """
     if structure == "unstructured":
+        if latency is not None:
+            raise ConfigError("latency= is a budget for structured pruning (zeroed weights do not run faster). "
+                              "What to do: drop structure='unstructured', or use sparsity= without latency=.")
         return _unstructured(model, example_input, sparsity, importance, data, loss_fn, mode, delta, train,
                              leaf_modules, progress)
     if structure != "structured":
