@@ -83,6 +83,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     steps, ignore, leaf_modules = _check_args(steps, ignore, leaf_modules)
     _check_options(normalizer, rank, probes, recalibrate, data)
     clock, notes = _Clock(), []
+    if latency is None and latency_options is not None:
+        raise ConfigError("latency_options= is given without latency=. What to do: ask for a latency budget, e.g. "
+                          "latency='2x', or drop latency_options=.")
     wanted = check_request(latency, latency_options, example_input) if latency is not None else None
     budget = Budget(macs, channels, max_layer_ratio, round_to, latency=wanted[0] if wanted else None)
     _check_importance(importance)

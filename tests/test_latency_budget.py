@@ -178,6 +178,8 @@ def test_latency_with_another_budget_or_bad_options_is_a_config_error(x):
         obafx.compile_prune(Net(), x, latency=0.5, macs=0.5)
     with pytest.raises(ConfigError, match="LatencyOptions"):
         obafx.compile_prune(Net(), x, latency=0.5, latency_options={"threads": 1})
+    with pytest.raises(ConfigError, match="without latency="):
+        obafx.compile_prune(Net(), x, macs=0.5, latency_options=obafx.LatencyOptions())
     with pytest.raises(ConfigError, match="structured pruning"):
         obafx.compile_prune(Net(), x, latency=0.5, structure="unstructured", sparsity=0.5)
 
