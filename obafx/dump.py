@@ -1,5 +1,5 @@
 """Graph dumps a person can read: the group table, the channel graph (networkx node-link JSON and DOT, SVG when
-Graphviz is installed), and the barrier list.
+Graphviz is installed), the barrier list, and the heat map of a Hessian-block map (`plot_hessian_blocks`).
 
 In: an `Analysis` (traced model, channel facts, coupling) and optionally the report of a pruning run.
 Out: text, or files written under a directory.
@@ -20,7 +20,8 @@ from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.errors import user_line
 from obafx.passes.facts import ChannelFacts, Coupling
-from obafx.passes.labels import Plane
+from obafx.passes.hessian_blocks import HessianBlocks
+from obafx.passes.labels import iter_planes
 from obafx.passes.ops import rule_for
 from obafx.passes.trace import trace
 from obafx.report import Report
@@ -73,7 +74,7 @@ def channel_graph(analysis: Analysis) -> nx.DiGraph:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         rule = rule_for(node.op, node.target, module) if node.op not in ("placeholder", "get_attr", "output") else None
         planes = analysis.facts.planes.get(node.name, ())
-        dims = sorted({d for p in _planes(planes) for d in p.dims})
+        dims = sorted({d for p in iter_planes(planes) for d in p.dims})
         g.add_node(node.name, kind="node", op=node.op, target=_name(node.target), source=user_line(node),
                    shape=str(analysis.facts.shapes.get(node.name)), channel_dims=dims,
                    rule=getattr(rule, "__name__", "barrier" if node.op.startswith("call") else node.op))
@@ -89,14 +90,6 @@ def channel_graph(analysis: Analysis) -> nx.DiGraph:
         if user is not None:
             g.add_edge(slot, user, rule="slot")
     return g
-
-
-def _planes(value: Any):
-    if isinstance(value, Plane):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _planes(v)
 
 
 def _name(target: Any) -> str:
@@ -142,3 +135,24 @@ def write_dumps(analysis: Analysis, out_dir: Path, rep: Optional[Report] = None,
         subprocess.run(["dot", "-Tsvg", str(files["graph_dot"]), "-o", str(files["graph_svg"])], check=True,
                        timeout=120)
     return {k: str(v) for k, v in files.items()}
+
+
+def plot_hessian_blocks(blocks: HessianBlocks, path: str) -> str:
+    """Write a PNG heat map of the block kinds (zero / series / parallel / both) to ``path``; returns path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy; no pyplot, so no global backend change
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    codes, n = {"zero": 0, "series": 1, "parallel": 2, "both": 3}, len(blocks.layers)
+    grid = [[codes[blocks.kind(a, b)] for b in blocks.layers] for a in blocks.layers]
+    fig = Figure(figsize=(max(4, 0.3 * n + 3), max(3.5, 0.3 * n + 2)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = ListedColormap(["#f4f4f4", "#4c72b0", "#dd8452", "#c44e52"])
+    image = ax.imshow(grid, cmap=colours, vmin=-0.5, vmax=3.5)
+    ax.set_xticks(range(n), blocks.layers, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), blocks.layers, fontsize=7)
+    fig.colorbar(image, ticks=[0, 1, 2, 3]).ax.set_yticklabels(list(codes))
+    ax.set_title("Nonzero blocks of H - G")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

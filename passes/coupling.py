@@ -16,7 +16,7 @@ from scipy.sparse.csgraph import connected_components
 from .channel_graph import barrier_report
 from .errors import ConfigError
 from .facts import ChannelFacts, Coupling, Group
-from .labels import PIN, Plane, squeeze_to_dims
+from .labels import PIN, Plane, iter_planes, squeeze_to_dims
 
 
 def _components(n_labels: int, pairs: Sequence[np.ndarray]) -> np.ndarray:
@@ -61,7 +61,7 @@ def _rectangular(facts: ChannelFacts, comp: np.ndarray, extra: List[np.ndarray])
     """Make every multi-dim plane depend on one dim only (so removals stay rectangular): the unions that does are
     appended to ``extra``. True if nothing had to change."""
     for value in facts.planes.values():
-        for p in _iter_planes(value):
+        for p in iter_planes(value):
             if len(p.dims) < 2:
                 continue
             units = comp[p.arr]
@@ -72,14 +72,6 @@ def _rectangular(facts: ChannelFacts, comp: np.ndarray, extra: List[np.ndarray])
             extra.append(np.stack([a.reshape(-1), b.reshape(-1)]).astype(np.int64))
             return False  # components are stale now: recompute before judging another plane
     return True
-
-
-def _iter_planes(value: Any):
-    if isinstance(value, Plane):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _iter_planes(v)
 
 
 def _map_units(value: Any, comp: np.ndarray) -> Any:

@@ -33,47 +33,17 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, TraceError
-from .scoring import PRUNABLE_TYPES, prunable_parameter_names
+from .ops import hessian_kind, scored_attributes
+from .ops_hessian import bare_name
+from .scoring import prunable_parameter_names
 from .trace import trace
 
-__all__ = ["HessianBlocks", "Block", "Evidence", "hessian_blocks", "hessian_blocks_of_graph", "needed_pairs",
-           "plot_hessian_blocks"]
+__all__ = ["HessianBlocks", "Block", "Evidence", "hessian_blocks", "hessian_blocks_of_graph", "needed_pairs"]
 
 Deps = tuple  # tuple of frozensets of layer names: each tensor element depends on the layers of one part
 SERIES, PARALLEL = {"path"}, {"product", "curvature", "unknown"}
 _CODE = {"zero": ".", "series": "S", "parallel": "P", "both": "B"}
 
-# Second-order behaviour of ops, keyed by bare name (functions, methods and operator dunders alike):
-# copy: each output element copies one input element (or is piecewise linear in it, like ReLU);
-# add: element-wise and linear in every input; ew_curv: element-wise and smooth; mix_linear: (piecewise) linear,
-# mixes elements; mix_curv: nonlinear, mixes elements; product: bilinear in its operands (add_product: in all
-# but the first); ew_product / div / sdpa / cat: see _transfer; cut: no derivative flows.
-_OPS = {
-    "copy": """view reshape flatten unflatten permute transpose t contiguous clone getitem split chunk unbind narrow
-        select squeeze unsqueeze expand expand_as repeat tile to float double type type_as view_as reshape_as flip
-        roll movedim moveaxis swapaxes getattr neg pos relu relu6 leaky_relu hardtanh threshold clamp clip abs
-        dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout pad tril triu diagonal
-        masked_fill gather index_select identity prelu leakyrelu alphadropout zeropad1d zeropad2d zeropad3d
-        constantpad1d constantpad2d constantpad3d reflectionpad1d reflectionpad2d replicationpad1d replicationpad2d
-        pixelshuffle pixelunshuffle channelshuffle""",
-    "add": "add radd iadd sub rsub isub where maximum minimum",
-    "ew_curv": """gelu silu mish softplus elu selu celu hardswish logsigmoid sigmoid tanh erf exp exp2 expm1 log log2
-        log1p sqrt rsqrt reciprocal sin cos atan softsign tanhshrink pow square""",
-    "mix_linear": """sum mean cumsum avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
-        adaptive_avg_pool3d max_pool1d max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d max min amax
-        amin interpolate upsample embedding avgpool1d avgpool2d avgpool3d adaptiveavgpool1d adaptiveavgpool2d
-        adaptiveavgpool3d maxpool1d maxpool2d maxpool3d adaptivemaxpool1d adaptivemaxpool2d adaptivemaxpool3d""",
-    "mix_curv": """softmax log_softmax softmin layer_norm group_norm instance_norm rms_norm normalize norm var std
-        logsumexp glu cosine_similarity logsoftmax layernorm groupnorm localresponsenorm instancenorm1d
-        instancenorm2d instancenorm3d rmsnorm""",
-    "product": "matmul rmatmul imatmul mm bmm einsum outer dot inner mv tensordot kron bilinear",
-    "layer": "linear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d",
-    "add_product": "baddbmm addmm addbmm addmv addr",
-    "ew_product": "mul rmul imul multiply", "div": "truediv div true_divide divide itruediv",
-    "cat": "cat concat concatenate stack hstack vstack",
-    "sdpa": "scaled_dot_product_attention", "cut": "detach",
-}
-_KIND = {name: kind for kind, names in _OPS.items() for name in names.split()}  # torch.nn modules: class name
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -238,7 +208,7 @@ def _layer_of(gm: fx.GraphModule, node: fx.Node) -> tuple[Optional[str], tuple[s
     if node.op == "call_module":
         names = prunable_parameter_names(gm.get_submodule(node.target))
         return (node.target, tuple(f"{node.target}.{p}" for p in names)) if names else (None, ())
-    if node.op == "call_function" and _KIND.get(_name(node.target)) == "layer":
+    if node.op == "call_function" and hessian_kind(node.op, node.target) == "layer":
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if isinstance(weight, fx.Node) and weight.op == "get_attr":
@@ -252,20 +222,10 @@ def _live_nodes(gm: fx.GraphModule, data: set) -> set:
     live: set = set()
     for node in reversed(gm.graph.nodes):
         passes = [u for u in node.users if u in live and not (  # detach stops the adjoint
-            u.op in ("call_function", "call_method") and _KIND.get(_name(u.target)) == "cut")]
+            u.op in ("call_function", "call_method") and hessian_kind(u.op, u.target) == "cut")]
         if node.op == "output" or (node in data and passes):
             live.add(node)
     return live
-
-
-def _name(target) -> str:
-    """Bare op name of a call target: 'gelu', 'add' (from operator.add, '__add__', 'add_'), ''."""
-    if isinstance(target, str):
-        return target.strip("_")
-    module = getattr(target, "__module__", None) or ""
-    if module and not module.startswith(("torch", "_operator", "operator", "builtins")):
-        return ""  # a user function: never matched by name
-    return getattr(target, "__name__", "").strip("_")
 
 
 def _union(deps: Deps) -> frozenset:
@@ -336,7 +296,7 @@ def _layer_transfer(gm, node, layer, ops, union):
         qk = _union(tuple(p for d in ops[:2] for p in d)) | {layer}
         v = (_union(ops[2]) if len(ops) > 2 else frozenset()) | {layer}
         pairs += _pairs(qk, qk, "product") + _pairs(qk, v, "product")
-    elif node.op == "call_module" and not isinstance(gm.get_submodule(node.target), PRUNABLE_TYPES):
+    elif node.op == "call_module" and not scored_attributes(gm.get_submodule(node.target)):
         pairs += _pairs(union | {layer}, union | {layer}, "unknown")  # opaque leaf module
     return (union | {layer},), pairs
 
@@ -363,36 +323,11 @@ def _product_transfer(node, kind, ops, union):
 
 
 def _kind(gm, node, train: bool) -> str:
-    """The op class of a non-layer node (see the tables at the top of the file)."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _BATCH_NORMS):  # eval: per-channel affine; train: batch statistics
-            return "mix_curv" if train or not module.track_running_stats else "copy"
-        torch_module = type(module).__module__.startswith("torch.nn")  # user classes are never matched by name
-        return _KIND.get(type(module).__name__.lower(), "unknown") if torch_module else "unknown"
-    name = _name(node.target)
-    if name == "batch_norm":
+    """The op class of a non-layer node, from the op table (ops.hessian_kind); BatchNorm depends on the mode."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if isinstance(module, _BATCH_NORMS):  # eval: per-channel affine; train: batch statistics
+        return "mix_curv" if train or not module.track_running_stats else "copy"
+    if module is None and bare_name(node.target) == "batch_norm":
         training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
         return "mix_curv" if training else "copy"
-    return _KIND.get(name, "unknown")
-
-
-def plot_hessian_blocks(blocks: HessianBlocks, path: str) -> str:
-    """Write a PNG heat map of the block kinds (zero / series / parallel / both) to ``path``; returns path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy; no pyplot, so no global backend change
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    codes, n = {"zero": 0, "series": 1, "parallel": 2, "both": 3}, len(blocks.layers)
-    grid = [[codes[blocks.kind(a, b)] for b in blocks.layers] for a in blocks.layers]
-    fig = Figure(figsize=(max(4, 0.3 * n + 3), max(3.5, 0.3 * n + 2)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    colours = ListedColormap(["#f4f4f4", "#4c72b0", "#dd8452", "#c44e52"])
-    image = ax.imshow(grid, cmap=colours, vmin=-0.5, vmax=3.5)
-    ax.set_xticks(range(n), blocks.layers, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), blocks.layers, fontsize=7)
-    fig.colorbar(image, ticks=[0, 1, 2, 3]).ax.set_yticklabels(list(codes))
-    ax.set_title("Nonzero blocks of H - G")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return hessian_kind(node.op, node.target, module)

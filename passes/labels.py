@@ -10,7 +10,7 @@ every index map for free. Op rules record *unions* (these labels must be removed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -128,6 +128,15 @@ class Store:
         """The measured dim keeps its width (so the number stays what the model was written for)."""
         for p in width.planes:
             self.pin(p.arr)
+
+
+def iter_planes(value: Any):
+    """Every Plane in a node's planes (nested tuples and lists of planes)."""
+    if isinstance(value, Plane):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_planes(v)
 
 
 def plane_for(labels: np.ndarray, ndim: int, dim: int) -> Plane:

@@ -1,25 +1,69 @@
-"""THE table: how each module type, function and method treats channels. An op not in it is a barrier.
+"""THE op table: everything obafx knows about an op, in one entry per op (`Op`).
 
-Keys: module classes (matched through the MRO, most specific first), function objects, method names, and aten
-overloads (torch.export's graphs; most share their torch-level twin's rule).
+An entry says how channels flow through the op (its channel rule; no rule = a barrier), how rewrite fixes its
+literal sizes (``literals``) or, for a module type, its size attributes (``update``), which of a module's
+parameters the scores cover (``scored``), how it bears on the Hessian-block map (``hessian``), and whether it may
+take sizes computed from a pruned width (``width_args``). Keys: module classes (matched through the MRO, most
+specific first), function objects, method names, and aten overloads (torch.export's graphs; most share their
+torch-level twin's entry). An op in no table is a barrier for channels; for the
+Hessian map an op without an entry's ``hessian`` is looked up by bare name in HESSIAN_KINDS ("unknown" if absent).
+
+Adding an op is one entry here (plus its tests): see `Op` and the README's "how to add an op".
 """
 from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rewrite_literals as R
+from . import rewrite_modules as U
 from . import rules_aten as A
 from . import rules_index as I
 from . import rules_layers as L
 from . import rules_pieces as P
 from . import rules_shape as S
+from .ops_hessian import HESSIAN_KINDS, bare_name
 
 Rule = Callable
+# Rules whose ops may take sizes computed from a pruned width (view(b, c // g, ...), expand, split sizes, slice
+# bounds, numbers): rewrite fixes those sizes, and getitem checks its bounds itself. Any other op given such a
+# number pins the measured dim (see `_all_or_nothing`).
+_WIDTH_RULES = (S.reshape, S.expand, P.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op's entry. ``rule(call) -> planes``: the channel rule (None: a barrier for channels, the op is known
+    only to the other facets). ``literals(node, shapes, kept, new_shapes)``: rewrite's fix of the call's literal
+    sizes. ``update(module, new input shape, new output shape)``: rewrite's fix of a module's size attributes.
+    ``scored``: a module's parameter attributes that per-parameter scores cover. ``hessian``: the op's kind for
+    the Hessian-block map (ops_hessian.py; None: looked up by name). ``width_args``: may take sizes computed
+    from a pruned width."""
+
+    rule: Optional[Rule]
+    literals: Optional[Callable] = None
+    update: Optional[Callable] = None
+    scored: Tuple[str, ...] = ()
+    hessian: Optional[str] = None
+    width_args: bool = False
+
+
+def op(rule: Optional[Rule], **facets) -> Op:
+    """An entry; ``width_args`` defaults to whether the rule is one of the width-taking rules."""
+    facets.setdefault("width_args", rule in _WIDTH_RULES)
+    return Op(rule, **facets)
+
+
+def ops(keys, rule: Optional[Rule], **facets) -> Dict:
+    """The same entry for several keys."""
+    return {k: op(rule, **facets) for k in keys}
+
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
@@ -33,19 +77,25 @@ _POOL_MODULES = (
     nn.UpsamplingBilinear2d,
 )
 
-MODULE_RULES = {
-    nn.Conv1d: L.conv, nn.Conv2d: L.conv, nn.Conv3d: L.conv,
-    nn.ConvTranspose1d: L.conv_transpose, nn.ConvTranspose2d: L.conv_transpose,
-    nn.Linear: L.linear,
-    nn.BatchNorm1d: L.batch_norm, nn.BatchNorm2d: L.batch_norm, nn.BatchNorm3d: L.batch_norm,
-    nn.InstanceNorm1d: L.batch_norm, nn.InstanceNorm2d: L.batch_norm,
-    nn.LayerNorm: L.layer_norm, nn.RMSNorm: L.layer_norm, nn.GroupNorm: L.group_norm,
-    nn.PReLU: L.prelu, nn.Embedding: L.embedding, nn.GLU: L.glu,
-    nn.MultiheadAttention: L.multihead_attention,
-    nn.Flatten: S.reshape, nn.Unflatten: S.unflatten_module,
-    nn.PixelShuffle: S.pixel_shuffle, nn.PixelUnshuffle: S.pixel_unshuffle,
-    **{m: S.unary for m in _ACTIVATION_MODULES},
-    **{m: S.spatial for m in _POOL_MODULES},
+_CONV = dict(update=U.conv, scored=("weight", "bias"), hessian="layer")
+# nn.MultiheadAttention's own projections; its out_proj is an nn.Linear, scored as one.
+MHA_PARAMETERS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+MODULES: Dict[type, Op] = {
+    **ops((nn.Conv1d, nn.Conv2d, nn.Conv3d), L.conv, **_CONV),
+    **ops((nn.ConvTranspose1d, nn.ConvTranspose2d), L.conv_transpose, **_CONV),
+    nn.ConvTranspose3d: op(None, **_CONV),  # scored and resized, but its channels are a barrier
+    nn.Linear: op(L.linear, update=U.linear, scored=("weight", "bias"), hessian="layer"),
+    **ops((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d), L.batch_norm,
+          update=U.batch_norm),
+    **ops((nn.LayerNorm, nn.RMSNorm), L.layer_norm, update=U.layer_norm),
+    nn.GroupNorm: op(L.group_norm, update=U.group_norm),
+    nn.PReLU: op(L.prelu, update=U.prelu), nn.Embedding: op(L.embedding, update=U.embedding), nn.GLU: op(L.glu),
+    nn.MultiheadAttention: op(L.multihead_attention, update=U.multihead_attention, scored=MHA_PARAMETERS),
+    nn.Flatten: op(S.reshape), nn.Unflatten: op(S.unflatten_module),
+    nn.PixelShuffle: op(S.pixel_shuffle), nn.PixelUnshuffle: op(S.pixel_unshuffle),
+    **ops(_ACTIVATION_MODULES, S.unary),
+    **ops(_POOL_MODULES, S.spatial),
 }
 
 _UNARY_FUNCS = (
@@ -67,24 +117,27 @@ _SPATIAL_FUNCS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_p
                   F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate, F.pad,
                   F.adaptive_max_pool2d)
 
-FUNCTION_RULES = {
-    F.conv1d: L.conv, F.conv2d: L.conv, F.conv3d: L.conv, F.linear: L.linear,
-    F.prelu: L.prelu, F.glu: L.glu, F.embedding: L.embedding, F.instance_norm: L.batch_norm,
-    F.batch_norm: L.batch_norm, F.layer_norm: L.layer_norm, F.rms_norm: L.layer_norm, F.group_norm: L.group_norm,
-    torch.matmul: L.matmul, operator.matmul: L.matmul, torch.bmm: L.matmul,
-    F.scaled_dot_product_attention: L.sdpa,
-    torch.flatten: S.reshape, torch.reshape: S.reshape, torch.squeeze: S.reshape, torch.unsqueeze: S.reshape,
-    torch.permute: S.permute, torch.transpose: S.permute, torch.swapaxes: S.permute, torch.movedim: S.permute,
-    torch.t: S.permute,
-    torch.cat: P.cat, torch.concat: P.cat, torch.concatenate: P.cat, torch.stack: P.stack,
-    torch.split: P.split, torch.chunk: P.split, torch.tensor_split: P.split, torch.unbind: P.split,
-    operator.getitem: I.getitem, F.pixel_shuffle: S.pixel_shuffle, F.pixel_unshuffle: S.pixel_unshuffle,
-    torch.repeat_interleave: S.repeat_interleave, torch.roll: S.roll, getattr: I.attribute, torch._assert: S.no_planes,
-    **{f: I.scalar for f in (math.sqrt, math.log, math.exp, math.pow, math.floor, math.ceil, abs)},
-    **{f: S.unary for f in _UNARY_FUNCS},
-    **{f: S.elementwise for f in _BINARY_FUNCS},
-    **{f: S.reduce for f in _REDUCE_FUNCS},
-    **{f: S.spatial for f in _SPATIAL_FUNCS},
+FUNCTIONS: Dict[Callable, Op] = {
+    **ops((F.conv1d, F.conv2d, F.conv3d), L.conv), F.linear: op(L.linear),
+    F.prelu: op(L.prelu), F.glu: op(L.glu), F.embedding: op(L.embedding),
+    **ops((F.instance_norm, F.batch_norm), L.batch_norm),
+    **ops((F.layer_norm, F.rms_norm), L.layer_norm, literals=R.layer_norm), F.group_norm: op(L.group_norm),
+    **ops((torch.matmul, operator.matmul, torch.bmm), L.matmul),
+    F.scaled_dot_product_attention: op(L.sdpa),
+    torch.reshape: op(S.reshape, literals=R.sizes), torch.unflatten: op(S.reshape, literals=R.unflatten),
+    **ops((torch.flatten, torch.squeeze, torch.unsqueeze), S.reshape),
+    **ops((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t), S.permute),
+    **ops((torch.cat, torch.concat, torch.concatenate), P.cat), torch.stack: op(P.stack),
+    **ops((torch.split, torch.chunk), P.split, literals=R.split), **ops((torch.tensor_split, torch.unbind), P.split),
+    operator.getitem: op(I.getitem, literals=R.getitem),
+    F.pixel_shuffle: op(S.pixel_shuffle), F.pixel_unshuffle: op(S.pixel_unshuffle),
+    torch.repeat_interleave: op(S.repeat_interleave), torch.roll: op(S.roll), getattr: op(I.attribute),
+    torch._assert: op(S.no_planes),
+    **ops((math.sqrt, math.log, math.exp, math.pow, math.floor, math.ceil, abs), I.scalar),
+    **ops(_UNARY_FUNCS, S.unary),
+    **ops(_BINARY_FUNCS, S.elementwise),
+    **ops(_REDUCE_FUNCS, S.reduce),
+    **ops(_SPATIAL_FUNCS, S.spatial),
 }
 
 _UNARY_METHODS = (
@@ -98,33 +151,33 @@ _BINARY_METHODS = (
     "gt", "lt", "ge", "le", "eq", "ne",
 )
 
-METHOD_RULES = {
-    "view": S.reshape, "reshape": S.reshape, "flatten": S.reshape, "unflatten": S.reshape,
-    "squeeze": S.reshape, "unsqueeze": S.reshape, "view_as": S.reshape, "reshape_as": S.reshape,
-    "permute": S.permute, "transpose": S.permute, "swapaxes": S.permute, "movedim": S.permute, "t": S.permute,
-    "expand": S.expand, "expand_as": S.expand, "broadcast_to": S.expand, "repeat": S.repeat,
-    "repeat_interleave": S.repeat_interleave, "roll": S.roll,
-    "split": P.split, "chunk": P.split, "tensor_split": P.split, "unbind": P.split,
-    "sum": S.reduce, "mean": S.reduce, "amax": S.reduce, "amin": S.reduce, "max": S.reduce, "min": S.reduce,
-    "std": S.reduce, "var": S.reduce, "norm": S.reduce, "logsumexp": S.reduce,
-    "matmul": L.matmul, "bmm": L.matmul, "__matmul__": L.matmul,
-    "size": I.size, "numel": I.size, "dim": S.no_planes, "item": S.no_planes,
-    **{m: S.unary for m in _UNARY_METHODS},
-    **{m: S.elementwise for m in _BINARY_METHODS},
+METHODS: Dict[str, Op] = {
+    **ops(("view", "reshape"), S.reshape, literals=R.sizes), "unflatten": op(S.reshape, literals=R.unflatten),
+    **ops(("flatten", "squeeze", "unsqueeze", "view_as", "reshape_as"), S.reshape),
+    **ops(("permute", "transpose", "swapaxes", "movedim", "t"), S.permute),
+    **ops(("expand", "broadcast_to"), S.expand, literals=R.sizes), "expand_as": op(S.expand),
+    **ops(("repeat", "tile"), S.repeat),
+    "repeat_interleave": op(S.repeat_interleave), "roll": op(S.roll),
+    **ops(("split", "chunk"), P.split, literals=R.split), **ops(("tensor_split", "unbind"), P.split),
+    **ops(("sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp"), S.reduce),
+    **ops(("matmul", "bmm", "__matmul__"), L.matmul),
+    **ops(("size", "numel"), I.size), **ops(("dim", "item"), S.no_planes),
+    **ops(_UNARY_METHODS, S.unary),
+    **ops(_BINARY_METHODS, S.elementwise),
 }
 
-_EXTRA_MODULE_RULES = {}
+# The module types whose weight and bias per-parameter scores cover (OBA.md: every Conv/Linear weight and bias).
+PRUNABLE_TYPES = tuple(cls for cls, entry in MODULES.items() if entry.scored == ("weight", "bias"))
+
 try:  # torchvision's Permute and StochasticDepth are plain modules with known channel behaviour.
     from torchvision.ops.misc import Permute as _TvPermute
     from torchvision.ops.stochastic_depth import StochasticDepth as _TvStochasticDepth
-
     from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
 
-    _EXTRA_MODULE_RULES = {_TvPermute: S.permute_module, _TvStochasticDepth: S.unary}
-    FUNCTION_RULES[_tv_stochastic_depth] = S.unary
+    MODULES.update({_TvPermute: op(S.permute_module), _TvStochasticDepth: op(S.unary)})
+    FUNCTIONS[_tv_stochastic_depth] = op(S.unary)
 except ImportError:  # torchvision is optional
     pass
-MODULE_RULES.update(_EXTRA_MODULE_RULES)
 
 
 # aten overloads (torch.export's training IR), each with the rule of its torch-level twin where the semantics and
@@ -169,49 +222,71 @@ _ATEN_ELEMENTWISE = (
     ("bitwise_and", "Tensor"), ("minimum", "default"), ("maximum", "default"), ("min", "other"), ("max", "other"),
     *((cmp, kind) for cmp in ("eq", "ne", "gt", "lt", "ge", "le") for kind in ("Tensor", "Scalar")),
 )
-FUNCTION_RULES.update({op: FUNCTION_RULES[twin] for op, twin in _ATEN_TWINS.items()})
-FUNCTION_RULES.update({op: METHOD_RULES[twin] for op, twin in _ATEN_METHOD_TWINS.items()})
-FUNCTION_RULES.update({getattr(aten, n).default: S.unary for n in _ATEN_UNARY})
-FUNCTION_RULES.update({getattr(aten.to, k): S.unary for k in ("dtype", "device", "dtype_layout", "other")})
-FUNCTION_RULES.update({aten.softmax.int: S.unary, aten.log_softmax.int: S.unary, aten.pow.Tensor_Scalar: S.unary})
-FUNCTION_RULES.update({getattr(getattr(aten, n), k): S.elementwise for n, k in _ATEN_ELEMENTWISE})
-FUNCTION_RULES.update({
-    aten.embedding.default: A.embedding, aten.addmm.default: A.addmm, aten.batch_norm.default: A.batch_norm, aten.slice.Tensor: A.slice_,
-    aten.select.int: A.select, aten._assert_tensor_metadata.default: A.assert_metadata,
-    aten._assert_scalar.default: S.no_planes,
+FUNCTIONS.update({o: FUNCTIONS[twin] for o, twin in _ATEN_TWINS.items()})  # the twin's whole entry
+FUNCTIONS.update({o: METHODS[twin] for o, twin in _ATEN_METHOD_TWINS.items()})
+FUNCTIONS.update(ops([getattr(aten, n).default for n in _ATEN_UNARY], S.unary))
+FUNCTIONS.update(ops([getattr(aten.to, k) for k in ("dtype", "device", "dtype_layout", "other")], S.unary))
+FUNCTIONS.update(ops([aten.softmax.int, aten.log_softmax.int, aten.pow.Tensor_Scalar], S.unary))
+FUNCTIONS.update(ops([getattr(getattr(aten, n), k) for n, k in _ATEN_ELEMENTWISE], S.elementwise))
+FUNCTIONS.update({
+    aten.embedding.default: op(A.embedding), aten.addmm.default: op(A.addmm), aten.batch_norm.default: op(A.batch_norm),
+    aten.slice.Tensor: op(A.slice_, literals=R.aten_index, width_args=True),
+    aten.select.int: op(A.select, literals=R.aten_index, width_args=True),
+    aten._assert_tensor_metadata.default: op(A.assert_metadata), aten._assert_scalar.default: op(S.no_planes),
 })
 
 
-def rule_for(op: str, target, module: Optional[nn.Module] = None) -> Optional[Rule]:
-    """The rule for one fx node, or None (a barrier). A rule that fails half-way leaves no half-recorded
-    unions behind (see `_all_or_nothing`)."""
-    rule = _lookup(op, target, module)
-    return _all_or_nothing(rule) if rule is not None else None
-
-
-def _lookup(op: str, target, module: Optional[nn.Module]) -> Optional[Rule]:
-    if op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in MODULE_RULES:
-                return MODULE_RULES[cls]
-        return None
-    if op == "call_function":
-        try:
-            return FUNCTION_RULES.get(target)
-        except TypeError:  # unhashable target
-            return None
-    if op == "call_method":
-        return METHOD_RULES.get(target)
+def module_op(module: nn.Module) -> Optional[Op]:
+    """The entry of a module's type (the most specific class in its MRO with one), or None."""
+    for cls in type(module).__mro__:
+        if cls in MODULES:
+            return MODULES[cls]
     return None
 
 
-# Rules whose ops may take sizes computed from a pruned width (view(b, c // g, ...), expand, split sizes,
-# slice bounds): rewrite rewrites changed literal sizes, and getitem checks its bounds itself.
-_WIDTH_ARGS_OK = (S.reshape, S.expand, P.split, I.getitem, I.size, I.attribute, I.scalar, S.no_planes, A.slice_,
-                  A.select)
+def node_op(op_kind: str, target, module: Optional[nn.Module] = None) -> Optional[Op]:
+    """The entry of one fx node (``op_kind`` = node.op), or None."""
+    if op_kind == "call_module":
+        return module_op(module)
+    if op_kind == "call_function":
+        try:
+            return FUNCTIONS.get(target)
+        except TypeError:  # unhashable target
+            return None
+    if op_kind == "call_method":
+        return METHODS.get(target)
+    return None
 
 
-def _all_or_nothing(rule: Rule) -> Rule:
+def scored_attributes(module: nn.Module) -> Tuple[str, ...]:
+    """The parameter attributes of ``module`` that per-parameter scores cover (its own, not its children's)."""
+    entry = module_op(module)
+    return entry.scored if entry is not None else ()
+
+
+def hessian_kind(op_kind: str, target, module: Optional[nn.Module] = None) -> str:
+    """The Hessian-block kind of a node: its entry's ``hessian``, else by bare name (modules of torch.nn by
+    lower-cased class name; user classes are never matched by name), else "unknown"."""
+    entry = node_op(op_kind, target, module)
+    if entry is not None and entry.hessian is not None:
+        return entry.hessian
+    if op_kind == "call_module":
+        if not type(module).__module__.startswith("torch.nn"):
+            return "unknown"
+        return HESSIAN_KINDS.get(type(module).__name__.lower(), "unknown")
+    return HESSIAN_KINDS.get(bare_name(target), "unknown")
+
+
+def rule_for(op_kind: str, target, module: Optional[nn.Module] = None) -> Optional[Rule]:
+    """The channel rule for one fx node, or None (a barrier). A rule that fails half-way leaves no
+    half-recorded unions behind (see `_all_or_nothing`)."""
+    entry = node_op(op_kind, target, module)
+    if entry is None or entry.rule is None:
+        return None
+    return _all_or_nothing(entry.rule, entry.width_args)
+
+
+def _all_or_nothing(rule: Rule, width_args: bool) -> Rule:
     """``rule`` that, when it raises, first forgets its unions and pins every slot it touched (the caller then
     treats the node as a barrier, which pins the inputs). Any other op that computes a tensor from a number
     measured on a prunable dim (``scores / math.sqrt(q.size(-1))``) pins that dim: pruning would change the
@@ -223,7 +298,7 @@ def _all_or_nothing(rule: Rule) -> Rule:
         except Exception:
             call.store.rollback(mark)
             raise
-        if rule not in _WIDTH_ARGS_OK and _has_tensor(call.out):
+        if not width_args and _has_tensor(call.out):
             for w in call.widths():
                 call.store.pin_width(w)
         return planes

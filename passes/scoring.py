@@ -19,14 +19,9 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import ConfigError, ScoreError
+from .ops import MHA_PARAMETERS, PRUNABLE_TYPES, scored_attributes  # noqa: F401 (re-exported)
 
 Scores = dict[str, Tensor]
-
-# Layers whose weight and bias OBA scores (OBA.md: every Conv/Linear weight and bias).
-PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d, nn.Linear)
-# nn.MultiheadAttention's own projections; its out_proj is an nn.Linear and is caught by PRUNABLE_TYPES.
-MHA_PARAMETERS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 def prunable_parameter_names(model: nn.Module) -> list[str]:
     """Qualified names of ``model``'s prunable parameters, in ``named_parameters()`` order.
@@ -36,10 +31,7 @@ def prunable_parameter_names(model: nn.Module) -> list[str]:
     weight/bias, plus (in a torch.export graph, which has no such modules) the weights and biases its aten
     linear / conv / addmm nodes read. A parameter shared by several modules appears once, under its first name.
     """
-    def attrs(m):
-        return ("weight", "bias") if isinstance(m, PRUNABLE_TYPES) else \
-            MHA_PARAMETERS if isinstance(m, nn.MultiheadAttention) else ()
-    owned = {id(getattr(m, a)) for m in model.modules() for a in attrs(m)
+    owned = {id(getattr(m, a)) for m in model.modules() for a in scored_attributes(m)  # the op table says which
              if isinstance(getattr(m, a, None), nn.Parameter)}
     if isinstance(model, torch.fx.GraphModule):
         owned |= {id(p) for p in _graph_layer_parameters(model)}

@@ -14,6 +14,7 @@ from torch import nn
 
 from tests.small_attention import ATTENTION_CASES, Case, randn
 from tests.small_ops import OPS_CASES
+from tests.small_table_ops import TABLE_CASES
 
 
 class ConvNet1d(nn.Module):
@@ -318,5 +319,6 @@ CASES: Dict[str, Case] = {
     "index_where_mT": Case(IndexAndWhere, _img()),
     "functional": Case(Functional, _img()),
     **OPS_CASES,
+    **TABLE_CASES,
     **ATTENTION_CASES,
 }

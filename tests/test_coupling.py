@@ -280,7 +280,7 @@ def test_a_failing_rule_leaves_no_half_unions(monkeypatch):
         w = call.store.slot("odd.w", 0, 8, "out", "odd")
         call.store.union(w, call.store.slot("odd.v", 0, 8, "in", "odd"))
         raise ValueError("cannot model this")
-    monkeypatch.setitem(ops.MODULE_RULES, _Odd, half_then_fail)
+    monkeypatch.setitem(ops.MODULES, _Odd, ops.op(half_then_fail))
     facts = analyze(trace(_UsesOdd(), torch.randn(3, 4), leaf_modules=[_Odd]))
     c = couple(facts)
     assert [b["node"] for b in c.barriers] == ["odd"]

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from obafx.passes.errors import TraceError
-from obafx.passes.hessian_blocks import hessian_blocks, needed_pairs, plot_hessian_blocks
+from obafx.dump import plot_hessian_blocks
+from obafx.passes.hessian_blocks import hessian_blocks, needed_pairs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_hvp import explicit, make  # noqa: E402

@@ -28,11 +28,11 @@ def flops(model, x):
 
 
 def test_aten_overloads_share_the_rules_of_their_torch_level_twins():
-    rules = ops.FUNCTION_RULES
+    rules = ops.FUNCTIONS  # whole entries: the twin's rule and its rewrite fixes
     assert rules[aten.linear.default] is rules[F.linear] and rules[aten.conv2d.default] is rules[F.conv2d]
     assert rules[aten.layer_norm.default] is rules[F.layer_norm]
     assert rules[aten.scaled_dot_product_attention.default] is rules[F.scaled_dot_product_attention]
-    assert rules[aten.view.default] is ops.METHOD_RULES["view"] and rules[aten.cat.default] is rules[torch.cat]
+    assert rules[aten.view.default] is ops.METHODS["view"] and rules[aten.cat.default] is rules[torch.cat]
     assert ops.rule_for("call_function", aten.cumsum.default) is None  # unknown overloads stay barriers
 
 
