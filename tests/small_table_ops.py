@@ -71,3 +71,20 @@ TABLE_CASES = {
     "literal_layer_norm": Case(LiteralLayerNorm, lambda b: randn(b, 4, 5), exact=False),
     "torchvision_permute": Case(TorchvisionPermute, lambda b: randn(b, 3, 6, 6)),
 }
+
+
+class AtenForms(nn.Module):
+    """torch.addmm and a dtype cast: under torch.export they become aten.addmm and an aten metadata assert (the
+    aten-only entries of the table); under torch.fx torch.addmm is a barrier (fc1's hidden units stay prunable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 8)
+        self.w, self.b = nn.Parameter(torch.randn(3, 8) / 3), nn.Parameter(torch.randn(3) / 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc2(F.relu(self.fc1(x.to(torch.float64)))))
+        return torch.addmm(self.b, h, self.w.t())
+
+
+TABLE_CASES["aten_forms"] = Case(AtenForms, lambda b: randn(b, 6))

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops.misc import Permute
 
 from obafx.passes import ops
+from obafx.passes.capture import capture
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.macs import flop_counter_macs, thop_macs
@@ -25,6 +26,7 @@ from tests.prune_oracles import analyse, random_removal
 from tests.small_models import CASES
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+EXPORTED = ["batchnorm1d", "embedding", "index_where_mT", "dynamic_halves", "aten_forms"]  # also by torch.export: the aten entries
 
 
 def _entries():
@@ -63,6 +65,12 @@ def test_every_entry_of_the_op_table_runs_in_a_test(monkeypatch):
             traced, facts, coupling = analyse(case.make(), case.inputs(2))
             for seed in range(3):
                 rewrite(traced, coupling, facts.shapes, random_removal(coupling, seed))
+        for name in EXPORTED:  # the aten half of the table runs on torch.export's graphs
+            case = CASES[name]
+            traced = capture(case.make(), case.inputs(2), how="export")
+            facts = analyze(traced)
+            coupling = couple(facts)
+            rewrite(traced, coupling, facts.shapes, random_removal(coupling, 0))
         # torchvision's Permute is traced through unless it is a leaf module: then its own entry runs
         case = CASES["torchvision_permute"]
         traced = trace(case.make(), case.inputs(2), leaf_modules=[Permute])
