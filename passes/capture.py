@@ -26,7 +26,7 @@ from .errors import ConfigError, TraceError
 from .facts import Recorded, Traced
 from .private_copy import private_copy
 from .tensors import fingerprint
-from .trace import _check_runs, as_inputs, check_precision, trace
+from .trace import as_inputs, check_precision, check_runs, trace
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -76,7 +76,7 @@ def export_capture(model: nn.Module, example_input: Any) -> Traced:
     gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)  # export's own class refuses eval()/train()
     gm.meta["obafx_capture"] = "export"
     gm.train(model.training)
-    values = _check_runs(gm, inputs)
+    values = check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(fingerprint(gm, inputs), values))
 
 

@@ -122,7 +122,7 @@ FUNCTIONS: Dict[Callable, Op] = {
     F.prelu: op(L.prelu), F.glu: op(L.glu), F.embedding: op(L.embedding),
     **ops((F.instance_norm, F.batch_norm), L.batch_norm),
     **ops((F.layer_norm, F.rms_norm), L.layer_norm, literals=R.layer_norm), F.group_norm: op(L.group_norm),
-    **ops((torch.matmul, operator.matmul, torch.bmm), L.matmul),
+    **ops((torch.matmul, operator.matmul, torch.bmm), L.matmul), torch.addmm: op(A.addmm),
     F.scaled_dot_product_attention: op(L.sdpa),
     torch.reshape: op(S.reshape, literals=R.sizes), torch.unflatten: op(S.reshape, literals=R.unflatten),
     **ops((torch.flatten, torch.squeeze, torch.unsqueeze), S.reshape),

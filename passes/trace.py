@@ -136,7 +136,7 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
             node.type = None
     gm = _graph_module(tracer.root, graph, type(model).__name__)
     gm.train(model.training)
-    values = _check_runs(gm, inputs)
+    values = check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
 
 
@@ -175,7 +175,7 @@ def _trace_failure(exc: Exception) -> str:
     )
 
 
-def _check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+def check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     """Run the traced copy once so that a wrong example input fails here, with a clear message; returns the
     recorded node values (see `record_values`)."""
     try:

@@ -75,7 +75,7 @@ TABLE_CASES = {
 
 class AtenForms(nn.Module):
     """torch.addmm and a dtype cast: under torch.export they become aten.addmm and an aten metadata assert (the
-    aten-only entries of the table); under torch.fx torch.addmm is a barrier (fc1's hidden units stay prunable)."""
+    aten-only entries of the table); under torch.fx torch.addmm has its own entry (the same rule)."""
 
     def __init__(self):
         super().__init__()
