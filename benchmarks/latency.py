@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -57,6 +58,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="samples per timing (median)")
     p.add_argument("--rounds", type=int, default=5, help="alternation rounds inside the pruning loop")
     p.add_argument("--check-rounds", type=int, default=9, help="alternation rounds of the independent re-check")
+    p.add_argument("--cell-timeout", type=int, default=1800, help="seconds for one cell (compiles are slow)")
     p.add_argument("--reduced", default=None, help="say why this run is smaller than the full one (recorded)")
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, batch 1, eager, 1.5x, 1 round")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -122,6 +124,22 @@ def cell(name: str, model: torch.nn.Module, x: torch.Tensor, mode: str, request:
     return row
 
 
+def timed_cell(name: str, model, x, mode: str, request: float, args, timer) -> Dict[str, Any]:
+    """``cell`` under SIGALRM after ``--cell-timeout`` seconds (a timeout is recorded, the run goes on)."""
+    def fire(*_):
+        raise TimeoutError(f"the cell took more than {args.cell_timeout} s (--cell-timeout)")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(args.cell_timeout)
+    try:
+        return cell(name, model, x, mode, request, args, timer)
+    except TimeoutError as exc:
+        return {"model": name, "batch": int(x.shape[0]), "mode": mode, "requested_speedup": request,
+                **error_entry(exc), "status": "timeout"}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def verdict(request: float, row: Dict[str, Any]):
     """("met", None) when the re-measured speed-up is within WITHIN of the request, else ("missed", why)."""
     if abs(row["speedup"] / request - 1) <= WITHIN:
@@ -159,7 +177,7 @@ def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> 
             macs = thop_macs(model, (x,))[0]
             for mode in args.modes:
                 for request in args.requests:
-                    row = cell(name, model, x, mode, request, args, timer)
+                    row = timed_cell(name, model, x, mode, request, args, timer)
                     row["macs_dense"] = macs
                     cells.append(row)
                     print(f"{name} batch {row['batch']} {mode} {request}x: {row.get('status')} "

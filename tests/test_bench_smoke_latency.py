@@ -66,3 +66,15 @@ def test_verdict_names_why_a_cell_misses():
 def test_rejects_a_request_that_is_no_speedup():
     with pytest.raises(SystemExit):
         load_script().main(["--requests", "1.0"])
+
+
+def test_a_cell_past_its_timeout_is_recorded_and_the_run_goes_on(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = load_script()
+    monkeypatch.setattr(bench, "cell", lambda *a: time.sleep(5))
+    row = bench.timed_cell("vit_tiny", None, torch.zeros(1, 1), "eager", 2.0, SimpleNamespace(cell_timeout=1), None)
+    assert row["status"] == "timeout" and "more than 1 s" in row["why"]
