@@ -163,29 +163,41 @@ def placed(module: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions):
 
 
 def median_call(module: nn.Module, args: Tuple[Any, ...], opts: LatencyOptions) -> float:
-    """Median seconds of one call of ``module(*args)`` over ``opts.reps`` samples after ``opts.warmup`` calls.
-    On the wall clock a sample averages enough consecutive calls to last MIN_SAMPLE_S (a layer that runs in
-    microseconds is otherwise timer and scheduler noise)."""
-    if opts.timer is not None:
-        return statistics.median(opts.timer(module, args) for _ in range(opts.reps))
-    dev = torch.device(opts.device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    """Median seconds of one call of ``module(*args)`` over ``opts.reps`` samples after ``opts.warmup`` calls."""
+    return Sampler(module, args, opts).median()
 
-    now = time.perf_counter if opts.clock == "wall" else time.process_time
 
-    def run(calls: int) -> float:
-        sync()
-        start = now()
+class Sampler:
+    """Times one placed module. The first ``median()`` warms it up (``opts.warmup`` calls) and, on a clock, sets
+    how many consecutive calls one sample averages (enough to last MIN_SAMPLE_S: a layer that runs in
+    microseconds is otherwise timer and scheduler noise); later calls (alternation rounds) only sample."""
+
+    def __init__(self, module: nn.Module, args: Tuple[Any, ...], opts: LatencyOptions):
+        self.module, self.args, self.opts = module, args, opts
+        self.calls: Optional[int] = None
+        dev = torch.device(opts.device)
+        self._sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        self._now = time.perf_counter if opts.clock == "wall" else time.process_time
+
+    def median(self) -> float:
+        """Median seconds per call over ``opts.reps`` samples."""
+        opts = self.opts
+        if opts.timer is not None:
+            return statistics.median(opts.timer(self.module, self.args) for _ in range(opts.reps))
+        with torch.inference_mode():
+            if self.calls is None:
+                for _ in range(opts.warmup):
+                    self._run(1)
+                self.calls = max(1, min(MAX_CALLS, math.ceil(MIN_SAMPLE_S / max(self._run(1), 1e-7))))
+            return statistics.median(self._run(self.calls) for _ in range(opts.reps))
+
+    def _run(self, calls: int) -> float:
+        self._sync()
+        start = self._now()
         for _ in range(calls):
-            module(*args)
-        sync()
-        return (now() - start) / calls
-
-    with torch.inference_mode():
-        for _ in range(opts.warmup):
-            run(1)
-        calls = max(1, min(MAX_CALLS, math.ceil(MIN_SAMPLE_S / max(run(1), 1e-7))))
-        return statistics.median(run(calls) for _ in range(opts.reps))
+            self.module(*self.args)
+        self._sync()
+        return (self._now() - start) / calls
 
 
 def alternate(dense: nn.Module, candidate: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions,
@@ -195,11 +207,12 @@ def alternate(dense: nn.Module, candidate: nn.Module, inputs: Tuple[Any, ...], o
     the ratio candidate / dense, the per-round spread (min, max) of each, and the protocol. ``dense_placed``:
     placed(dense, ...) made earlier (a compiled dense module is compiled once, not per candidate)."""
     with threads(opts.threads):
-        pair = {"dense": dense_placed or placed(dense, inputs, opts), "pruned": placed(candidate, inputs, opts)}
+        pair = {"dense": Sampler(*(dense_placed or placed(dense, inputs, opts)), opts),
+                "pruned": Sampler(*placed(candidate, inputs, opts), opts)}
         per: Dict[str, list] = {"dense": [], "pruned": []}
         for r in tqdm(range(opts.rounds), desc=desc, disable=not opts.progress, leave=False):
             for name in (("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")):
-                per[name].append(median_call(*pair[name], opts))
+                per[name].append(pair[name].median())  # the first round also warms up
     dense_s, pruned_s = statistics.median(per["dense"]), statistics.median(per["pruned"])
     return {"dense_s": dense_s, "pruned_s": pruned_s, "ratio": pruned_s / dense_s if dense_s > 0 else 1.0,
             "speedup": dense_s / pruned_s if pruned_s > 0 else float("inf"),

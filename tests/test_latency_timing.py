@@ -74,3 +74,20 @@ def test_bad_options_are_config_errors(kwargs, words):
 def test_an_absent_device_is_a_config_error():
     with pytest.raises(ConfigError, match="no such device is available"):
         LatencyOptions(device="cuda")
+
+
+def test_sampler_warms_up_once_then_only_samples(monkeypatch):
+    import obafx.latency_timing as LT
+
+    class Counting(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return x
+
+    monkeypatch.setattr(LT, "MIN_SAMPLE_S", 0.0)  # one call per sample, whatever the clock says
+    sampler = LT.Sampler(Counting(), (torch.zeros(1),), LatencyOptions(reps=2, warmup=3, progress=False, cache=""))
+    assert sampler.median() >= 0 and Counting.calls == 3 + 1 + 2  # warm-up, calibration, samples
+    sampler.median()
+    assert Counting.calls == 3 + 1 + 2 + 2 and sampler.calls == 1
