@@ -17,7 +17,7 @@ import torch
 from obafx.latency_timing import LatencyOptions, alternate, measure_tables, median_call, placed, threads
 from obafx.passes.errors import ConfigError
 from obafx.passes.latency_cache import load_tables, split_cached, store_tables
-from obafx.passes.latency_model import LatencyModel, layer_specs
+from obafx.passes.latency_model import LatencyModel, element_weights, layer_specs
 
 
 def parse_latency(value: Any) -> float:
@@ -105,7 +105,8 @@ class LatencyBudget:
             total = median_call(*self._placed(current.gm), opts)
         tables = {**cached, **fresh}
         layers = sum(tables[s.signature()].at(s.in_width, s.out_width) for s in specs)
-        model = LatencyModel(coupling, specs, tables, rest_seconds=total - layers)
+        elements = element_weights(current.gm, facts.shapes, coupling, {s.name for s in specs})
+        model = LatencyModel(coupling, specs, tables, rest_seconds=total - layers, elements=elements)
         scale = self.current["ratio"] / max(model.estimate(set()), 1e-12)
         return lambda removed: model.estimate(removed) * scale
 

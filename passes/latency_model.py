@@ -4,8 +4,9 @@ Pure: the per-layer tables come in (measured on the real device by obafx/latency
 passes/latency_cache.py), and `LatencyModel.estimate(removed) -> seconds` comes out, in the form select() takes
 for a budget (`estimate(removed units) -> cost`). Layers are convolutions and linears called as modules; what the
 tables do not cover (norms, activations, attention matmuls, pooling) is the "rest": the measured end-to-end time
-minus the layers' dense times, scaled by the kept fraction of all prunable units (element-wise work grows with the
-channels it touches). The caller measures the candidate end to end and corrects the aim, so the model only has to
+minus the layers' dense times, scaled by the kept fraction of the output elements of the untimed nodes
+(`element_weights`: element-wise work grows with the elements it writes; a softmax over tokens does not shrink when
+channels go, a GELU on an MLP's hidden units does). The caller measures the candidate end to end and corrects the aim, so the model only has to
 rank well and be roughly right.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .facts import Coupling
+from .labels import Plane
 
 Slot = Tuple[str, int]
 
@@ -142,15 +144,54 @@ def _spec(name: str, module: nn.Module, shape: Any, slots) -> Optional[LayerSpec
     return None  # grouped convs, transposed convs, string padding: part of the rest
 
 
+# Nodes that only re-describe memory (no work worth timing): left out of the rest's element count.
+_VIEWS = {"reshape", "view", "permute", "transpose", "getitem", "getattr", "flatten", "unflatten", "unsqueeze",
+          "squeeze", "expand", "size", "dim", "chunk", "split", "unbind", "narrow", "t", "detach"}
+
+
+def element_weights(gm: fx.GraphModule, shapes: Dict[str, Any], coupling: Coupling,
+                    layers: Set[str]) -> Tuple[np.ndarray, float]:
+    """For the computing nodes outside the timed ``layers`` (module names): per unit id, how many of their output
+    elements carry it (removing the unit removes them), and the number of all their output elements. A tensor
+    whose two dims both shrink is counted once per dim (a small overcount of what goes)."""
+    pieces, total = [], 0.0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or _is_view(node) or \
+                (node.op == "call_module" and node.target in layers):
+            continue
+        shape = shapes.get(node.name)
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) for d in shape):
+            continue
+        numel = float(np.prod(shape)) if shape else 1.0
+        total += numel
+        planes = coupling.node_units.get(node.name, ())
+        for plane in (p for p in planes if isinstance(p, Plane)) if isinstance(planes, tuple) else ():
+            arr = np.asarray(plane.arr, dtype=np.int64).ravel()
+            if arr.size and arr.min() >= 0:
+                pieces.append((arr, numel / arr.size))
+    weights = np.zeros(max((int(a.max()) for a, _ in pieces), default=-1) + 1)
+    for arr, share in pieces:
+        np.add.at(weights, arr, share)
+    if coupling.pinned < weights.size:
+        weights[coupling.pinned] = 0.0  # never removed
+    return weights, total
+
+
+def _is_view(node: fx.Node) -> bool:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op != "call_module" and target in _VIEWS
+
+
 class LatencyModel:
     """Estimated seconds of a module after removing units: the layers' tables at their kept widths plus the rest.
 
     ``rest_seconds`` is the measured time not in any table (end to end minus the layers' dense times, at least 0);
-    it scales with the kept fraction of all units."""
+    it scales with the kept fraction of ``elements`` = element_weights(...) (None: of all units alike)."""
 
     def __init__(self, coupling: Coupling, specs: Sequence[LayerSpec], tables: Dict[str, LayerTable],
-                 rest_seconds: float):
+                 rest_seconds: float, elements: Optional[Tuple[np.ndarray, float]] = None):
         self.specs = list(specs)
+        self.elements = elements
         self.tables = [tables[s.signature()] for s in self.specs]
         self.rest = max(0.0, float(rest_seconds))
         self._slots = coupling.slot_units
@@ -170,8 +211,15 @@ class LatencyModel:
             out_w = self._kept(spec.out_slot, spec.out_width, gone)
             in_w = out_w if spec.tied else self._kept(spec.in_slot, spec.in_width, gone)
             total += table.at(in_w, out_w)
-        kept_units = 1.0 - gone[self._all_units].mean() if self._all_units.size else 1.0
-        return total + self.rest * kept_units
+        return total + self.rest * self._rest_kept(gone)
+
+    def _rest_kept(self, gone: np.ndarray) -> float:
+        """The kept fraction of the rest's work: of its output elements, or of all units without element counts."""
+        if self.elements is None:
+            return 1.0 - gone[self._all_units].mean() if self._all_units.size else 1.0
+        weights, total = self.elements
+        n = min(weights.size, gone.size)
+        return max(0.0, 1.0 - float(weights[:n][gone[:n]].sum()) / total) if total > 0 else 1.0
 
     def _kept(self, slot: Optional[Slot], width: int, gone: np.ndarray) -> int:
         if slot is None:

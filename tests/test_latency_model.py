@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
-from obafx.passes.latency_model import LatencyModel, LayerTable, grid_widths, layer_specs
+from obafx.passes.latency_model import LatencyModel, LayerTable, element_weights, grid_widths, layer_specs
 from obafx.passes.rewrite import rewrite
 from obafx.passes.trace import trace
 
@@ -101,3 +101,20 @@ def test_estimate_equals_the_tables_at_the_rewritten_modules_widths():
         expected = sum(fn[name](i, o) for name, (i, o) in width.items())
         expected += 1e-4 * (1 - len(removed) / len(units))
         assert model.estimate(removed) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_rest_scales_with_the_output_elements_of_untimed_nodes():
+    """DepthwiseNet's untimed computing nodes: relu(a(x)) and act(dw(.)) of (2, 16, 8, 8), and the mean of
+    (2, 24); a unit of the 16-wide group carries 2 x 2 x 8 x 8 of their elements, one of the 24-wide group 2."""
+    traced, facts, coupling = _analysed(DepthwiseNet(), torch.randn(2, 3, 8, 8))
+    specs = layer_specs(traced.gm, facts.shapes, coupling)
+    weights, total = element_weights(traced.gm, facts.shapes, coupling, {s.name for s in specs})
+    assert total == 2 * (2 * 16 * 8 * 8) + 2 * 24
+    slot = coupling.slot_units
+    wide, narrow = slot[("dw.weight", 0)], slot[("b.weight", 0)]
+    assert set(weights[wide]) == {2 * 2 * 8 * 8} and set(weights[narrow]) == {2.0}
+    tables = {s.signature(): LayerTable((s.in_width,), (s.out_width,), ((0.0,),)) for s in specs}
+    model = LatencyModel(coupling, specs, tables, rest_seconds=1.0, elements=(weights, total))
+    removed = {int(wide[0]), int(wide[1]), int(narrow[0])}
+    assert model.estimate(removed) == pytest.approx(1.0 - (2 * 256 + 2) / total)
+    assert model.estimate(set()) == pytest.approx(1.0)
