@@ -27,6 +27,7 @@ from obafx.passes.ranking import per_cost, unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
 from obafx.passes.rewrite import rewrite
 from obafx.passes.select import select
+from obafx.passes.uniform import uniform_coupling
 from obafx.passes.verify import masked_output, max_relative_error
 from obafx.report import Report, attach, input_spec
 
@@ -40,7 +41,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: str = "score",
-                  probes: int = 1, capture: str = "auto", counter: Optional[str] = None) -> fx.GraphModule:
+                  probes: int = 1, capture: str = "auto", counter: Optional[str] = None,
+                  uniform: bool = False) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
     Budget: ``macs`` = fraction of the original MACs (``counter``, on ``example_input``) to keep, or ``channels`` =
@@ -71,6 +73,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
     (passes/capture.py). ``counter``: what counts MACs, "thop" (module hooks) or "flops" (torch's FlopCounterMode:
     every dispatched matmul, convolution and attention); default "thop" on an fx graph, "flops" on an exported one.
+    ``uniform=True``: every layer of a kind keeps the same width (groups whose members differ only by layer index
+    lose the same number of units; passes/uniform.py), as a Hugging Face config needs (obafx.to_hf).
     """
     if structure == "unstructured":
         if latency is not None:
@@ -110,7 +114,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         recalibrate = data is not None and not train and has_batchnorm(traced.gm)
     run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups), clock,
                hook, notes, verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate),
-               count)
+               count, uniform)
     current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
     for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
         ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress,
@@ -151,6 +155,7 @@ class _Run:
     rank: str = "score"
     recalibrate: bool = False
     count: Callable = thop_macs  # (module, inputs) -> (total MACs, MACs per layer): thop_macs or flop_macs
+    uniform: bool = False  # every layer of a kind keeps the same width
 
 
 @dataclass(frozen=True)
@@ -200,13 +205,16 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
         per_module = (known.macs or clock("measure", run.count, current.gm, current.inputs))[1]
     if run.rank == "per_mac":
         scores = clock("score", per_cost, scores, unit_costs(current.gm, coupling, per_module))
+    now = sum(g.width for g in coupling.groups)  # units before uniform bundles them (a channels= budget's count)
+    if run.uniform:
+        coupling, scores = uniform_coupling(coupling, scores)
 
     def rewritten(removed):
         return clock("rewrite", rewrite, current, coupling, facts.shapes, removed)
 
     if run.budget.channels is not None:
         removed = clock("select", _select_channels, coupling, scores, run.budget, step, run.steps, run.units0,
-                        run.widths0)
+                        run.widths0, now)
         gm, macs = rewritten(removed), None
     elif run.latency is not None:
         removed, gm = _fit_latency(run, current, facts, coupling, scores, step, rewritten)
@@ -289,9 +297,11 @@ def _check_options(normalizer, rank, probes, recalibrate, data) -> None:
         raise ConfigError("recalibrate=True needs calibration batches. What to do: pass data=<iterable of batches>.")
 
 
-def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, units0: int, widths0=None):
-    """This step's share of a channel budget: the schedule's cumulative fraction of the ORIGINAL units."""
-    now = sum(g.width for g in coupling.groups)
+def _select_channels(coupling, scores, budget: Budget, step: int, steps: int, units0: int, widths0=None,
+                     now=None):
+    """This step's share of a channel budget: the schedule's cumulative fraction of the ORIGINAL units (``now``:
+    the units there are, where ``coupling`` bundles several into one)."""
+    now = now if now is not None else sum(g.width for g in coupling.groups)
     goal = units0 * (1 - budget.channels) ** (step / steps)  # units left after this step
     fraction = max(0.0, min(1.0, (now - goal) / max(now, 1)))
     return select(coupling, scores, Budget(channels=fraction or 1e-12, max_layer_ratio=budget.max_layer_ratio,

@@ -1,16 +1,20 @@
-"""Helpers for Hugging Face transformers models: the calibration loss of a causal language model.
+"""Helpers for Hugging Face transformers models: the calibration loss of a causal language model, and the pruned
+module written back as a transformers model (to_hf).
 
 A transformers model captured by torch.export (compile_prune's capture="auto"/"export") prunes like any other;
-what it needs besides is a loss for data-driven scores (importance="oba", "taylor", ...) on text batches.
+what it needs besides is a loss for data-driven scores (importance="oba", "taylor", ...) on text batches, and a way
+back to save_pretrained / from_pretrained when its config can express the pruned widths.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import copy
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from obafx.passes.errors import ScoreError
+from obafx.passes.errors import ConfigError, ScoreError
 
 
 def causal_lm_loss(output: Any, input_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -31,3 +35,81 @@ def causal_lm_loss(output: Any, input_ids: Optional[torch.Tensor]) -> torch.Tens
         raise ScoreError("causal_lm_loss needs sequences of at least 2 tokens (one to predict the next).")
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
+
+
+_MLP_ROWS = ("mlp.up_proj.weight", "intermediate.dense.weight", "mlp.fc1.weight", "mlp.c_fc.weight")
+_HEAD_ROWS = tuple(f"self_attn.{p}_proj.weight" for p in "qkv") + tuple(f"attention.self.{p}.weight"
+                                                                       for p in ("query", "key", "value"))
+
+
+def to_hf(pruned: nn.Module, original: nn.Module) -> nn.Module:
+    """The pruned module as a transformers model of the original's class with an updated config (hidden_size,
+    intermediate_size), ready for ``save_pretrained`` / ``from_pretrained``. ``original``: the transformers model
+    that was pruned, or a module holding it (a wrapper whose submodule it is); ``pruned``: what compile_prune
+    returned for it (parameter names are the original's, so the weights map one to one).
+
+    Raises ConfigError where a config cannot express the result: MLP widths that differ per layer (prune with
+    uniform=True), attention head dims that changed (keep them: ignore=[each layer's attention module]), or any
+    other width no config field holds.
+    """
+    prefix, hf = _find_hf(original)
+    state = {k[len(prefix):]: v for k, v in pruned.state_dict().items() if k.startswith(prefix)}
+    embed = _name_of(hf, hf.get_input_embeddings().weight)
+    widths = {int(v.shape[0]) for k, v in state.items() if k.endswith(_MLP_ROWS)}
+    if len(widths) > 1:
+        raise ConfigError(f"the pruned MLPs have different widths per layer ({sorted(widths)}); a transformers "
+                          "config holds one intermediate_size. What to do: prune with uniform=True.")
+    original_state = hf.state_dict()
+    changed = [k for k, v in state.items() if k.endswith(_HEAD_ROWS) and v.shape[0] != original_state[k].shape[0]]
+    if changed:
+        raise ConfigError(f"attention head dims changed ({changed[0]}: {tuple(original_state[changed[0]].shape)} -> "
+                          f"{tuple(state[changed[0]].shape)}); a transformers config derives them (and the rotary "
+                          "tables) from head counts. What to do: keep them with ignore=[each layer's attention "
+                          "module], e.g. 'model.layers.0.self_attn'.")
+    sizes = {"hidden_size": int(state[embed].shape[1])}
+    if widths and hasattr(hf.config, "intermediate_size"):
+        sizes["intermediate_size"] = widths.pop()
+    new = _rebuilt(hf, sizes)
+    expected = new.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(expected[k].shape) != tuple(v.shape)]
+    missing = [k for k in expected if k not in state]
+    if wrong or missing:
+        name = (wrong or missing)[0]
+        raise ConfigError(f"the updated config cannot express the pruned '{name}' (pruned {_shape(state, name)}, "
+                          f"config gives {tuple(expected[name].shape)}). What to do: prune with uniform=True and "
+                          "keep widths no config field holds (ignore=[...]).")
+    new.load_state_dict({k: v for k, v in state.items() if k in expected})
+    return new
+
+
+def _rebuilt(hf: nn.Module, sizes) -> nn.Module:
+    """A fresh model of ``hf``'s class and dtype from its config with ``sizes`` changed; ConfigError where
+    transformers refuses the config (e.g. a hidden size that is no multiple of the head count)."""
+    config = copy.deepcopy(hf.config)
+    try:
+        for key, value in sizes.items():
+            setattr(config, key, value)
+        if hasattr(config, "validate"):  # from_pretrained validates; a folder it would refuse is no result
+            config.validate()
+        return type(hf)(config).to(next(hf.parameters()).dtype).eval()
+    except Exception as exc:  # transformers validates configs with ValueError and its own validation errors
+        first = (str(exc).strip().splitlines() or [""])[-1].strip()
+        raise ConfigError(f"transformers refuses the pruned config {sizes}: {first} What to do: keep widths "
+                          "the config can hold, e.g. round_to=<number of attention heads> for the hidden size.") from exc
+
+
+def _find_hf(module: nn.Module) -> Tuple[str, nn.Module]:
+    """(name prefix, the transformers model): ``module`` itself or its first submodule with a config."""
+    for name, m in module.named_modules():
+        if hasattr(m, "config") and hasattr(m, "save_pretrained") and hasattr(m, "get_input_embeddings"):
+            return (f"{name}." if name else ""), m
+    raise ConfigError(f"{type(module).__name__} holds no transformers model (a module with .config and "
+                      ".save_pretrained). What to do: pass the transformers model that was pruned, or its wrapper.")
+
+
+def _name_of(module: nn.Module, tensor: torch.Tensor) -> str:
+    return next(n for n, p in module.named_parameters() if p is tensor)
+
+
+def _shape(state, name):
+    return tuple(state[name].shape) if name in state else "absent"
