@@ -19,7 +19,7 @@ from obafx.passes.errors import BudgetError, ConfigError, ObafxError
 from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
 from obafx.passes.fit import TOLERANCE, fit_budget
 from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import NORMALIZERS, unit_scores
+from obafx.passes.importance import NORMALIZERS, criterion, needs_data, unit_scores
 from obafx.passes.capture import capture as capture_graph, capture_kind
 from obafx.passes.macs import MacModel, counter_name, flop_macs, param_count, thop_macs
 from obafx.passes.plan import plan_from_removed
@@ -92,7 +92,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                           "latency='2x', or drop latency_options=.")
     wanted = check_request(latency, latency_options, example_input) if latency is not None else None
     budget = Budget(macs, channels, max_layer_ratio, round_to, latency=wanted[0] if wanted else None)
-    _check_importance(importance)
+    criterion(importance)  # an unknown name is a ConfigError before any work
     traced = clock("trace", capture_graph, model, example_input, leaf_modules, capture)
     counter = counter_name(counter, capture_kind(traced.gm))
     count = thop_macs if counter == "thop" else flop_macs  # read here, not in macs.py: tests count the calls
@@ -107,7 +107,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                           "compute in this model on the example input. What to do: use counter='flops' (torch's "
                           "FlopCounterMode sees every dispatched matmul and convolution), or a channels= budget.")
     source = BatchSource(data, steps, traced.inputs, batches_per_step)
-    if source.note and _needs_data(importance):
+    if source.note and needs_data(importance):
         warn_once(source.note)
         notes.append(source.note)
     if recalibrate is None:
@@ -196,8 +196,8 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     clock = run.clock
     facts = known.facts if known.facts is not None else clock("analyze", analyze, current)
     coupling = known.coupling if known.coupling is not None else clock("couple", couple, facts, run.ignore)
-    needs_data = _needs_data(run.importance) or callable(run.importance)
-    batches = run.source.for_step() if needs_data else None
+    wants = needs_data(run.importance) or callable(run.importance)  # a callable gets the batches there are
+    batches = run.source.for_step() if wants else None
     scores = clock("score", unit_scores, run.importance, current.gm, coupling, replace(ctx, batches=batches))
     run.hook("score", scores)
     per_module = None
@@ -266,18 +266,6 @@ def _run_eval(gm, inputs):
             return gm(*inputs)
     finally:
         gm.train(was)
-
-
-def _needs_data(importance: Any) -> bool:
-    return isinstance(importance, str) and importance not in ("magnitude", "random")
-
-
-def _check_importance(importance: Any) -> None:
-    from obafx.passes.importance import CRITERIA
-
-    if not callable(importance) and importance not in CRITERIA:
-        raise ConfigError(f"importance={importance!r} is unknown. What to do: use one of {sorted(CRITERIA)} or a "
-                          "callable (model, coupling, ctx) -> {unit: score}.")
 
 
 def _check_options(normalizer, rank, probes, recalibrate, data) -> None:

@@ -35,14 +35,14 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from obafx.passes.errors import ConfigError, ScoreError
 from obafx.passes.facts import Coupling, ScoreContext
-from obafx.passes.importance import CRITERIA, aggregate
+from obafx.passes.importance import PARAMETER_CRITERIA, REGISTRY, aggregate, parameter_criteria
 from obafx.passes.private_copy import private_copy
 from obafx.passes.recalibrate import recalibrated
 
 __all__ = ["init_distributed", "shard", "all_reduce_scores", "distributed_importance", "local_parameter_scores",
            "reduced_parameter_scores", "rank_and_world", "DATA_CRITERIA", "recalibrated_across"]
 
-DATA_CRITERIA = ("oba", "taylor", "obd", "fisher")  # criteria whose scores come from calibration batches
+DATA_CRITERIA = PARAMETER_CRITERIA  # criteria with per-parameter scores from calibration batches (the registry's)
 _OBD_SEED_STRIDE = 1_000_003  # Hutchinson probes differ per rank (independent estimates), reproducibly
 
 
@@ -156,18 +156,13 @@ def local_parameter_scores(criterion: str, model: nn.Module, batches: List, ctx:
     """Per-parameter scores of ``criterion`` ("oba", "taylor", "obd", "fisher") on this rank's ``batches``,
     with the options of ``ctx`` (loss, OBA mode/delta, train, chunk size, progress) and extra keywords ``kw``
     for the criterion function (e.g. ``diagonal="exact"`` for OBD). Out: name -> mean over ``batches``."""
-    from obafx.passes import criteria, hvp
-    common = dict(loss_fn=ctx.loss_fn, train=ctx.train, chunk_size=ctx.chunk_size, progress=ctx.progress)
-    if criterion == "oba":
-        return hvp.parameter_scores(model, batches, mode=ctx.mode, delta=ctx.delta, **common, **kw)
-    if criterion == "taylor":
-        return criteria.taylor_scores(model, batches, **common, **kw)
-    if criterion == "obd":
-        seed = kw.pop("seed", ctx.seed) + _OBD_SEED_STRIDE * rank
-        return criteria.obd_scores(model, batches, seed=seed, **common, **kw)
-    if criterion == "fisher":
-        return criteria.fisher_scores(model, batches, **common, **kw)
-    raise ConfigError(f"criterion={criterion!r} has no per-parameter scores. What to do: use one of {DATA_CRITERIA}")
+    entry = REGISTRY.get(criterion) if isinstance(criterion, str) else None
+    if entry is None or entry.parameters is None:
+        raise ConfigError(f"criterion={criterion!r} has no per-parameter scores. What to do: use one of "
+                          f"{parameter_criteria()}")
+    if criterion == "obd":  # independent Hutchinson probes on every rank
+        kw["seed"] = kw.pop("seed", ctx.seed) + _OBD_SEED_STRIDE * rank
+    return entry.parameters(model, batches, ctx, **kw)
 
 
 def _model_fingerprint(model: nn.Module) -> Tensor:
@@ -223,9 +218,9 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
     Out: ``f(model, coupling, ctx) -> {unit: score}``, the same on every rank. Collective: every rank must
     call compile_prune with the same arguments.
     """
-    if criterion not in DATA_CRITERIA + ("magnitude", "random"):
-        raise ConfigError(f"criterion={criterion!r} is unknown. What to do: use one of "
-                          f"{DATA_CRITERIA + ('magnitude', 'random')}")
+    known = parameter_criteria() + ("magnitude", "random")
+    if criterion not in known:
+        raise ConfigError(f"criterion={criterion!r} is unknown. What to do: use one of {known}")
 
     def importance(model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
         _, world = rank_and_world(group)
@@ -234,14 +229,15 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
                          "seed the model's construction identically on every rank (torch.manual_seed before "
                          "building it) or load the same checkpoint everywhere", group)
         if criterion == "magnitude":
-            return CRITERIA["magnitude"](model, coupling, ctx)
+            return REGISTRY["magnitude"].units(model, coupling, ctx)
         if criterion == "random":
-            return CRITERIA["random"](model, coupling, dataclasses.replace(ctx, seed=_rank0_seed(ctx.seed, group)))
+            same_seed = dataclasses.replace(ctx, seed=_rank0_seed(ctx.seed, group))
+            return REGISTRY["random"].units(model, coupling, same_seed)
         return aggregate(coupling, reduced_parameter_scores(criterion, model, ctx.batches, ctx, group, **criterion_kw),
                          normalizer=ctx.normalizer)
 
     importance.__name__ = f"{criterion} (distributed)"
-    importance.needs_data = criterion in DATA_CRITERIA  # a hint for compile_prune's "no data" warning
+    importance.needs_data = REGISTRY[criterion].needs_data  # for compile_prune's "no data" warning
     # compile_prune recalibrates BatchNorm between steps with this: on the union of the shards, so that every
     # rank keeps identical statistics (each rank's own shard would make the ranks' models drift apart)
     importance.recalibrated = lambda model, batches: recalibrated_across(model, batches, group)

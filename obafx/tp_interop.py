@@ -30,7 +30,8 @@ from torch import Tensor, nn
 import torch_pruning as tp
 from torch_pruning.pruner import function as tpf
 
-from obafx.distributed import DATA_CRITERIA, local_parameter_scores, reduced_parameter_scores
+from obafx.distributed import local_parameter_scores, reduced_parameter_scores
+from obafx.passes.importance import parameter_criteria
 from obafx.passes.errors import ConfigError
 from obafx.passes.facts import ScoreContext
 from obafx.passes.hvp import DEFAULT_MODE
@@ -62,9 +63,9 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
                  train: bool = False, normalizer: Any = "max", model: Optional[nn.Module] = None,
                  chunk_size: Optional[int] = None, progress: bool = False, seed: int = 0, distributed: bool = False,
                  **criterion_kw):
-        if criterion not in DATA_CRITERIA:
-            raise ConfigError(f"criterion={criterion!r}. What to do: use one of {DATA_CRITERIA} (Torch-Pruning's "
-                              f"own GroupMagnitudeImportance/RandomImportance cover the data-free ones)")
+        if criterion not in parameter_criteria():
+            raise ConfigError(f"criterion={criterion!r}. What to do: use one of {parameter_criteria()} (Torch-"
+                              f"Pruning's own GroupMagnitudeImportance/RandomImportance cover the data-free ones)")
         if batches is None:
             raise ConfigError(f"the {criterion} importance needs calibration data. What to do: pass batches=[(x, y), "
                               f"...] or a callable returning the batches of the next pruning step")

@@ -14,6 +14,7 @@ The group-exact "oba_group" score is a loss change per unit by construction. Mag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -121,11 +122,35 @@ def _needs_batches(ctx: ScoreContext, name: str):
     return ctx.batches
 
 
-def _oba(model, coupling, ctx):
+def _oba_parameters(model, batches, ctx: ScoreContext, **kw):
     from .hvp import parameter_scores
-    s = parameter_scores(model, _needs_batches(ctx, "oba"), loss_fn=ctx.loss_fn, mode=ctx.mode, delta=ctx.delta,
-                         train=ctx.train, chunk_size=ctx.chunk_size, progress=ctx.progress)
-    return aggregate(coupling, s, normalizer=ctx.normalizer)
+    return parameter_scores(model, batches, loss_fn=ctx.loss_fn, mode=ctx.mode, delta=ctx.delta, train=ctx.train,
+                            chunk_size=ctx.chunk_size, progress=ctx.progress, **kw)
+
+
+def _baseline_parameters(name: str):
+    """The per-parameter scores of a criterion from criteria.py, with the same data and options as OBA."""
+
+    def scores(model, batches, ctx: ScoreContext, **kw):
+        from . import criteria
+
+        if name == "obd":
+            kw.setdefault("seed", ctx.seed)
+        return getattr(criteria, f"{name}_scores")(model, batches, loss_fn=ctx.loss_fn, train=ctx.train,
+                                                   chunk_size=ctx.chunk_size, progress=ctx.progress, **kw)
+
+    scores.__name__ = f"{name}_parameter_scores"
+    return scores
+
+
+def _from_parameters(name: str, parameters: Callable):
+    """Unit scores of a per-parameter criterion: its scores on ``ctx.batches``, aggregated per group."""
+
+    def score(model, coupling, ctx):
+        return aggregate(coupling, parameters(model, _needs_batches(ctx, name), ctx), normalizer=ctx.normalizer)
+
+    score.__name__ = name
+    return score
 
 
 def _oba_group(model, coupling, ctx):
@@ -137,31 +162,56 @@ def _oba_group(model, coupling, ctx):
     return normalize_units(coupling, raw, ctx.normalizer)
 
 
-def _baseline(name: str):
-    """A criterion from criteria.py, called with the same data and options as OBA."""
+@dataclass(frozen=True)
+class Criterion:
+    """One importance criterion: ``units(model, coupling, ctx) -> {unit: score}``; ``parameters(model, batches,
+    ctx, **kw) -> {name: tensor}`` its per-parameter scores (None: it has none, e.g. magnitude's are not
+    data-driven, oba_group's are per unit); ``needs_data``: scored on calibration batches."""
 
-    def score(model, coupling, ctx):
-        from . import criteria
-
-        fn = getattr(criteria, f"{name}_scores")
-        extra = {"seed": ctx.seed} if name == "obd" else {}
-        s = fn(model, _needs_batches(ctx, name), loss_fn=ctx.loss_fn, train=ctx.train, chunk_size=ctx.chunk_size,
-               progress=ctx.progress, **extra)
-        return aggregate(coupling, s, normalizer=ctx.normalizer)
-
-    score.__name__ = name
-    return score
+    name: str
+    units: Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]
+    parameters: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
+    needs_data: bool = False
 
 
-CRITERIA: Dict[str, Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]] = {
-    "magnitude": _magnitude,
-    "random": _random,
-    "oba": _oba,
-    "oba_group": _oba_group,
-    "taylor": _baseline("taylor"),
-    "obd": _baseline("obd"),
-    "fisher": _baseline("fisher"),
-}
+def _data_criterion(name: str, parameters: Callable) -> Criterion:
+    return Criterion(name, _from_parameters(name, parameters), parameters, True)
+
+
+# THE criteria registry: compile_prune, obafx.distributed and the Torch-Pruning adapter all read this one.
+REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
+    Criterion("magnitude", _magnitude),
+    Criterion("random", _random),
+    _data_criterion("oba", _oba_parameters),
+    Criterion("oba_group", _oba_group, None, True),
+    *(_data_criterion(name, _baseline_parameters(name)) for name in ("taylor", "obd", "fisher")),
+)}
+CRITERIA = {name: c.units for name, c in REGISTRY.items()}  # name -> unit scorer (the older view of REGISTRY)
+
+
+def parameter_criteria() -> tuple:
+    """Names of the registered criteria with per-parameter scores (what distributed scoring can all-reduce)."""
+    return tuple(name for name, c in REGISTRY.items() if c.parameters is not None)
+
+
+PARAMETER_CRITERIA = parameter_criteria()  # at import (the registry's built-in ones)
+
+
+def criterion(importance: Any) -> Optional[Criterion]:
+    """The registry entry of ``importance`` (None for a callable); ConfigError naming the choices otherwise."""
+    if callable(importance):
+        return None
+    if importance not in REGISTRY:
+        raise ConfigError(f"importance={importance!r} is unknown. What to do: use one of {sorted(REGISTRY)} or a "
+                          "callable (model, coupling, ctx) -> {unit: score}.")
+    return REGISTRY[importance]
+
+
+def needs_data(importance: Any) -> bool:
+    """Whether ``importance`` scores on calibration batches (a callable says so with a ``needs_data``
+    attribute, as obafx.distributed's do; compile_prune hands a callable the batches whenever there are any)."""
+    entry = criterion(importance)
+    return entry.needs_data if entry is not None else bool(getattr(importance, "needs_data", False))
 
 
 def _checked(scores: Any, coupling: Coupling, name: str) -> Dict[int, float]:
@@ -177,11 +227,9 @@ def _checked(scores: Any, coupling: Coupling, name: str) -> Dict[int, float]:
 
 
 def unit_scores(importance: Any, model: nn.Module, coupling: Coupling, ctx: ScoreContext) -> Dict[int, float]:
-    """Scores of every prunable unit. ``importance``: a name in CRITERIA, or a callable
+    """Scores of every prunable unit. ``importance``: a name in REGISTRY, or a callable
     ``(model, coupling, ctx) -> {unit: score}`` (the seam for user criteria)."""
-    if callable(importance):
+    entry = criterion(importance)
+    if entry is None:
         return _checked(importance(model, coupling, ctx), coupling, getattr(importance, "__name__", "custom"))
-    if importance not in CRITERIA:
-        raise ConfigError(f"importance='{importance}' is unknown. What to do: use one of {sorted(CRITERIA)} or a "
-                          "callable (model, coupling, ctx) -> {unit: score}.")
-    return CRITERIA[importance](model, coupling, ctx)
+    return entry.units(model, coupling, ctx)
