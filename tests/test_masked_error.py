@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import obafx
-import obafx.api
+from obafx import stages
 from obafx.passes.rewrite import rewrite as real_rewrite
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -29,8 +29,8 @@ def _mirrored(coupling, removed):
 
 
 def _prune(monkeypatch, wrong):
-    if wrong is not None:
-        monkeypatch.setattr(obafx.api, "rewrite", wrong)
+    if wrong is not None:  # compile_prune's rewrite stage (obafx/stages.py), replaced by a wrong one
+        monkeypatch.setattr(stages, "rewrite", stages.stage("rewrite")(wrong))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     return obafx.report(obafx.compile_prune(_model(), x, channels=0.3, importance="magnitude"))
 
