@@ -36,6 +36,7 @@ from obafx.passes.rewrite import rewrite
 from obafx.passes.capture import capture
 from obafx.passes.trace import as_inputs
 from obafx.report import Report, attach, report
+from obafx.report import input_spec as report_input_spec
 from obafx.version import __version__
 
 FORMAT = "obafx-pruned"
@@ -93,18 +94,9 @@ def _input_spec(rep: Report, example_input: Any) -> List[Dict[str, Any]]:
 
 
 def input_spec(example_input: Any) -> List[Dict[str, Any]]:
-    """JSON-able spec of each positional example input: {"kind": "tensor", "shape", "dtype"} for tensors,
-    {"kind": "constant", "value"} for JSON scalars, {"kind": "opaque"} otherwise (load then needs example_input=).
-    The report may record it as ``Report.inputs``, so that save() needs no example_input."""
-    return [_spec_of(x) for x in as_inputs(example_input)]
-
-
-def _spec_of(x: Any) -> Dict[str, Any]:
-    if isinstance(x, torch.Tensor):
-        return {"kind": "tensor", "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return {"kind": "constant", "value": x}
-    return {"kind": "opaque", "type": type(x).__name__}  # load() then needs example_input=
+    """JSON-able spec of each positional example input (report.input_spec on the normalised input): shape and
+    dtype for tensors, constants by value, {"kind": "opaque"} otherwise (load then needs example_input=)."""
+    return report_input_spec(as_inputs(example_input))
 
 
 def user_leaves(gm: fx.GraphModule) -> List[str]:

@@ -22,6 +22,7 @@ from obafx.passes.importance import unit_scores as _unit_scores
 from obafx.passes.ranking import per_cost as _per_cost
 from obafx.passes.rewrite import rewrite as _rewrite
 from obafx.passes.select import select as _select
+from obafx.passes.tensors import eval_mode
 from obafx.passes.verify import masked_output, max_relative_error
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("obafx_recording", default=None)
@@ -93,13 +94,8 @@ def measure(count: Callable, module, inputs):
 def verify(current, coupling, removed, plan, pruned) -> float:
     """The masking oracle: the largest relative difference between ``pruned``'s output and ``current``'s with the
     ``removed`` units zeroed (eval mode, no grad)."""
-    was = pruned.training
-    pruned.eval()
-    try:
-        with torch.no_grad():
-            out = pruned(*current.inputs)
-    finally:
-        pruned.train(was)
+    with eval_mode(pruned), torch.no_grad():
+        out = pruned(*current.inputs)
     return max_relative_error(masked_output(current, coupling, removed, plan=plan), out)
 
 

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ConfigError
 from .facts import Coupling
 from .private_copy import private_copy
+from .tensors import eval_mode
 
 
 def thop_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> Tuple[float, Dict[str, float]]:
@@ -52,13 +53,8 @@ def flop_counter_macs(model: nn.Module, inputs: Tuple[Any, ...]) -> float:
 
     Runs with autograd enabled: under no_grad, nn.MultiheadAttention takes a fused fast path that FlopCounterMode
     does not count."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
     return counter.get_total_flops() / 2.0
 
 
@@ -95,14 +91,9 @@ def flop_macs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Tuple[float, Dict[
     """Total MACs (FlopCounterMode's FLOPs / 2: every dispatched matmul, convolution and attention) of ``gm`` on
     ``inputs``, and the MACs of each layer it applies (see `_NodeFlops`), in the same form as `thop_macs`. The
     graph runs once in eval mode, with autograd enabled (see `flop_counter_macs`)."""
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-            runner = _NodeFlops(gm, counter)
-            runner.run(*inputs)
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        runner = _NodeFlops(gm, counter)
+        runner.run(*inputs)
     return counter.get_total_flops() / 2.0, runner.per_layer
 
 

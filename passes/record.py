@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import meta_shapes
+from .tensors import eval_mode
 
 
 def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
@@ -41,12 +42,8 @@ def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]
 
 def real_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     """{node name: value as a meta skeleton} from one real eval-mode run of ``gm`` (its mode is restored)."""
-    was_training = gm.training
-    gm.eval()  # eval: a forward pass in train mode would update the copy's BatchNorm statistics
-    try:
+    with eval_mode(gm):  # eval: a forward pass in train mode would update the copy's BatchNorm statistics
         return _RealRecorder(gm).record(inputs)
-    finally:
-        gm.train(was_training)
 
 
 def meta_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:

@@ -3,7 +3,8 @@
 A ground-floor module: it imports only torch."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -48,3 +49,15 @@ def fingerprint(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
     return (id(gm.graph), nodes,
             tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors),
             tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in inputs))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, its own training flag put back afterwards (children's flags follow
+    ``train(was)``, as everywhere in obafx: the modules it runs are its own traced copies)."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)

@@ -19,7 +19,7 @@ from torch.func import functional_call
 from .facts import Coupling, PrunePlan, Traced
 from .labels import Plane
 from .plan import plan_from_removed
-from .tensors import owner_and_attr
+from .tensors import eval_mode, owner_and_attr
 
 
 class _Masker(fx.Interpreter):
@@ -126,16 +126,11 @@ def masked_output(traced: Traced, coupling: Coupling, removed: Set[int], inputs=
     has it already."""
     plan = plan if plan is not None else plan_from_removed(coupling, removed)
     gm = traced.gm
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            zeroed = {f"gm.{name}": tensor for name, tensor in _zeroed(gm, plan).items()}
-            runner = _MaskedRun(gm, coupling, removed)
-            return functional_call(runner, zeroed, tuple(inputs if inputs is not None else traced.inputs),
-                                   strict=False, tie_weights=True)
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.no_grad():
+        zeroed = {f"gm.{name}": tensor for name, tensor in _zeroed(gm, plan).items()}
+        runner = _MaskedRun(gm, coupling, removed)
+        return functional_call(runner, zeroed, tuple(inputs if inputs is not None else traced.inputs),
+                               strict=False, tie_weights=True)
 
 
 class _MaskedRun(nn.Module):
