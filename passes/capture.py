@@ -8,7 +8,8 @@
   so the pruned module runs at other sizes; dims it fixes (channels, image size) and dims of size 1 in the example
   are specialised. Parameters keep the user's names (``model.layers.0.mlp.up_proj.weight``), so plans, reports and
   saved files speak the user's names.
-- "auto" (the default): fx first, export where fx cannot trace.
+- "auto" (the default): fx first, export where fx cannot trace. ``leaf_modules`` shape the fx path only (export
+  traces through every module; a module it cannot capture fails the capture).
 
 The same passes run on either graph: the op table (ops.py) gives aten overloads the rules of their torch-level twins.
 """
@@ -64,6 +65,7 @@ def export_capture(model: nn.Module, example_input: Any) -> Traced:
     inputs = as_inputs(example_input)
     check_precision(model, inputs)
     private = private_copy(model)
+    _warn_fixed_dims(inputs)
     dims = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
                  for x in inputs)
     try:
@@ -78,6 +80,17 @@ def export_capture(model: nn.Module, example_input: Any) -> Traced:
     gm.train(model.training)
     values = check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(fingerprint(gm, inputs), values))
+
+
+def _warn_fixed_dims(inputs) -> None:
+    """torch.export fixes a dim that is 1 in the example (0/1 specialisation): say so, since the pruned module
+    will then only run with size 1 there."""
+    fixed = [(i, d) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)
+             for d, n in enumerate(x.shape) if n == 1]
+    if fixed:
+        warnings.warn(f"obafx: torch.export fixes the example input's dims of size 1 (input, dim: {fixed}); the "
+                      "pruned module will run only with size 1 there. Pass an example with batch and sequence "
+                      "length of at least 2 to keep them free.", UserWarning, stacklevel=3)
 
 
 def capture_kind(gm: fx.GraphModule) -> str:

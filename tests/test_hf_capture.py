@@ -86,6 +86,12 @@ def test_auto_capture_falls_back_to_export_and_the_result_runs_at_other_batch_si
     assert pruned(torch.randn(7, 4)).shape == (7, 3)
 
 
+def test_export_says_that_it_fixes_size_one_dims():
+    with pytest.warns(UserWarning, match=r"dims of size 1 \(input, dim: \[\(0, 0\)\]\)"):
+        pruned = obafx.compile_prune(ShapeBranch().eval(), torch.randn(1, 4), channels=0.5)
+    assert pruned(torch.randn(1, 4)).shape == (1, 3)
+
+
 class DataBranch(nn.Module):
     def __init__(self):
         super().__init__()

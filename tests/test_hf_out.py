@@ -48,6 +48,7 @@ def test_to_hf_round_trips_through_save_and_from_pretrained(name, tmp_path):
         assert torch.allclose(again(other).logits, pruned(other), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # three compile_prune runs
 def test_to_hf_refuses_widths_a_config_cannot_hold():
     model, x = H.build("llama"), H.example("llama")
     ignore = [ATTENTION["llama"].format(i) for i in range(2)] + ["model.model.layers.0.mlp"]
@@ -61,6 +62,7 @@ def test_to_hf_refuses_widths_a_config_cannot_hold():
         obafx.to_hf(heads_cut, model)
 
 
+@pytest.mark.slow  # two compile_prune runs and a round trip
 def test_to_hf_expresses_a_pruned_residual_stream(tmp_path):
     """LLaMA's config has an explicit head_dim: a narrower residual stream (hidden_size) with whole heads is a
     config too, once its width is a multiple of the head count (transformers checks that): uniform=True on
