@@ -1,6 +1,6 @@
 """obafx: structured pruning with Optimal Brain Apoptosis, as a torch.fx compiler pass pipeline."""
 from obafx.api import compile_prune
-from obafx.hf import causal_lm_loss, to_hf
+from obafx.hf import causal_lm_loss, hf_options, to_hf
 from obafx.io import load, save
 from obafx.latency_timing import LatencyOptions
 from obafx.passes.errors import (BudgetError, ConfigError, ObafxError, PathError, PlanError, ScoreError,
@@ -10,7 +10,7 @@ from obafx.passes.hvp import parameter_scores
 from obafx.report import Report, report
 
 __all__ = [
-    "compile_prune", "causal_lm_loss", "to_hf", "report", "Report", "LatencyOptions", "parameter_scores", "hessian_blocks", "save", "load",
+    "compile_prune", "causal_lm_loss", "to_hf", "hf_options", "report", "Report", "LatencyOptions", "parameter_scores", "hessian_blocks", "save", "load",
     "ObafxError", "TraceError", "ConfigError", "BudgetError", "PlanError", "PathError", "ScoreError",
     "UnsupportedOpError",
 ]

@@ -25,7 +25,7 @@ from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
-from obafx.passes.uniform import uniform_coupling
+from obafx.passes.uniform import uniform_coupling, without_kept
 from obafx.report import attach
 from obafx.steps import (build_report, check_args, check_options, fit, fit_latency, measure_original,
                          select_channels, unstructured)
@@ -41,7 +41,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: str = "score",
                   probes: int = 1, capture: str = "auto", counter: Optional[str] = None,
-                  uniform: bool = False) -> fx.GraphModule:
+                  uniform: bool = False, keep_widths: Iterable[str] = ()) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
     Budget: ``macs`` = fraction of the original MACs (``counter``, on ``example_input``) to keep, or ``channels`` =
@@ -77,6 +77,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     every dispatched matmul, convolution and attention); default "thop" on an fx graph, "flops" on an exported one.
     ``uniform=True``: every layer of a kind keeps the same width (groups whose members differ only by layer index
     lose the same number of units; passes/uniform.py), as a Hugging Face config needs (obafx.to_hf).
+    ``keep_widths``: parameter dims ("name:dim", wildcards allowed, e.g. "*.self_attn.q_proj.weight:0") whose
+    coupled groups keep their width: a finer ``ignore`` (which pins every dim of a module, its inputs included).
+    obafx.hf_options(model) gives uniform=, keep_widths= and round_to= for a transformers model.
     """
     if structure == "unstructured":
         if latency is not None:
@@ -115,7 +118,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
             recalibrate = data is not None and not train and has_batchnorm(traced.gm)
         run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups),
                    verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate), count,
-                   uniform)
+                   uniform, tuple([keep_widths] if isinstance(keep_widths, str) else keep_widths))
         current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
         for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
             ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress,
@@ -152,6 +155,7 @@ class _Run:
     recalibrate: bool = False
     count: Callable = thop_macs  # (module, inputs) -> (total MACs, MACs per layer): thop_macs or flop_macs
     uniform: bool = False  # every layer of a kind keeps the same width
+    keep_widths: Tuple[str, ...] = ()  # "name:dim" patterns whose groups selection leaves alone
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     if run.rank == "per_mac":
         scores = S.rank(scores, unit_costs(current.gm, coupling, per_module))
     now = sum(g.width for g in coupling.groups)  # units before uniform bundles them (a channels= budget's count)
+    if run.keep_widths:
+        coupling = without_kept(coupling, run.keep_widths)
     if run.uniform:
         coupling, scores = uniform_coupling(coupling, scores)
 

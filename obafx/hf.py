@@ -42,7 +42,7 @@ _HEAD_ROWS = tuple(f"self_attn.{p}_proj.weight" for p in "qkv") + tuple(f"attent
                                                                        for p in ("query", "key", "value"))
 
 
-def to_hf(pruned: nn.Module, original: nn.Module) -> nn.Module:
+def to_hf(pruned: nn.Module, original: nn.Module, example: Any = None, rtol: float = 1e-4) -> nn.Module:
     """The pruned module as a transformers model of the original's class with an updated config (hidden_size,
     intermediate_size), ready for ``save_pretrained`` / ``from_pretrained``. ``original``: the transformers model
     that was pruned, or a module holding it (a wrapper whose submodule it is); ``pruned``: what compile_prune
@@ -50,7 +50,9 @@ def to_hf(pruned: nn.Module, original: nn.Module) -> nn.Module:
 
     Raises ConfigError where a config cannot express the result: MLP widths that differ per layer (prune with
     uniform=True), attention head dims that changed (keep them: ignore=[each layer's attention module]), or any
-    other width no config field holds.
+    other width no config field holds, or where the rebuilt model's output on ``example`` (default: a random input
+    shaped like compile_prune's example, token ids below the vocabulary size) differs from ``pruned``'s by more than
+    ``rtol`` relative to its largest |value| (a computation the config does not describe).
     """
     prefix, hf = _find_hf(original)
     state = {k[len(prefix):]: v for k, v in pruned.state_dict().items() if k.startswith(prefix)}
@@ -67,6 +69,7 @@ def to_hf(pruned: nn.Module, original: nn.Module) -> nn.Module:
                           "tables) from head counts. What to do: keep them with ignore=[each layer's attention "
                           "module], e.g. 'model.layers.0.self_attn'.")
     sizes = {"hidden_size": int(state[embed].shape[1])}
+    sizes.update(_head_dim(hf, original_state, sizes["hidden_size"]))
     if widths and hasattr(hf.config, "intermediate_size"):
         sizes["intermediate_size"] = widths.pop()
     new = _rebuilt(hf, sizes)
@@ -79,7 +82,95 @@ def to_hf(pruned: nn.Module, original: nn.Module) -> nn.Module:
                           f"config gives {tuple(expected[name].shape)}). What to do: prune with uniform=True and "
                           "keep widths no config field holds (ignore=[...]).")
     new.load_state_dict({k: v for k, v in state.items() if k in expected})
+    _check_output(pruned, _swapped(original, prefix.rstrip("."), new), example, new.config, rtol)
     return new
+
+
+_KEEP = {"decoder": ["*.self_attn.q_proj.weight:0", "*.self_attn.v_proj.weight:0"],
+         "bert": ["*.attention.self.query.weight:0", "*.attention.self.value.weight:0",
+                  "*.embeddings.word_embeddings.weight:1", "*.pooler.dense.weight:0"]}
+_FAMILY = {"llama": "decoder", "qwen2": "decoder", "qwen3": "decoder", "mistral": "decoder", "bert": "bert"}
+
+
+def hf_options(model: nn.Module) -> dict:
+    """compile_prune options under which a transformers ``model`` (or a wrapper holding one) prunes only widths its
+    config can express, for to_hf: ``uniform=True``; ``keep_widths``: the parameter dims no config field holds
+    (LLaMA-like decoders: the query/key and value head dims, whose rotary tables and head_dim the config derives;
+    BERT: the head dims, and the hidden size and pooler, which its head size follows); ``round_to``: the number of
+    attention heads (transformers asks the hidden size to be a multiple of it). Use as
+    ``compile_prune(model, x, macs=0.6, **obafx.hf_options(model))``."""
+    _, hf = _find_hf(model)
+    family = _FAMILY.get(getattr(hf.config, "model_type", None))
+    if family is None:
+        raise ConfigError(f"hf_options knows {sorted(_FAMILY)}, not {getattr(hf.config, 'model_type', None)!r}. "
+                          "What to do: pass uniform=True and keep_widths=[...] yourself.")
+    return {"uniform": True, "keep_widths": list(_KEEP[family]), "round_to": int(hf.config.num_attention_heads)}
+
+
+def _swapped(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """``root`` with the submodule at ``path`` replaced by ``new``: shallow copies along the path, so the user's
+    module is untouched."""
+    if not path:
+        return new
+    head, _, rest = path.partition(".")
+    shell = copy.copy(root)
+    shell._modules = dict(root._modules)
+    shell._modules[head] = _swapped(root._modules[head], rest, new)
+    return shell
+
+
+def _check_output(pruned: nn.Module, rebuilt: nn.Module, example: Any, config: Any, rtol: float) -> None:
+    """Run both on ``example`` (or a random input like compile_prune's) and compare the first output tensor."""
+    inputs = example if isinstance(example, tuple) else (example,) if example is not None else _probe(pruned, config)
+    was = pruned.training
+    pruned.eval()
+    try:
+        with torch.no_grad():
+            want, got = _first_tensor(pruned(*inputs)), _first_tensor(rebuilt(*inputs))
+    finally:
+        pruned.train(was)
+    err = float((want - got).abs().max() / want.abs().max().clamp_min(1e-12)) if want.shape == got.shape else 1.0
+    if err > rtol:
+        raise ConfigError(f"the rebuilt {config.model_type} model's output differs from the pruned module's (relative "
+                          f"error {err:.3g} > {rtol}): the config does not describe the pruned computation (e.g. an "
+                          "attention scale or rotary table that follows a pruned head_dim). What to do: prune with "
+                          "compile_prune(..., **obafx.hf_options(model)).")
+
+
+def _probe(pruned: nn.Module, config: Any) -> Tuple[Any, ...]:
+    """Random inputs shaped like compile_prune's example (integer tensors: ids below the vocabulary size)."""
+    from obafx.report import report
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for spec in report(pruned).inputs:
+        if spec["kind"] != "tensor":
+            out.append(spec.get("value"))
+            continue
+        dtype = getattr(torch, spec["dtype"])
+        if dtype.is_floating_point:
+            out.append(torch.randn(spec["shape"], generator=g).to(dtype))
+        else:
+            out.append(torch.randint(0, getattr(config, "vocab_size", 2), spec["shape"], generator=g).to(dtype))
+    return tuple(out)
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    """The logits of a transformers output, or the first tensor of a tuple, or the tensor itself."""
+    value = getattr(value, "logits", value)
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    return value
+
+
+def _head_dim(hf: nn.Module, original_state, hidden: int) -> dict:
+    """{"head_dim": the original one} where the config would otherwise derive it from a changed hidden size
+    (Qwen2's config has no head_dim field; its attention reads ``config.head_dim`` when present)."""
+    heads = getattr(hf.config, "num_attention_heads", None)
+    if not heads or hidden == hf.config.hidden_size or getattr(hf.config, "head_dim", None):
+        return {}
+    rows = [v.shape[0] for k, v in original_state.items() if k.endswith("self_attn.q_proj.weight")]
+    return {"head_dim": int(rows[0]) // int(heads)} if rows else {}
 
 
 def _rebuilt(hf: nn.Module, sizes) -> nn.Module:

@@ -5,14 +5,18 @@ Two groups are of one kind when their members are the same parameters up to laye
 ``uniform_coupling`` bundles each kind rank by rank: the r-th least important unit of every group of the kind
 becomes one unit (scored with their mean), so that a selection removes the same number of units from each.
 Facts in, new facts out: the coupling's unit ids are relabelled (slot arrays and node planes alike).
+``without_kept`` drops the groups holding listed parameter dims (compile_prune's ``keep_widths``).
 """
 from __future__ import annotations
 
+import fnmatch
 import re
-from typing import Dict, List, Tuple
+from dataclasses import replace
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
+from .errors import ConfigError
 from .facts import Coupling, Group
 from .labels import Plane
 
@@ -76,3 +80,19 @@ def _relabel_planes(planes, lut: np.ndarray):
     if isinstance(planes, tuple):
         return tuple(_relabel_planes(p, lut) for p in planes)
     return planes
+
+
+def without_kept(coupling: Coupling, keep: Iterable[str]) -> Coupling:
+    """``coupling`` without the groups that hold a parameter dim matching one of ``keep`` ("parameter name:dim",
+    shell-style wildcards, e.g. ``*.self_attn.q_proj.weight:0``): selection never sees their units, so those
+    widths stay. Finer than compile_prune's ``ignore`` (which pins every dim of a module's parameters, its input
+    channels included). ConfigError for a pattern that matches no parameter dim of the model."""
+    keep = [keep] if isinstance(keep, str) else list(keep)
+    slots = [f"{name}:{dim}" for name, dim in coupling.slot_units]
+    for pattern in keep:
+        if not isinstance(pattern, str) or not fnmatch.filter(slots, pattern):
+            raise ConfigError(f"keep_widths entry {pattern!r} matches no parameter dim of the captured model. What "
+                              f"to do: write 'parameter name:dim' (wildcards allowed), e.g. {slots[:3]}.")
+    kept = [g for g in coupling.groups
+            if not any(fnmatch.fnmatchcase(f"{n}:{d}", p) for n, d in g.members for p in keep)]
+    return replace(coupling, groups=tuple(kept)) if len(kept) < len(coupling.groups) else coupling
