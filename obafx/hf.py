@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from obafx.passes.errors import ConfigError, ScoreError
+from obafx.passes.tensors import eval_mode
 
 
 def causal_lm_loss(output: Any, input_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -122,13 +123,8 @@ def _swapped(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 def _check_output(pruned: nn.Module, rebuilt: nn.Module, example: Any, config: Any, rtol: float) -> None:
     """Run both on ``example`` (or a random input like compile_prune's) and compare the first output tensor."""
     inputs = example if isinstance(example, tuple) else (example,) if example is not None else _probe(pruned, config)
-    was = pruned.training
-    pruned.eval()
-    try:
-        with torch.no_grad():
-            want, got = _first_tensor(pruned(*inputs)), _first_tensor(rebuilt(*inputs))
-    finally:
-        pruned.train(was)
+    with eval_mode(pruned), torch.no_grad():
+        want, got = _first_tensor(pruned(*inputs)), _first_tensor(rebuilt(*inputs))
     err = float((want - got).abs().max() / want.abs().max().clamp_min(1e-12)) if want.shape == got.shape else 1.0
     if err > rtol:
         raise ConfigError(f"the rebuilt {config.model_type} model's output differs from the pruned module's (relative "
