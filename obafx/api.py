@@ -208,7 +208,7 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
             return measured[gm][0]
 
         removed, gm, notes = fit(coupling, scores, run.budget, target, MacModel(coupling, per_module).estimate,
-                                 rewritten, measure, widths0=run.widths0)
+                                 rewritten, measure, widths0=run.widths0, last=step == run.steps)
         macs = measured[gm]
     plan = plan_from_removed(coupling, removed)
     error = S.verify(current, coupling, removed, plan, gm) if run.verify else None

@@ -90,17 +90,19 @@ def select_channels(coupling, scores, budget: Budget, step: int, steps: int, uni
 
 
 def fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, what="MAC",
-        tolerance: float = TOLERANCE, widths0=None, rounds: int = 12):
+        tolerance: float = TOLERANCE, widths0=None, rounds: int = 12, last: bool = True):
     """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
     the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
     corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted (the
-    closest feasible candidate is kept); ``rounds`` caps the candidates built. Returns (removed units, module,
-    notes: a tuple)."""
+    closest feasible candidate is kept); ``rounds`` caps the candidates built. A step before the ``last`` one
+    says nothing: step targets are fractions of the ORIGINAL cost, so the next step corrects its miss. Returns
+    (removed units, module, notes: a tuple)."""
     fitted = fit_budget(target, lambda aim: S.select(coupling, scores, budget, estimate, aim, widths0),
                         build, measure, what=what, tolerance=tolerance, rounds=rounds)
-    if fitted.note:
-        warn_once(fitted.note)
-    return set(fitted.removed), fitted.module, (fitted.note,) if fitted.note else ()
+    if not (fitted.note and last):
+        return set(fitted.removed), fitted.module, ()
+    warn_once(fitted.note)
+    return set(fitted.removed), fitted.module, (fitted.note,)
 
 
 def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current: Traced, facts, coupling, scores,
@@ -113,7 +115,8 @@ def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current
     try:
         removed, gm, notes = fit(coupling, scores, budget, target, estimate, build,
                                  lambda gm: _latency_measure(lat, gm), what="latency",
-                                 tolerance=lat.options.tolerance, widths0=widths0, rounds=lat.options.candidates)
+                                 tolerance=lat.options.tolerance, widths0=widths0, rounds=lat.options.candidates,
+                                 last=step == steps)
     except BudgetError as exc:
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
                           f"removable channel still leaves more than {target:.3g} of the dense latency by the cost "

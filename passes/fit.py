@@ -51,8 +51,11 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
             module = build(set(removed))
             seen[removed] = Fitted(removed, module, float(measure(module)))
         cost = seen[removed].cost
-        if abs(cost - target) <= tolerance * target or (cost < target and not removed):
+        if abs(cost - target) <= tolerance * target:
             return seen[removed]
+        if cost < target and not removed:  # already below before removing anything: an earlier step overshot
+            return _closest(seen.values(), target, tolerance, what, "the module this step starts from already "
+                            "costs less (an earlier step removed a coarse group)")
         if cost > target:
             high = aim if high is None else min(high, aim)
         else:
@@ -67,7 +70,7 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
     return _closest(seen.values(), target, tolerance, what)
 
 
-def _closest(candidates, target: float, tolerance: float, what: str) -> Fitted:
+def _closest(candidates, target: float, tolerance: float, what: str, why: Optional[str] = None) -> Fitted:
     """The candidate nearest the target among those not above it by more than the tolerance (else the cheapest),
     with a note naming the nearest costs reached on each side."""
     candidates = list(candidates)
@@ -80,10 +83,12 @@ def _closest(candidates, target: float, tolerance: float, what: str) -> Fitted:
         sides.append(f"{max(below) / target:.3f}x")
     if above:
         sides.append(f"{min(above) / target:.3f}x")
-    why = ("the nearest selections land at " + " and ".join(sides) + " of it: removing one more channel group "
-           "moves the cost by more than the tolerance") if below and above else \
-        ("no selection lowered the cost further (per-layer caps, rounding or ignore= stop it)" if above else
-         "every selection the estimate reaches costs less (the estimate overrates what the kept channels cost)")
-    note = (f"the {what} budget was missed: a step kept {best.cost / target:.3f}x its {what} target "
+    if why is None and below and above:
+        why = ("the nearest selections land at " + " and ".join(sides) + " of it: removing one more channel group "
+               "moves the cost by more than the tolerance")
+    elif why is None:
+        why = ("no selection lowered the cost further (per-layer caps, rounding or ignore= stop it)" if above else
+               "every selection the estimate reaches costs less (the estimate overrates what the kept channels cost)")
+    note = (f"the {what} budget was missed: the result keeps {best.cost / target:.3f}x its {what} target "
             f"(tolerance ±{tolerance:.0%}); {why}")
     return Fitted(best.removed, best.module, best.cost, note)
