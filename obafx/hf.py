@@ -61,14 +61,16 @@ def to_hf(pruned: nn.Module, original: nn.Module, example: Any = None, rtol: flo
     widths = {int(v.shape[0]) for k, v in state.items() if k.endswith(_MLP_ROWS)}
     if len(widths) > 1:
         raise ConfigError(f"the pruned MLPs have different widths per layer ({sorted(widths)}); a transformers "
-                          "config holds one intermediate_size. What to do: prune with uniform=True.")
+                          "config holds one intermediate_size. What to do: prune with uniform=True (or "
+                          "**obafx.hf_options(model), which sets it).")
     original_state = hf.state_dict()
     changed = [k for k, v in state.items() if k.endswith(_HEAD_ROWS) and v.shape[0] != original_state[k].shape[0]]
     if changed:
         raise ConfigError(f"attention head dims changed ({changed[0]}: {tuple(original_state[changed[0]].shape)} -> "
                           f"{tuple(state[changed[0]].shape)}); a transformers config derives them (and the rotary "
                           "tables) from head counts. What to do: keep them with ignore=[each layer's attention "
-                          "module], e.g. 'model.layers.0.self_attn'.")
+                          "module], e.g. 'model.layers.0.self_attn', or with **obafx.hf_options(model) (keep_widths= the head "
+                          "dims only, so the hidden size can still shrink).")
     sizes = {"hidden_size": int(state[embed].shape[1])}
     sizes.update(_head_dim(hf, original_state, sizes["hidden_size"]))
     if widths and hasattr(hf.config, "intermediate_size"):
@@ -81,7 +83,8 @@ def to_hf(pruned: nn.Module, original: nn.Module, example: Any = None, rtol: flo
         name = (wrong or missing)[0]
         raise ConfigError(f"the updated config cannot express the pruned '{name}' (pruned {_shape(state, name)}, "
                           f"config gives {tuple(expected[name].shape)}). What to do: prune with uniform=True and "
-                          "keep widths no config field holds (ignore=[...]).")
+                          "keep widths no config field holds (ignore=[...], keep_widths=[...]; obafx.hf_options(model) "
+                          "gives both for known architectures).")
     new.load_state_dict({k: v for k, v in state.items() if k in expected})
     _check_output(pruned, _swapped(original, prefix.rstrip("."), new), example, new.config, rtol)
     return new

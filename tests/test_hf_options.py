@@ -12,10 +12,10 @@ from tests import hf_models as H  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # tests/conftest.py
 AUTO = {"llama": transformers.AutoModelForCausalLM, "qwen2": transformers.AutoModelForCausalLM,
+        "qwen3": transformers.AutoModelForCausalLM, "mistral": transformers.AutoModelForCausalLM,
         "bert": transformers.AutoModelForSequenceClassification}
-HEADS = {"llama": ("self_attn.q_proj.weight", "self_attn.v_proj.weight"),
-         "qwen2": ("self_attn.q_proj.weight", "self_attn.v_proj.weight"),
-         "bert": ("attention.self.query.weight", "attention.self.value.weight")}
+HEADS = dict({n: ("self_attn.q_proj.weight", "self_attn.v_proj.weight") for n in AUTO},
+             bert=("attention.self.query.weight", "attention.self.value.weight"))
 
 
 @pytest.mark.parametrize("name", sorted(AUTO))
