@@ -88,3 +88,26 @@ def test_a_pruned_llama_saves_and_loads_under_the_users_names(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(other), pruned(other))
     assert obafx.report(again).capture == "export"
+
+
+def test_gpt2_conv1d_layout_and_tied_embeddings():
+    """GPT-2's Conv1D is addmm with an [in, out] weight: an MLP's units are c_fc's columns and c_proj's rows. The
+    output embedding is the input one (tied): one tensor, read by the embedding and by lm_head, narrowed once
+    (torch.export names a tied tensor by one of its names at every use: here model.lm_head.weight)."""
+    traced = capture(H.build("gpt2"), H.example("gpt2"))
+    facts = analyze(traced)
+    coupling = couple(facts)
+    mlp = next(g for g in coupling.groups if ("model.transformer.h.0.mlp.c_fc.weight", 1) in g.members)
+    assert mlp.width == 128 and ("model.transformer.h.0.mlp.c_proj.weight", 0) in mlp.members
+    stream = next(g for g in coupling.groups if ("model.transformer.wte.weight", 1) in g.members)
+    pruned = rewrite(traced, coupling, facts.shapes, set(stream.units[:5]))
+    nodes = list(pruned.graph.nodes)
+    tokens = {n.args[0].target for n in nodes if n.target is torch.ops.aten.embedding.default
+              and pruned.get_parameter(n.args[0].target).shape[0] == H.VOCAB}
+    out = nodes[-1].args[0]
+    logits = {(out[0] if isinstance(out, (tuple, list)) else out).args[1].target}  # the output: lm_head's linear
+    assert tokens == logits and pruned.get_parameter(logits.pop()).shape == (H.VOCAB, 27)
+    x = H.example("gpt2", batch=3, seq=11, seed=3)
+    with torch.no_grad():
+        err = max_relative_error(masked_output(traced, coupling, set(stream.units[:5]), inputs=(x,)), pruned(x))
+    assert err < 1e-5, err
