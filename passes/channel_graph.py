@@ -5,13 +5,13 @@ union the op rules recorded and every barrier. Ops without a rule are barriers (
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.fx as fx
 
 from .call import Call
-from .errors import ObafxError, describe_node
+from .errors import ObafxError
 from .labels import Plane, Store
 from .ops import rule_for
 from .rules_shape import barrier
@@ -113,9 +113,3 @@ def analyze(traced: Traced) -> ChannelFacts:
     with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
         analyzer.run()
     return ChannelFacts(traced, analyzer.store.freeze(), frozen_map(analyzer.planes), frozen_map(analyzer.shapes))
-
-
-def barrier_report(facts: ChannelFacts) -> List[Dict[str, str]]:
-    """The barriers as rows a person can read: node, op and source line, and why."""
-    nodes = {n.name: n for n in facts.traced.gm.graph.nodes}
-    return [{"node": name, "where": describe_node(nodes[name]), "why": why} for name, why in facts.store.barriers]

@@ -13,8 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from .channel_graph import barrier_report
-from .errors import ConfigError
+from .errors import ConfigError, describe_node
 from .facts import ChannelFacts, Coupling, Group
 from .labels import PIN, Plane, iter_planes, squeeze_to_dims
 
@@ -182,3 +181,9 @@ def _unique_ids(groups: List[Group]) -> Tuple[Group, ...]:
         seen[g.id] += 1
         out.append(g if seen[g.id] == 1 else Group(f"{g.id}#{seen[g.id]}", g.units, g.members))
     return tuple(out)
+
+
+def barrier_report(facts: ChannelFacts) -> List[Dict[str, str]]:
+    """The barriers as rows a person can read: node, op and source line, and why."""
+    nodes = {n.name: n for n in facts.traced.gm.graph.nodes}
+    return [{"node": name, "where": describe_node(nodes[name]), "why": why} for name, why in facts.store.barriers]

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ScoreError
-from .facts import Coupling, ScoreContext
-from .hvp import DEFAULT_MODE
+from .facts import DEFAULT_MODE, Coupling, ScoreContext  # noqa: F401 (DEFAULT_MODE re-exported)
 
 NORMALIZERS = ("max", "mean", "sum", None)
 

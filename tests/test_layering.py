@@ -3,7 +3,9 @@
 - no import cycles among passes/ modules, lazy (inside functions), under ``if TYPE_CHECKING:`` or not;
 - no module of passes/ or obafx/ imports an underscore (private) name from a passes/ module: what stages share
   is named (the vocabulary in facts.py, the helpers in tensors.py, scoring.py, labels.py, ...);
-- the vocabulary (facts.py) is the ground floor: it imports no passes/ module but errors.py and tensors.py.
+- the vocabulary (facts.py) is the ground floor: it imports no passes/ module but errors.py and tensors.py;
+- the pipeline's stages do not import each other: they exchange facts (the op table, labels, scoring machinery,
+  plan arithmetic are shared helpers, not stages).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import networkx as nx
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PASSES = ROOT / "passes"
 GROUND = {"facts": {"errors", "tensors"}}
+STAGES = {"trace", "channel_graph", "coupling", "importance", "select", "fit", "rewrite", "verify"}
 
 
 def imports(path: pathlib.Path, package: str):
@@ -70,6 +73,12 @@ def test_the_vocabulary_is_the_ground_floor():
     g = graph()
     for module, allowed in GROUND.items():
         assert set(g.successors(module)) <= allowed, f"{module} imports {set(g.successors(module)) - allowed}"
+
+
+def test_stages_do_not_import_each_other():
+    g = graph()
+    edges = [(a, b) for a, b in g.edges if a in STAGES and b in STAGES]
+    assert not edges, f"stages importing stages (pass facts instead): {edges}"
 
 
 def test_the_checker_sees_cycles_and_private_imports(tmp_path):
