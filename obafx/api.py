@@ -20,7 +20,7 @@ from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
 from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import criterion, needs_data
+from obafx.passes.importance import criterion, needs_data, resolve_rank
 from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import unit_costs
@@ -39,7 +39,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   train: bool = False, seed: int = 0, progress: bool = False, verify: bool = True,
                   structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
-                  recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: str = "score",
+                  recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: Optional[str] = None,
                   probes: int = 1, capture: str = "auto", counter: Optional[str] = None,
                   uniform: bool = False, keep_widths: Iterable[str] = ()) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
@@ -67,7 +67,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
     None (raw scores comparable across groups: a unit's total over all its slices, in loss units for the
     data-driven criteria, e.g. |g_uᵀθ_u| for Taylor).
-    ``rank``: "score" ranks units by (normalised) score; "per_mac" by RAW score divided by what removing the
+    ``rank``: None (default) = "per_mac" for importance="oba", "score" for every other criterion; "score" ranks units by (normalised) score; "per_mac" by RAW score divided by what removing the
     unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
@@ -90,6 +90,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     if structure != "structured":
         raise ConfigError(f"structure={structure!r}. What to do: use 'structured' or 'unstructured'.")
     steps, ignore, leaf_modules = check_args(steps, ignore, leaf_modules)
+    rank = resolve_rank(rank, importance)
     check_options(normalizer, rank, probes, recalibrate, data)
     if latency is None and latency_options is not None:
         raise ConfigError("latency_options= is given without latency=. What to do: ask for a latency budget, e.g. "

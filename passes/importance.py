@@ -14,7 +14,7 @@ The group-exact "oba_group" score is a loss change per unit by construction. Mag
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -165,12 +165,14 @@ def _oba_group(model, coupling, ctx):
 class Criterion:
     """One importance criterion: ``units(model, coupling, ctx) -> {unit: score}``; ``parameters(model, batches,
     ctx, **kw) -> {name: tensor}`` its per-parameter scores (None: it has none, e.g. magnitude's are not
-    data-driven, oba_group's are per unit); ``needs_data``: scored on calibration batches."""
+    data-driven, oba_group's are per unit); ``needs_data``: scored on calibration batches; ``default_rank``: the
+    ranking compile_prune uses when the caller gives none (see ``resolve_rank``)."""
 
     name: str
     units: Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]
     parameters: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
     needs_data: bool = False
+    default_rank: str = "score"
 
 
 def _data_criterion(name: str, parameters: Callable) -> Criterion:
@@ -181,7 +183,9 @@ def _data_criterion(name: str, parameters: Callable) -> Criterion:
 REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", _magnitude),
     Criterion("random", _random),
-    _data_criterion("oba", _oba_parameters),
+    # OBA's scores are loss changes, comparable across groups: ranked per MAC saved by default (the configuration
+    # the accuracy benchmark supports; README, accuracy section).
+    replace(_data_criterion("oba", _oba_parameters), default_rank="per_mac"),
     Criterion("oba_group", _oba_group, None, True),
     *(_data_criterion(name, _baseline_parameters(name)) for name in ("taylor", "obd", "fisher")),
 )}
@@ -204,6 +208,15 @@ def criterion(importance: Any) -> Optional[Criterion]:
         raise ConfigError(f"importance={importance!r} is unknown. What to do: use one of {sorted(REGISTRY)} or a "
                           "callable (model, coupling, ctx) -> {unit: score}.")
     return REGISTRY[importance]
+
+
+def resolve_rank(rank: Optional[str], importance: Any) -> str:
+    """The ranking rule: ``rank`` when given, else the criterion's default ("per_mac" for "oba", "score" for the
+    other criteria and for callables)."""
+    if rank is not None:
+        return rank
+    entry = criterion(importance)
+    return entry.default_rank if entry is not None else "score"
 
 
 def needs_data(importance: Any) -> bool:

@@ -126,3 +126,24 @@ def test_bad_ranking_options_are_config_errors(kw, words):
     model, x, _ = wide()
     with pytest.raises(ConfigError, match=words):
         obafx.compile_prune(model, x, channels=0.2, **kw)
+
+
+@pytest.mark.parametrize("importance, explicit", [
+    ("oba", dict(mode="residual", rank="per_mac")),  # the library default the accuracy benchmark supports
+    ("taylor", dict(rank="score")),
+    ("magnitude", dict(rank="score")),
+])
+def test_the_default_ranking_is_the_criterions_own(importance, explicit):
+    """rank=None resolves per criterion: OBA ranks residual scores per MAC saved, the others by score. The
+    default's plan equals the explicit one's, and differs from the other rule's (so the test can fail)."""
+    model, x, _ = wide()
+    data = [(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))) for _ in range(2)]
+    kw = dict(macs=0.5, importance=importance, data=data, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = obafx.report(obafx.compile_prune(model, x, **kw)).plan
+        same = obafx.report(obafx.compile_prune(model, x, **kw, **explicit)).plan
+        flipped = dict(explicit, rank="score" if explicit["rank"] == "per_mac" else "per_mac")
+        other = obafx.report(obafx.compile_prune(model, x, **kw, **flipped)).plan
+    assert default == same
+    assert default != other
