@@ -117,10 +117,13 @@ def finetune_best(args, out: Path) -> int:
     rows = [r for r in part["rows"] if "error" not in r]
     chosen = res.best_per_family(res.summarise(rows))
     models, factors = args.models.split(","), {float(f) for f in args.factors.split(",")}
+    families = None if args.families is None else set(args.families.split(","))
     train_loader, test_loader = fmnist.loaders(batch_size=128)
     done: List[Dict[str, Any]] = []
     for r in rows:
         if r["method"] == "dense" or r["model"] not in models or r["factor"] not in factors:
+            continue
+        if families is not None and r["family"] not in families:
             continue
         if chosen.get((r["model"], r["factor"], r["family"])) != r["method"] or "acc_finetuned" in r:
             continue
@@ -191,6 +194,7 @@ def main(argv=None) -> int:
                    help="fine-tune every row in the run (all) or leave it to --finetune-best (none)")
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-best", default=None, help="a result file: fine-tune its best row per family")
+    p.add_argument("--families", default=None, help="with --finetune-best: only these families (comma-separated)")
     p.add_argument("--snapshots", default="benchmarks/cache/snapshots", help="where pruned models are kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 when several jobs share the cores)")
     p.add_argument("--merge", default=None, help="comma-separated result files to combine into --out (runs nothing)")
