@@ -27,13 +27,15 @@ from obafx.passes.macs import param_count, thop_macs
 
 import acc_tp
 
-# method -> (family, compile_prune keyword arguments). The family decides which rows get fine-tuned when not every
+# method -> (family, compile_prune keyword arguments; rank is explicit so that a row keeps its meaning when the
+# library's defaults change). The family decides which rows get fine-tuned when not every
 # row can be (the best of each family per cell).
 METHODS: Dict[str, tuple] = {
-    "oba_residual": ("OBA", dict(importance="oba", mode="residual")),
-    "oba_full": ("OBA", dict(importance="oba", mode="full")),
-    "oba_residual_train": ("OBA", dict(importance="oba", mode="residual", train=True)),
-    "oba_group": ("OBA", dict(importance="oba_group", mode="residual")),
+    "oba_default": ("OBA", dict(importance="oba")),  # whatever the library's defaults are at the run's commit
+    "oba_residual": ("OBA", dict(importance="oba", mode="residual", rank="score")),
+    "oba_full": ("OBA", dict(importance="oba", mode="full", rank="score")),
+    "oba_residual_train": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score")),
+    "oba_group": ("OBA", dict(importance="oba_group", mode="residual", rank="score")),
     "oba_residual_permac": ("OBA", dict(importance="oba", mode="residual", rank="per_mac")),
     "magnitude": ("magnitude", dict(importance="magnitude")),
     "taylor": ("Taylor", dict(importance="taylor")),
