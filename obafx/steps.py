@@ -117,11 +117,13 @@ def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current
                                  lambda gm: _latency_measure(lat, gm), what="latency",
                                  tolerance=lat.options.tolerance, widths0=widths0, rounds=lat.options.candidates,
                                  last=step == steps)
-    except BudgetError as exc:
+    except BudgetError:
+        every = Budget(channels=1.0, max_layer_ratio=budget.max_layer_ratio, round_to=budget.round_to)
+        fastest = estimate(S.select(coupling, scores, every, widths0=widths0))
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
-                          f"removable channel still leaves more than {target:.3g} of the dense latency by the cost "
-                          "model. What to do: ask for a smaller speed-up, raise max_layer_ratio, or drop ignore= "
-                          f"entries. ({exc})") from None
+                          f"removable channel (at most {budget.max_layer_ratio:.0%} of each layer) still keeps "
+                          f"{fastest:.3g} of the dense latency by the cost model, above the target {target:.3g}. What "
+                          "to do: ask for a smaller speed-up, raise max_layer_ratio, or drop ignore= entries.") from None
     note = lat.accept(gm, target)
     if note:
         warn_once(note)
