@@ -123,7 +123,8 @@ def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
                           f"removable channel (at most {budget.max_layer_ratio:.0%} of each layer) still keeps "
                           f"{fastest:.3g} of the dense latency by the cost model, above the target {target:.3g}. What "
-                          "to do: ask for a smaller speed-up, raise max_layer_ratio, or drop ignore= entries.") from None
+                          "to do: ask for a smaller speed-up, raise max_layer_ratio, or drop ignore= "
+                          "entries.") from None
     note = lat.accept(gm, target)
     if note:
         warn_once(note)
