@@ -58,3 +58,47 @@ def fuzz(d: Dict) -> str:
     return ("### Fuzzing the compiler (`python3 benchmarks/fuzz.py --examples 2000`)\n\n"
             f"{d['tried']} random architectures: {d['verified']} pruned and verified{met}{noted}, {d['refused']} refused "
             f"with a clear obafx error, **{d['failed']} failed**.")
+
+
+def latency(d: Dict) -> str:
+    """Requested vs measured speed-up per cell, with the verdict and, for a miss, the reason."""
+    rows = [(c["model"], c["batch"], c["mode"], f"{c['requested_speedup']:g}x",
+             f"{c['speedup']:.2f}x" if c.get("speedup") else "-",
+             f"{c['mac_ratio']:.1f}x" if c.get("mac_ratio") else "-",
+             c["status"] + (f": {_first_clause(c['why'])}" if c.get("why") else "")) for c in d["cells"]]
+    reduced = f" **{d['reduced']}**." if d.get("reduced") else ""
+    return ("### Latency budgets (`python3 benchmarks/latency.py`)\n\n"
+            f"{d['met']} of {d['total']} cells within {d['protocol']['within']:.0%} of the requested speed-up "
+            f"(re-measured, dense and pruned in alternation, {d['protocol']['timer']}).{reduced}\n\n"
+            + table(["model", "batch", "mode", "asked", "measured", "MAC ratio", "verdict"], rows))
+
+
+def _first_clause(text: str, limit: int = 110) -> str:
+    """The reason up to its first ';' (the JSON keeps the whole of it), at most ``limit`` characters."""
+    text = text.split(";")[0].strip()
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def train_speed(d: Dict) -> str:
+    rows = [(r["model"], r["format"], r["batch"], f"{r['mac_ratio']:.2f}", f"{r['train_speedup']:.2f}",
+             f"{r['infer_speedup']:.2f}") for r in d["rows"]]
+    reduced = f" {d['reduced']}." if d.get("reduced") else ""
+    return ("### Training step of the pruned model (`python3 benchmarks/train_speed.py`)\n\n"
+            f"One SGD step, dense and pruned in alternation, medians.{reduced}\n\n"
+            + table(["model", "memory format", "batch", "MAC ratio", "train-step speed-up", "inference speed-up"],
+                    rows))
+
+
+def hvp_cost_group(d: Dict) -> str:
+    """The group-exact score's cost beside OBA's of the same mode (CPU time and peak memory)."""
+    rows = []
+    for m, r in d["models"].items():
+        ops = r["ops"]
+        for mode in ("full", "residual"):
+            g, o = ops.get(f"group_{mode}"), ops.get(mode)
+            if g and o:
+                rows.append((m, mode, f"{g['cpu_s'] / o['cpu_s']:.2f}x", f"{g['peak_mem_mib'] / o['peak_mem_mib']:.2f}x"))
+    return ("### Cost of the group-exact score (`oba_group`) against OBA's (`python3 benchmarks/hvp_cost.py --models "
+            "resnet56 --batch 32 --reps 3 --threads 1 --out benchmarks/results/hvp_cost_group.json`)\n\n"
+            f"Batch {d['settings']['batch']}, median of {d['settings']['reps']}, CPU time (the machine was loaded).\n\n"
+            + table(["model", "mode", "CPU time / OBA", "peak memory / OBA"], rows))

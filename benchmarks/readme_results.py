@@ -161,10 +161,12 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.0f}"
 
 
-HEADLINES = (("throughput", head.throughput), ("hvp_cost", head.hvp_cost), ("zoo", head.zoo),
+HEADLINES = (("throughput", head.throughput), ("latency", head.latency), ("train_speed", head.train_speed),
+             ("hvp_cost", head.hvp_cost), ("hvp_cost_group", head.hvp_cost_group), ("zoo", head.zoo),
              ("analysis_speed", head.analysis_speed), ("fuzz", head.fuzz))
-FULL = (("accuracy", accuracy), ("throughput", throughput), ("hvp_cost", hvp_cost), ("zoo", zoo),
-        ("analysis_speed", analysis_speed), ("fuzz", fuzz))
+FULL = (("accuracy", accuracy), ("throughput", throughput), ("latency", head.latency),
+        ("train_speed", head.train_speed), ("hvp_cost", hvp_cost), ("hvp_cost_group", head.hvp_cost_group),
+        ("zoo", zoo), ("analysis_speed", analysis_speed), ("fuzz", fuzz))
 
 
 def render_full() -> str:
