@@ -102,3 +102,52 @@ def hvp_cost_group(d: Dict) -> str:
             "resnet56 --batch 32 --reps 3 --threads 1 --out benchmarks/results/hvp_cost_group.json`)\n\n"
             f"Batch {d['settings']['batch']}, median of {d['settings']['reps']}, CPU time (the machine was loaded).\n\n"
             + table(["model", "mode", "CPU time / OBA", "peak memory / OBA"], rows))
+
+
+DEFAULT_ROWS = ("oba_default", "oba_residual_permac")  # the library's default OBA configuration (same kwargs)
+
+
+def _acc(s: Dict, col: str) -> str:
+    if col not in s:
+        return "-"
+    n = s.get(col + "_n", s.get("seeds", 1))
+    return f"{s[col]:.3f} ± {s[col + '_std']:.3f} (n={n})" if n > 1 else f"{s[col]:.3f} (n=1)"
+
+
+def _best_per_family(summary: List[Dict]) -> List[Dict]:
+    """Per (model, factor, family) the row with the best recalibrated accuracy; the library default is its own row."""
+    best: Dict[tuple, Dict] = {}
+    for s in summary:
+        fam = "OBA (library default)" if s["method"] in DEFAULT_ROWS else (s.get("family") or s["method"])
+        k = (s["model"], s["factor"], fam)
+        if "acc_pruned" in s and (k not in best or s["acc_pruned"] > best[k]["acc_pruned"]):
+            best[k] = dict(s, family=fam)
+    return sorted(best.values(), key=lambda s: (s["model"], s["factor"], -s["acc_pruned"]))
+
+
+def accuracy(d: Dict) -> str:
+    """The headline: best row of each family per model and budget, both columns, and the plots."""
+    rows = [(s["model"], f"{s['factor']:g}x", s["family"], s["method"], f"{s['macs_ratio']:.3f}",
+             f"{s['params_ratio']:.2f}", _acc(s, "acc_pruned"), _acc(s, "acc_finetuned"))
+            for s in _best_per_family(d["summary"])]
+    dense = {r["model"]: r.get("acc_dense", r.get("test_acc")) for r in d["rows"] if r.get("method") == "dense"}
+    return ("### Accuracy after pruning on Fashion-MNIST (`python3 benchmarks/accuracy.py`)\n\n"
+            f"Data: {d.get('data_set', 'Fashion-MNIST')}. Dense models (committed in benchmarks/models): {dense}. "
+            f"Protocol: {d.get('protocol', '')}\n\n"
+            + table(["model", "MACs /", "family", "best method", "MACs kept", "params kept",
+                     "acc recalibrated, no fine-tune", "acc fine-tuned"], rows)
+            + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")
+
+
+def accuracy_full(d: Dict) -> str:
+    """Every method's summary row, for RESULTS.md."""
+    rows = [(s["model"], f"{s['factor']:g}x", s["method"], s.get("family", ""), f"{s['macs_ratio']:.3f}",
+             f"{s['params_ratio']:.2f}", _acc(s, "acc_pruned"), _acc(s, "acc_finetuned"),
+             f"{s.get('prune_seconds', 0):.0f}")
+            for s in sorted(d["summary"], key=lambda s: (s["model"], s["factor"], -s.get("acc_pruned", 0)))]
+    how = "\n".join(f"`{c}`  " for c in (d.get("commands") or [d.get("command", "")]))
+    notes = "".join(f" {d[k]}" for k in ("tp_hessian_note", "tp_vit_note") if d.get(k))
+    return ("### Accuracy after pruning on Fashion-MNIST: every method\n\n" + how + "\n\n"
+            f"{d.get('protocol', '')}{notes}\n\n"
+            + table(["model", "MACs /", "method", "family", "MACs kept", "params kept", "acc recalibrated",
+                     "acc fine-tuned", "prune s"], rows))
