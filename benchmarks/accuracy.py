@@ -136,7 +136,7 @@ def finetune_best(args, out: Path) -> int:
     return 0
 
 
-def merge(paths: List[str], out: Path) -> int:
+def merge(paths: List[str], out: Path, note: str = "") -> int:
     """Combine per-process files (prune runs, fine-tune runs) into ``out``, its summary and plots."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = res.merge_rows([p["rows"] for p in parts])
@@ -144,7 +144,7 @@ def merge(paths: List[str], out: Path) -> int:
     write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
                           "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
-                          "config": configs, "machine": parts[0]["machine"],
+                          "config": configs, "machine": parts[0]["machine"], "scope_note": note,
                           "rows": rows, "summary": res.summarise(rows)})
     _plots(rows, out)
     return 0
@@ -164,7 +164,7 @@ def _commit() -> str:
 def _header(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {"data_set": DATA_SET, "obafx_commit": _commit(), "protocol": protocol_text(cfg), "tp_hessian_note": acc_tp.TP_HESSIAN_NOTE,
             "tp_vit_note": acc_tp.TP_VIT_NOTE,
-            "finetune_note": "rows with acc_finetuned were fine-tuned; 'finetune_selection' says why a row was"}
+            "finetune_note": "only rows with acc_finetuned were fine-tuned; their 'finetune_selection' says why"}
 
 
 def _plots(rows: List[Dict[str, Any]], out: Path) -> None:
@@ -198,12 +198,13 @@ def main(argv=None) -> int:
     p.add_argument("--snapshots", default="benchmarks/cache/snapshots", help="where pruned models are kept")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 when several jobs share the cores)")
     p.add_argument("--merge", default=None, help="comma-separated result files to combine into --out (runs nothing)")
+    p.add_argument("--note", default="", help="with --merge: what the merged grid covers and leaves out")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.merge:
-        return merge(args.merge.split(","), out)
+        return merge(args.merge.split(","), out, args.note)
     training.set_threads(args.threads)
     if args.finetune_best:
         return finetune_best(args, out)
