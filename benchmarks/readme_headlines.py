@@ -133,7 +133,7 @@ def accuracy(d: Dict) -> str:
     dense = {r["model"]: r.get("acc_dense", r.get("test_acc")) for r in d["rows"] if r.get("method") == "dense"}
     return ("### Accuracy after pruning on Fashion-MNIST (`python3 benchmarks/accuracy.py`)\n\n"
             f"Data: {d.get('data_set', 'Fashion-MNIST')}. Dense models (committed in benchmarks/models): {dense}. "
-            f"Protocol: {d.get('protocol', '')}\n\n"
+            f"Protocol: {d.get('protocol', '')}\n\n" + (f"{d['scope_note']}\n\n" if d.get("scope_note") else "")
             + table(["model", "MACs /", "family", "best method", "MACs kept", "params kept",
                      "acc recalibrated, no fine-tune", "acc fine-tuned"], rows)
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")

@@ -59,20 +59,6 @@ def fuzz(d):
             "the causes are fixed or listed as open in the notes).")
 
 
-def _pm(s, k):
-    return f"{s[k]:.3f} ± {s[k + '_std']:.3f}" if k in s else "-"
-
-
-def _acc_rows(summary):
-    return [(s["model"], f"{s['factor']:g}x", s.get("family") or "-", s["method"], s["seeds"], f"{s['macs_ratio']:.3f}",
-             f"{s['params_ratio']:.2f}", _pm(s, "acc_pruned"), _pm(s, "acc_finetuned"), f"{s['prune_seconds']:.0f}")
-            for s in summary]
-
-
-ACC_HEADER = ["model", "MACs /", "family", "method", "seeds", "MACs kept", "params kept", "acc recalibrated",
-              "acc fine-tuned", "prune s"]
-
-
 def zoo(d):
     models, s = d["models"], d.get("summary", {})
     ob, tp = s.get("obafx", {}), s.get("torch_pruning", {})
