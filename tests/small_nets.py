@@ -33,3 +33,14 @@ class SmoothCNN(nn.Module):
         x = nn.functional.silu(self.bn(self.stem(x)))
         x = x + nn.functional.silu(self.c1(x))
         return self.fc(nn.functional.silu(self.c2(x)).mean((2, 3)))
+
+
+class Wide(nn.Module):
+    """Three Linear layers (6 -> 40 -> 32 -> 4) with ReLUs: two prunable groups of different widths and MACs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 40), nn.Linear(40, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))

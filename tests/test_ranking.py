@@ -18,16 +18,7 @@ from obafx.passes.macs import thop_macs
 from obafx.passes.ranking import mac_savings, param_savings
 from obafx.passes.rewrite import rewrite
 from obafx.passes.trace import trace
-from tests.small_nets import ConcatNet
-
-
-class Wide(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 40), nn.Linear(40, 32), nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+from tests.small_nets import ConcatNet, Wide
 
 
 def wide():

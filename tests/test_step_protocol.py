@@ -11,6 +11,7 @@ import torch.nn as nn
 import obafx
 from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.importance import CRITERIA
+from tests.small_nets import Wide
 
 
 class BnNet(nn.Module):
@@ -100,15 +101,6 @@ def test_without_recalibration_statistics_are_the_original_ones_sliced(kw):
 def test_recalibrate_true_without_data_is_a_config_error():
     with pytest.raises(ConfigError, match="recalibrate=True needs calibration"):
         obafx.compile_prune(bn_net(), batches(1)[0][0], channels=0.5, recalibrate=True)
-
-
-class Wide(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 40), nn.Linear(40, 32), nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def test_layer_cap_is_relative_to_the_original_width_over_all_steps():
