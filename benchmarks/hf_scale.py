@@ -94,7 +94,8 @@ def prune_once(args, distributed: bool) -> Dict[str, Any]:
     batches: Any = data
     if distributed:
         importance, batches = obafx.distributed_importance("oba"), obafx.shard(data)
-    # rank explicitly: "oba" by name defaults to "per_mac", but a callable (distributed_importance) to "score"
+    # rank explicitly, the same in both runs (before distributed_importance carried default_rank, it ranked by
+    # "score" while importance="oba" ranks "per_mac", and the plans differed)
     rec: Dict[str, Any] = {"params_model": sum(p.numel() for p in model.parameters()),
                            "peak_rss_mb_after_build": round(rss_model, 1), "local_batches": len(batches),
                            "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}  # the 2 cores are shared

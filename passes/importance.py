@@ -212,11 +212,11 @@ def criterion(importance: Any) -> Optional[Criterion]:
 
 def resolve_rank(rank: Optional[str], importance: Any) -> str:
     """The ranking rule: ``rank`` when given, else the criterion's default ("per_mac" for "oba", "score" for the
-    other criteria and for callables)."""
+    other criteria, and for callables unless they carry a ``default_rank`` attribute, as obafx.distributed's do)."""
     if rank is not None:
         return rank
     entry = criterion(importance)
-    return entry.default_rank if entry is not None else "score"
+    return entry.default_rank if entry is not None else getattr(importance, "default_rank", "score")
 
 
 def needs_data(importance: Any) -> bool:

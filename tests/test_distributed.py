@@ -191,6 +191,19 @@ def test_without_process_group_matches_builtin_criterion():
         assert obafx.report(ours).importance == f"{crit} (distributed)"
 
 
+def test_without_process_group_matches_builtin_criterion_under_a_macs_budget():
+    """A MACs budget ranks "oba" per MAC by default: the distributed callable must rank the same way (on a tiny
+    LLaMA, where groups' MACs per unit differ, so ranking by score alone gives another plan)."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import VOCAB, build
+    model, g = build("llama"), torch.Generator().manual_seed(0)
+    data = [(ids, ids) for ids in (torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(2))]
+    kw = dict(data=data, macs=0.6, loss_fn=obafx.causal_lm_loss, verify=False)
+    ours = obafx.compile_prune(model, data[0][0], importance=distributed_importance("oba"), **kw)
+    ref = obafx.compile_prune(model, data[0][0], importance="oba", **kw)
+    assert obafx.report(ours).plan == obafx.report(ref).plan
+
+
 def test_all_reduce_scores_weights_by_batch_count_and_shard_covers_data():
     s = {"w": torch.tensor([1.0, 3.0], dtype=torch.float64)}
     assert torch.equal(all_reduce_scores(s, 4)["w"], s["w"])  # world size 1: the mean is the local mean
