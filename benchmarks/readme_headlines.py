@@ -154,3 +154,29 @@ def accuracy_full(d: Dict) -> str:
             f"{d.get('protocol', '')}{notes}\n\n"
             + table(["model", "MACs /", "method", "family", "MACs kept", "params kept", "acc recalibrated",
                      "acc fine-tuned", "prune s"], rows))
+
+
+def _same_plan(dist: Dict) -> str:
+    if not dist:
+        return ""
+    same = dist.get("same_plan_all_ranks") and dist.get("same_plan_as_single")
+    return ("Every rank ends with the single process's plan." if same else
+            "**The ranks' plans differ from each other or from the single process's.**")
+
+
+def hf_scale(d: Dict) -> str:
+    """OBA on a ~100M-parameter LLaMA: time and peak memory, one process and under torchrun."""
+    runs = [("1 process", d["single"])] + [(f"torchrun x{d['torchrun_x2']['world_size']}, rank {r['rank']}", r)
+                                           for r in d.get("torchrun_x2", {}).get("ranks", [])]
+    rows = [(name, f"{r['wall_s']:.0f}", f"{r['seconds'].get('score', 0):.0f}", f"{r['peak_rss_mb'] / 1024:.1f}",
+             f"{r['params_before'] / 1e6:.0f}M -> {r['params_after'] / 1e6:.0f}M", f"{r['flops_ratio']:.3f}",
+             f"{r['masked_error']:.1e}") for name, r in runs]
+    p = d["protocol"]
+    return ("### OBA on a ~100M-parameter LLaMA (`python3 benchmarks/hf_scale.py`; `torchrun --standalone "
+            "--nproc_per_node=2 benchmarks/hf_scale.py`)\n\n"
+            f"Built from config ({p['config']['num_hidden_layers']} layers, hidden {p['config']['hidden_size']}, GQA "
+            f"{p['config']['num_attention_heads']}/{p['config']['num_key_value_heads']}), captured with torch.export, "
+            f"macs={p['macs']} by FlopCounterMode, {p['batches']} calibration batches of {p['batch_shape']} random "
+            "tokens (timing only), 1 thread per process on a shared 2-core CPU (two ranks compete for it). "
+            + _same_plan(d.get("torchrun_x2", {})) + "\n\n"
+            + table(["run", "wall s", "score s", "peak RSS GB", "params", "FLOPs kept", "masked error"], rows))

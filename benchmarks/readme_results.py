@@ -125,11 +125,12 @@ def _ms(seconds) -> str:
 
 
 HEADLINES = (("accuracy", head.accuracy), ("throughput", head.throughput), ("latency", head.latency), ("train_speed", head.train_speed),
-             ("hvp_cost", head.hvp_cost), ("hvp_cost_group", head.hvp_cost_group), ("zoo", head.zoo),
+             ("hvp_cost", head.hvp_cost), ("hvp_cost_group", head.hvp_cost_group), ("hf_scale", head.hf_scale),
+             ("zoo", head.zoo),
              ("analysis_speed", head.analysis_speed), ("fuzz", head.fuzz))
 FULL = (("accuracy", head.accuracy_full), ("throughput", throughput), ("latency", head.latency),
         ("train_speed", head.train_speed), ("hvp_cost", hvp_cost), ("hvp_cost_group", head.hvp_cost_group),
-        ("zoo", zoo), ("analysis_speed", analysis_speed), ("fuzz", fuzz))
+        ("hf_scale", head.hf_scale), ("zoo", zoo), ("analysis_speed", analysis_speed), ("fuzz", fuzz))
 
 
 def render_full() -> str:
