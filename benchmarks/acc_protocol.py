@@ -39,6 +39,7 @@ METHODS: Dict[str, tuple] = {
     "oba_residual_permac": ("OBA", dict(importance="oba", mode="residual", rank="per_mac")),
     "magnitude": ("magnitude", dict(importance="magnitude")),
     "taylor": ("Taylor", dict(importance="taylor")),
+    "taylor_permac": ("Taylor", dict(importance="taylor", rank="per_mac")),  # the control for OBA's per-MAC ranking
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),
