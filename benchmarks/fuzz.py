@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 
 from arch_strategy import cases, describe  # noqa: E402
+from common import machine_info  # noqa: E402
 from test_fuzz import check_case  # noqa: E402
 from obafx.passes.fit import TOLERANCE  # noqa: E402
 
@@ -86,7 +87,7 @@ def write(tally: Tally, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".partial"
     with open(tmp, "w") as f:
-        json.dump(tally.to_json(), f, indent=1, default=str)
+        json.dump({**tally.to_json(), "machine": machine_info()}, f, indent=1, default=str)
     os.replace(tmp, path)
 
 

@@ -1,18 +1,13 @@
 """Smoke test: benchmarks/hvp_cost.py runs end to end in its --quick setting and writes the promised JSON."""
-import importlib.util
 import json
-import os
 
 import pytest
+from tests.bench_scripts import load_benchmark
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hvp_cost.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("hvp_cost_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('hvp_cost')
 
 
 def test_quick_run_writes_the_json_schema(tmp_path):

@@ -1,23 +1,18 @@
 """Smoke test: benchmarks/hf_scale.py --tiny (single process) prunes a 2-layer LLaMA built from config with OBA
 on random-token batches and writes the promised JSON: protocol, machine, wall time, per-stage seconds, peak RSS,
 params and FLOPs before/after, masked_error, torch threads."""
-import importlib.util
 import json
-import os
 
 import pytest
 
 from tests.prune_oracles import one_thread
+from tests.bench_scripts import load_benchmark
 
 pytest.importorskip("transformers")
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hf_scale.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("hf_scale_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('hf_scale')
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,17 @@
 """Smoke test: benchmarks/latency.py --quick runs end to end (with a deterministic injected timer, so no number
 depends on this machine's load) and writes the promised JSON: machine, protocol, one cell per request with its
 verdict and the numbers the verdict follows from."""
-import importlib.util
 import json
-import os
 
 import pytest
 
 from tests.prune_oracles import one_thread
+from tests.bench_scripts import load_benchmark
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "latency.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("latency_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('latency')
 
 
 def params_timer(module, args):

@@ -1,14 +1,12 @@
 """Smoke test: benchmarks/throughput.py --quick runs end to end and writes the promised JSON and PNG, with
 speed-ups, throughputs and MAC ratios that follow from the medians and counts stored beside them."""
-import importlib.util
 import json
 import math
-import os
 import statistics
 
 import pytest
+from tests.bench_scripts import load_benchmark
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "throughput.py")
 NUMBER = (int, float)
 ROW_NUMBERS = ("budget", "round_to", "batch_throughput", "prune_s", "macs_thop_dense", "macs_thop_pruned",
                "macs_flopcounter_dense", "macs_flopcounter_pruned", "params_dense", "params_pruned",
@@ -18,10 +16,7 @@ ROW_NUMBERS = ("budget", "round_to", "batch_throughput", "prune_s", "macs_thop_d
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('throughput')
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,16 @@
 """Smoke test: benchmarks/train_speed.py --quick prunes, times dense and pruned SGD steps and inference in both
 memory formats, and writes JSON whose speed-ups follow from the medians stored beside them."""
-import importlib.util
 import json
 import math
-import os
 import statistics
 
 import pytest
+from tests.bench_scripts import load_benchmark
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "train_speed.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_speed_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('train_speed')
 
 
 def test_quick_run_rows_are_consistent(tmp_path):
