@@ -60,6 +60,43 @@ def best_per_family(summary: List[Dict[str, Any]], field: str = "acc_pruned") ->
     return {k: s["method"] for k, s in best.items()}
 
 
+DEFAULT_METHODS = ("oba_default", "oba_residual_permac")  # the library's default OBA configuration (same kwargs)
+COLUMNS = ("acc_pruned", "acc_finetuned")
+
+
+def verdicts(summary: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The issue's test, per (model, factor, column): the library's default OBA against the best baseline.
+
+    Baselines are the rows of every family but OBA. A cell is ``within_one_std`` when the default's mean is at
+    least the best baseline's mean minus the pooled std of the two rows (sqrt of the mean of the two variances, over
+    seeds); ``margin`` is default minus best. Returns the cells, the mean margin per column and overall, and
+    whether every cell is within one std. Cells where either side has one seed are flagged ``one_seed``.
+    """
+    cells = []
+    for (model, factor) in sorted({(s["model"], s["factor"]) for s in summary}):
+        here = [s for s in summary if s["model"] == model and s["factor"] == factor]
+        for col in COLUMNS:
+            default = max((s for s in here if s["method"] in DEFAULT_METHODS and col in s),
+                          key=lambda s: s[col + "_n"], default=None)
+            base = [s for s in here if s.get("family") != "OBA" and col in s]
+            if default is None or not base:
+                continue
+            best = max(base, key=lambda s: s[col])
+            pooled = ((default[col + "_std"] ** 2 + best[col + "_std"] ** 2) / 2) ** 0.5
+            cells.append({"model": model, "factor": factor, "column": col, "default": default[col],
+                          "default_std": default[col + "_std"], "default_n": default[col + "_n"],
+                          "best_baseline": best["method"], "best": best[col], "best_std": best[col + "_std"],
+                          "best_n": best[col + "_n"], "margin": default[col] - best[col], "pooled_std": pooled,
+                          "within_one_std": default[col] >= best[col] - pooled,
+                          "one_seed": min(default[col + "_n"], best[col + "_n"]) < 2})
+    mean = {col: statistics.fmean(c["margin"] for c in cells if c["column"] == col)
+            for col in COLUMNS if any(c["column"] == col for c in cells)}
+    return {"rule": "default OBA mean >= best baseline mean - pooled std (per cell); margin = default - best",
+            "cells": cells, "mean_margin": mean,
+            "mean_margin_all": statistics.fmean(c["margin"] for c in cells) if cells else None,
+            "all_within_one_std": bool(cells) and all(c["within_one_std"] for c in cells)}
+
+
 def _plt():
     import matplotlib
 

@@ -110,7 +110,7 @@ def run(args, cfg: Dict[str, Any], out: Path) -> int:
 
 
 def finetune_best(args, out: Path) -> int:
-    """Fine-tune, per (model, budget), the rows of the best method of each family (by mean acc_pruned)."""
+    """Fine-tune, per (model, budget), the best method of each family (by mean acc_pruned) and the library default."""
     part = json.loads(Path(args.finetune_best).read_text())
     cfg = {**(part["config"][0] if isinstance(part["config"], list) else part["config"]),
            "finetune_epochs": args.finetune_epochs, "finetune_steps": None}
@@ -125,10 +125,13 @@ def finetune_best(args, out: Path) -> int:
             continue
         if families is not None and r["family"] not in families:
             continue
-        if chosen.get((r["model"], r["factor"], r["family"])) != r["method"] or "acc_finetuned" in r:
+        is_default = r["method"] in res.DEFAULT_METHODS
+        if (chosen.get((r["model"], r["factor"], r["family"])) != r["method"] and not is_default) \
+                or "acc_finetuned" in r:
             continue
+        why = "the library's default OBA" if is_default else "best of its family by mean acc_pruned"
         model = torch.load(r["snapshot"], weights_only=False)
-        done.append(proto.finetune_row({**r, "finetune_selection": "best of its family by mean acc_pruned"},
+        done.append(proto.finetune_row({**r, "finetune_selection": why},
                                        model, train_loader.dataset, test_loader, cfg))
         print(json.dumps({k: v for k, v in done[-1].items() if k not in ("widths", "groups")}), flush=True)
         write(out, cfg, done)
@@ -145,7 +148,8 @@ def merge(paths: List[str], out: Path, note: str = "") -> int:
                           "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
                           "config": configs, "machine": parts[0]["machine"], "scope_note": note,
-                          "rows": rows, "summary": res.summarise(rows)})
+                          "rows": rows, "summary": res.summarise(rows),
+                          "verdict": res.verdicts(res.summarise(rows))})
     _plots(rows, out)
     return 0
 
@@ -177,7 +181,8 @@ def _plots(rows: List[Dict[str, Any]], out: Path) -> None:
 
 def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **_header(cfg),
-                          "config": cfg, "machine": machine_info(), "rows": rows, "summary": res.summarise(rows)})
+                          "config": cfg, "machine": machine_info(), "rows": rows, "summary": res.summarise(rows),
+                          "verdict": res.verdicts(res.summarise(rows))})
 
 
 def main(argv=None) -> int:

@@ -107,7 +107,7 @@ def hvp_cost_group(d: Dict) -> str:
             + table(["model", "mode", "CPU time / OBA", "peak memory / OBA"], rows))
 
 
-DEFAULT_ROWS = ("oba_default", "oba_residual_permac")  # the library's default OBA configuration (same kwargs)
+DEFAULT_ROWS = ("oba_default", "oba_residual_permac")  # as acc_results.DEFAULT_METHODS (this module imports no benchmark)
 
 
 def _acc(s: Dict, col: str) -> str:
@@ -139,7 +139,22 @@ def accuracy(d: Dict) -> str:
             f"Protocol: {d.get('protocol', '')}\n\n" + (f"{d['scope_note']}\n\n" if d.get("scope_note") else "")
             + table(["model", "MACs /", "family", "best method", "MACs kept", "params kept",
                      "acc recalibrated, no fine-tune", "acc fine-tuned"], rows)
+            + "\n\n" + _verdict(d.get("verdict"))
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")
+
+
+def _verdict(v) -> str:
+    """The issue's test per cell: the library default against the best baseline, both columns."""
+    if not v or not v.get("cells"):
+        return ""
+    col = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}
+    rows = [(c["model"], f"{c['factor']:g}x", col[c["column"]], f"{c['default']:.3f} ± {c['default_std']:.3f} "
+             f"(n={c['default_n']})", f"{c['best_baseline']} {c['best']:.3f} ± {c['best_std']:.3f} (n={c['best_n']})",
+             f"{c['margin']:+.3f}", "yes" if c["within_one_std"] else "**no**") for c in v["cells"]]
+    means = ", ".join(f"{col[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
+    return (f"Default OBA against the best baseline in each cell ({v['rule']}). Mean margin: {means}; "
+            f"all cells within one std: {'yes' if v['all_within_one_std'] else 'no'}.\n\n"
+            + table(["model", "MACs /", "column", "default OBA", "best baseline", "margin", "within one std"], rows))
 
 
 def accuracy_full(d: Dict) -> str:

@@ -63,3 +63,23 @@ def test_accuracy_quick(tmp_path, monkeypatch):
     assert len(both["rows"]) == len(data["rows"]) + len(rows)
     assert {s["factor"] for s in both["summary"]} == {2.0, 3.0}
     assert merged.with_suffix(".png").exists() and (tmp_path / "merged_widths.png").exists()
+
+
+def test_verdict_rule():
+    """The per-cell verdict: default mean >= best baseline mean - pooled std; OBA variants are not baselines."""
+    bench = _bench()
+    rows = [{"model": "m", "method": meth, "family": fam, "factor": f, "seed": s, "acc_pruned": acc}
+            for f, best in ((2.0, 0.75), (3.0, 0.8))
+            for meth, fam, s, acc in [("oba_default", "OBA", 0, 0.8), ("oba_default", "OBA", 1, 0.6),
+                                      ("oba_full", "OBA", 0, 0.99), ("oba_full", "OBA", 1, 0.99),
+                                      ("taylor", "Taylor", 0, best), ("taylor", "Taylor", 1, best),
+                                      ("random", "random", 0, 0.1), ("random", "random", 1, 0.1)]]
+    v = bench.res.verdicts(bench.res.summarise(rows))
+    by_factor = {c["factor"]: c for c in v["cells"]}
+    assert set(by_factor) == {2.0, 3.0} and all(c["column"] == "acc_pruned" for c in v["cells"])
+    pooled = (0.1 ** 2 / 2) ** 0.5  # default's std 0.1 over two seeds, taylor's 0
+    for f, margin, within in ((2.0, -0.05, True), (3.0, -0.1, False)):
+        c = by_factor[f]
+        assert c["best_baseline"] == "taylor" and abs(c["margin"] - margin) < 1e-12
+        assert abs(c["pooled_std"] - pooled) < 1e-12 and c["within_one_std"] is within and not c["one_seed"]
+    assert abs(v["mean_margin"]["acc_pruned"] - (-0.075)) < 1e-12 and v["all_within_one_std"] is False
