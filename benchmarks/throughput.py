@@ -1,7 +1,8 @@
 """Is the speed-up real? Latency and throughput of dense versus obafx-pruned models, eager and torch.compile.
 
 Each model is pruned with ``obafx.compile_prune(model, x, macs=1/2)`` and ``macs=1/3`` (importance "magnitude";
-resnet50 also at 1/2 with ``round_to=8`` and ``16``). Dense and pruned variants are timed in ALTERNATION (order
+resnet50 also at 1/2 with ``round_to=8`` and ``16``; vit_b_16 also at 1/2 of FlopCounterMode's count,
+``counter="flops"``, which counts attention's matmuls that thop leaves out). Dense and pruned variants are timed in ALTERNATION (order
 rotated every round) so a slow burst of this shared machine hits all alike; numbers are medians over ``--reps``
 rounds, compared only as ratios within one run (speed-up = dense median / pruned median), on the wall clock
 (headline) and on process CPU time (with one thread it ignores the time other jobs hold the core).
@@ -15,7 +16,7 @@ shape here: it runs for ``--compile-models`` only, starting no compile after ``-
 (failures, timeouts and skips are recorded). resnet50 also gets a layer profile (where the time goes).
 
 Usage: python3 benchmarks/throughput.py [--models resnet50,...] [--quick] [--reps 7] [--no-compile]
-       [--compile-models resnet50] [--compile-budget 720] [--threads 1] [--no-profile] [--out PATH]
+       [--compile-models resnet50] [--compile-budget 720] [--threads 1] [--no-profile] [--update] [--out PATH]
 Writes JSON (default benchmarks/results/throughput.json) and a PNG beside it (speed-up vs MAC ratio, y = x).
 Target: on the CPU, resnet50 at 2x fewer MACs reaches a speed-up of at least 0.8x its MAC ratio.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import math
 import os
 import resource
@@ -67,6 +69,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--compile-timeout", type=int, default=400, help="seconds for one model's compile")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (recorded)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip resnet50's layer profile")
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of the models not run from the existing --out file (a partial rerun)")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     args.models = ["resnet20"] if args.quick else [m for m in args.models.split(",") if m]
@@ -81,9 +85,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def variants(name: str) -> List[Dict[str, Any]]:
-    """(MAC fraction kept, round_to) pairs pruned for ``name``; resnet50 adds round_to variants at 2x (second:
-    they go before 3x into the compile budget)."""
+    """(MAC fraction kept, round_to[, counter]) variants pruned for ``name``; resnet50 adds round_to variants at 2x
+    (second: they go before 3x into the compile budget), vit_b_16 a 2x budget counted by FlopCounterMode."""
     extra = [{"budget": 1 / 2, "round_to": 8}, {"budget": 1 / 2, "round_to": 16}] if name == "resnet50" else []
+    if name == "vit_b_16":  # thop leaves out attention's matmuls: also ask for half of FlopCounterMode's count
+        extra = [{"budget": 1 / 2, "round_to": 1, "counter": "flops"}]
     return [{"budget": 1 / 2, "round_to": 1}, *extra, {"budget": 1 / 3, "round_to": 1}]
 
 
@@ -118,14 +124,16 @@ def prune_all(name: str, dense: torch.nn.Module, x: torch.Tensor) -> List[Dict[s
     out = []
     for v in variants(name):
         start = time.perf_counter()
-        pruned = obafx.compile_prune(dense, x, macs=v["budget"], importance="magnitude", round_to=v["round_to"])
+        pruned = obafx.compile_prune(dense, x, macs=v["budget"], importance="magnitude", round_to=v["round_to"],
+                                     counter=v.get("counter", "thop"))
         out.append({**v, "label": label(v), "module": pruned.eval(), "prune_s": time.perf_counter() - start,
                     "masked_error": obafx.report(pruned).masked_error, **counts(pruned, x)})
     return out
 
 
 def label(v: Dict[str, Any]) -> str:
-    return f"{1 / v['budget']:.0f}x" + (f"-r{v['round_to']}" if v["round_to"] > 1 else "")
+    return (f"{1 / v['budget']:.0f}x" + (f"-r{v['round_to']}" if v["round_to"] > 1 else "")
+            + (f"-{v['counter']}" if v.get("counter", "thop") != "thop" else ""))
 
 
 def timed(fn: Callable[[], Any], calls: int, device: str) -> Tuple[float, float, float]:
@@ -209,7 +217,8 @@ def measure(fns: Dict[str, Callable], x1: torch.Tensor, xb: torch.Tensor, rounds
 def make_row(name: str, mode: str, dense: Dict, v: Dict, times: Dict[str, Dict], batch: int,
              compile_info: Dict[str, Dict], device: str) -> Dict[str, Any]:
     """One result row: counts before/after, medians, speed-ups (dense median / pruned median) and efficiency."""
-    row = {"model": name, "budget": v["budget"], "budget_label": label(v), "round_to": v["round_to"], "mode": mode,
+    row = {"model": name, "budget": v["budget"], "budget_label": label(v), "round_to": v["round_to"],
+           "counter": v.get("counter", "thop"), "mode": mode,
            "device": device, "input_shape": list(SPECS[name][1]), "batch_throughput": batch,
            "weights": dense["weights"], "prune_s": v["prune_s"], "masked_error": v["masked_error"]}
     for key in ("macs_thop", "macs_flopcounter", "params"):
@@ -369,6 +378,22 @@ def plot(rows: List[Dict[str, Any]], path: str, device: str) -> None:
     plt.close(fig)
 
 
+def updated(path: str, report: Dict[str, Any], models: List[str]) -> Dict[str, Any]:
+    """``report`` merged into the run already at ``path``: that run's rows and profiles of the other models stay,
+    with its machine and settings, and this run is listed under "partial_reruns" (machine, settings, models)."""
+    if not os.path.isfile(path):
+        return report
+    with open(path) as f:
+        old = json.load(f)
+    rerun = {"models": models, "machine": report["machine"], "settings": report["settings"],
+             "runtime_s": report["runtime_s"]}
+    return {**old, "rows": [r for r in old["rows"] if r["model"] not in models] + report["rows"],
+            "profile": {**{k: v for k, v in old.get("profile", {}).items() if k not in models}, **report["profile"]},
+            "partial_reruns": [*old.get("partial_reruns", []), rerun],
+            "target": {**TARGET, "checks": target_check([r for r in old["rows"] if r["model"] not in models]
+                                                         + report["rows"])}}
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the benchmark (see the module docstring for ``argv``); writes the JSON and the PNG, returns the JSON."""
     args = parse_args(argv)
@@ -387,6 +412,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                                "importance": "magnitude"},
               "target": {**TARGET, "checks": target_check(rows)}, "rows": rows, "profile": profiles,
               "runtime_s": time.perf_counter() - start}
+    if args.update:
+        report = updated(args.out, report, args.models)
     write_json(args.out, report)
     plot(rows, os.path.splitext(args.out)[0] + ".png", args.device)
     return report

@@ -68,3 +68,23 @@ def test_derived_numbers_are_consistent(quick):
 def test_rejects_unknown_model():
     with pytest.raises(SystemExit):
         load_script().main(["--models", "no_such_model"])
+
+
+def test_update_keeps_the_other_models(quick, tmp_path):
+    """--update: a partial rerun replaces its models' rows and keeps the rest of the earlier file, noting the rerun."""
+    script, report = load_script(), quick[2]
+    earlier = {**report, "rows": [{**report["rows"][0], "model": "other"}, {**report["rows"][0]}],
+               "profile": {"other": {"x": 1}, "resnet20": {"old": 1}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(earlier))
+    merged = script.updated(str(path), {**report, "profile": {}}, ["resnet20"])
+    assert [r["model"] for r in merged["rows"]] == ["other"] + [r["model"] for r in report["rows"]]
+    assert merged["profile"] == {"other": {"x": 1}} and merged["partial_reruns"][0]["models"] == ["resnet20"]
+
+
+def test_vit_b_16_asks_for_half_its_flops_too():
+    """vit_b_16's variants include a 2x budget by FlopCounterMode (counter="flops"), labelled so in the table."""
+    script = load_script()
+    flops = [v for v in script.variants("vit_b_16") if v.get("counter") == "flops"]
+    assert len(flops) == 1 and flops[0]["budget"] == 0.5 and script.label(flops[0]) == "2x-flops"
+    assert all("counter" not in v for v in script.variants("resnet50"))
