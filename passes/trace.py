@@ -11,77 +11,19 @@ forward, data-dependent Python), it runs for real and records the same skeletons
 from __future__ import annotations
 
 import difflib
-import inspect
-import os
-import sys
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SOURCE_KEY, ConfigError, TraceError, describe_node
+from .errors import ConfigError, TraceError, describe_node
 from .facts import Recorded, Traced  # noqa: F401 (Recorded, Traced: re-exported, they used to live here)
 from .private_copy import private_copy
 from .record import FAILED_NODE, record_values
+from .tracer import LeafTracer
 from .tensors import fingerprint as _fingerprint
 from .tensors import named_tensors, owner_and_attr, tensor_aliases  # noqa: F401 (re-exported)
-
-
-class _LeafTracer(fx.Tracer):
-    """fx's tracer that also treats the user's chosen modules (by qualified name or type) as leaves."""
-
-    def __init__(self, leaf_modules: Iterable[Any] = ()):
-        super().__init__()
-        leaves = tuple(leaf_modules)
-        self._leaf_names = {x for x in leaves if isinstance(x, str)}
-        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        where = _user_frame()
-        if where is not None:
-            node.meta[SOURCE_KEY] = where
-        return node
-
-    def create_arg(self, a: Any) -> Any:
-        # fx's create_arg runs a dozen type checks per value; plain constants, proxies and plain tuples and lists
-        # of them (most arguments) lower exactly as fx would lower them, so take them first (~10% of a trace).
-        kind = type(a)
-        if kind in _PLAIN_CONSTANTS:
-            return a
-        if kind is fx.Proxy:
-            return a.node
-        if kind is tuple:
-            return tuple(self.create_arg(e) for e in a)
-        if kind is list:
-            return [self.create_arg(e) for e in a]
-        return super().create_arg(a)
-
-
-_PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None)))
-_TRACE_CODE = inspect.unwrap(fx.Tracer.trace).__code__
-_NOT_USER_CODE = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
-
-
-def _user_frame() -> Optional[Tuple[str, int, str]]:
-    """(file, line, function) of the innermost frame of model code (not torch, not obafx's passes) between here
-    and fx's ``Tracer.trace``; None when no model code is on that stack (a bare nn.Sequential; inside a model,
-    a Sequential's nodes get the line that calls it).
-    Errors and reports name this line. A frame walk costs a few microseconds a node, where fx's
-    ``record_stack_traces`` formats a whole traceback per node."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code is not _TRACE_CODE:
-        code = frame.f_code
-        if not code.co_filename.startswith(_NOT_USER_CODE):
-            return code.co_filename, frame.f_lineno, code.co_name
-        frame = frame.f_back
-    return None
 
 
 def as_inputs(example_input: Any) -> Tuple[Any, ...]:
@@ -126,7 +68,7 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     check_precision(model, inputs)
     leaf_modules = _checked_leaf_modules(model, leaf_modules)
     private = private_copy(model)
-    tracer = _LeafTracer(leaf_modules)
+    tracer = LeafTracer(leaf_modules)
     try:
         graph = tracer.trace(private)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): report them all.

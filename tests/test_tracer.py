@@ -1,0 +1,79 @@
+"""obafx's tracer (passes/tracer.py) against torch.fx's own: the same graph, node names, arguments, module
+stacks and scope bookkeeping, on torchvision models and every small test model; fx's own path where asked."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+
+from obafx.passes.errors import SOURCE_KEY
+from obafx.passes.tracer import LeafTracer
+from tests.small_models import CASES
+
+
+class Twice(nn.Module):
+    """One leaf and one non-leaf module each called twice (fx's ``name@1`` module-stack keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+
+    def forward(self, x):
+        return self.block(self.block(self.conv(self.conv(x)))) + torch.cat([x, x], 1).sum(1, keepdim=True)
+
+
+def _describe(tracer: fx.Tracer, model: nn.Module):
+    """Everything fx's tracer decides, as plain data: nodes (with their module stacks) and the tracer's scopes."""
+    graph = tracer.trace(model)
+    nodes = [(n.name, n.op, str(n.target), str(n.args), str(n.kwargs), str(n.type),
+              list(n.meta.get("nn_module_stack", {}).items()), type(n.meta.get("nn_module_stack")))
+             for n in graph.nodes]
+    return nodes, dict(tracer.node_name_to_scope), dict(tracer.num_calls), (tracer.scope.module_path,
+                                                                              tracer.scope.module_type)
+
+
+MODELS = {"twice": Twice, "resnet18": lambda: torchvision.models.resnet18(),
+          "densenet121": lambda: torchvision.models.densenet121(),
+          "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
+          "vit_b_16": lambda: torchvision.models.vit_b_16(), **{f"small:{k}": c.make for k, c in CASES.items()}}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_same_graph_as_fx(name):
+    model = MODELS[name]()
+    ours, theirs = _describe(LeafTracer(), model), _describe(fx.Tracer(), model)
+    assert ours == theirs
+    assert any(row[6] for row in ours[0])  # the module stacks were compared, not two empty lists
+
+
+def test_fx_path_when_asked_for_stack_traces():
+    """With record_stack_traces fx's own create_node runs (it formats the stack traces); source lines stay."""
+    tracer = LeafTracer()
+    tracer.record_stack_traces = True
+    graph = tracer.trace(Twice())
+    convs = [n for n in graph.nodes if n.op == "call_module"]
+    assert all(n.stack_trace for n in convs) and all(SOURCE_KEY in n.meta for n in convs)
+
+
+def test_scope_restored_when_forward_raises():
+    """A module whose forward fails mid-trace leaves the tracer's scope as it found it (fx's context manager)."""
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bad = Bad()
+
+        def forward(self, x):
+            return self.bad(x)
+
+    tracer = LeafTracer()
+    with pytest.raises(RuntimeError, match="boom"):
+        tracer.trace(Outer())
+    assert (tracer.scope.module_path, tracer.scope.module_type) == ("", None)
