@@ -1,15 +1,21 @@
 """Training-step time of dense vs pruned models: does a pruned model fine-tune as much faster as it runs?
 
 Each model (obafx.bench.models, random weights) is pruned with ``compile_prune(model, x, macs=--budget)``
-(importance "magnitude"); then one SGD step (forward, cross-entropy, backward, optimizer step; batch ``--batch``,
-1x32x32 inputs) of the dense and of the pruned model is timed in ALTERNATION (order swapped every round), eager,
-with and without channels_last (obafx.bench.channels_last: the torch bug's conv shape runs contiguous). Medians
-over ``--rounds`` rounds of ``--steps`` steps each; speed-up = dense median / pruned median, beside the MAC ratio
-(thop) and the inference speed-up at the same batch, timed the same way, so the two can be compared.
+(default importance) in each of ``--variants`` (benchmarks/train_variants.py): "pruned" (defaults), "round<N>"
+(round_to=N), "uniform" (uniform=True), and "ideal", not pruned but the same architecture built with every width
+times sqrt(budget) (ResNets, VGG-BN), the MAC-ideal control. One SGD step (forward, cross-entropy, backward,
+optimizer step; batch ``--batch``, 1x32x32 inputs) of the dense model and of every variant is timed in
+ALTERNATION (order reversed every round), eager, with and without channels_last (obafx.bench.channels_last: the
+torch bug's conv shape runs contiguous), on the wall clock and on this process's CPU time (which leaves out the
+time other jobs hold a shared core). Medians over ``--rounds`` rounds of ``--steps`` steps each; speed-up = dense
+median / variant median, beside the MAC ratio (thop), the MAC ratio with every channel count rounded up to 16
+(what AVX-512 oneDNN kernels compute), and the inference speed-up at the same batch, timed the same way.
+``--profile`` adds a torch.profiler breakdown of one step by op category (conv forward/backward, BatchNorm, ReLU,
+add, copies/reorders, optimizer).
 
 Usage: python3 benchmarks/train_speed.py [--models resnet20,resnet56,vgg_bn,vit_tiny] [--budget 0.5]
-       [--batch 128] [--rounds 5] [--steps 3] [--threads 1] [--formats contiguous,channels_last] [--quick]
-       [--reduced "why"] [--out benchmarks/results/train_speed.json]
+       [--variants pruned,round8,ideal] [--profile] [--batch 128] [--rounds 5] [--steps 3] [--threads 1]
+       [--formats contiguous,channels_last] [--quick] [--reduced "why"] [--out benchmarks/results/train_speed.json]
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from obafx.bench import models
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import machine_info, write_json  # noqa: E402
+import train_variants as parts  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "train_speed.json")
 
@@ -43,6 +50,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (median)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--formats", default="contiguous,channels_last")
+    p.add_argument("--variants", default="pruned,round8,ideal",
+                   help="beside dense: pruned, uniform, round<N> (round_to=N), ideal (all widths x sqrt(budget))")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler per-op breakdown to every row")
     p.add_argument("--reduced", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: resnet20 at width 4, batch 8, 1 round")
     p.add_argument("--out", default=DEFAULT_OUT)
@@ -51,6 +61,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.models, args.batch, args.rounds, args.steps = "resnet20", 8, 1, 1
     args.models = [m for m in args.models.split(",") if m]
     args.formats = [f for f in args.formats.split(",") if f]
+    args.variants = [v for v in args.variants.split(",") if v]
+    for v in args.variants:
+        try:
+            parts.variant_kwargs(v)
+        except ValueError as exc:
+            p.error(str(exc))
     bad = [m for m in args.models if m not in models.MODELS] + [f for f in args.formats
                                                                if f not in ("contiguous", "channels_last")]
     if bad or not 0 < args.budget < 1 or min(args.batch, args.rounds, args.steps, args.threads) < 1:
@@ -73,47 +89,77 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: str) 
     return step
 
 
-def infer_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def infer_fn(model: torch.nn.Module, x: torch.Tensor, fmt: str) -> Callable[[], None]:
+    """One no-grad forward of ``model`` (eval mode) on ``x`` in memory format ``fmt``."""
+    model.eval()
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+
     def run():
         with torch.no_grad():
             model(x)
     return run
 
 
-def alternate(fns: Dict[str, Callable[[], None]], rounds: int, steps: int) -> Dict[str, List[float]]:
-    """Per-round medians of ``steps`` timed calls of each callable, in alternation (order swapped every round)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: leaves out time other jobs hold the core
+
+
+def alternate(fns: Dict[str, Callable[[], None]], rounds: int, steps: int) -> Dict[str, Dict[str, List[float]]]:
+    """Per-round medians of ``steps`` timed calls of each callable, in alternation (order reversed every round),
+    on both clocks: {clock: {key: [median per round]}}."""
     for f in fns.values():
         f()  # warm-up: allocator, oneDNN primitives
-    per = {k: [] for k in fns}
+    per = {c: {k: [] for k in fns} for c in CLOCKS}
     keys = list(fns)
     for r in range(rounds):
         for k in (keys if r % 2 == 0 else keys[::-1]):
-            times = []
+            times = {c: [] for c in CLOCKS}
             for _ in range(steps):
-                start = time.perf_counter()
+                start = {c: clock() for c, clock in CLOCKS.items()}
                 fns[k]()
-                times.append(time.perf_counter() - start)
-            per[k].append(statistics.median(times))
+                for c, clock in CLOCKS.items():
+                    times[c].append(clock() - start[c])
+            for c in CLOCKS:
+                per[c][k].append(statistics.median(times[c]))
     return per
 
 
-def row(name: str, args, fmt: str) -> Dict[str, Any]:
+def block(name: str, args, fmt: str) -> List[Dict[str, Any]]:
+    """Rows of one model in one memory format: the dense model and every variant (parts.build_variant), all
+    timed in one alternation (training steps, then inference), each row against the same dense medians."""
     torch.manual_seed(0)
     kw = {"width": 4} if args.quick else {}
     dense = models.build(name, **kw)
     x, y = torch.randn(args.batch, 1, 32, 32), torch.randint(0, 10, (args.batch,))
-    pruned = obafx.compile_prune(dense.eval(), x[:1], macs=args.budget)
-    rep = obafx.report(pruned)
-    train = alternate({"dense": step_fn(dense, x, y, fmt), "pruned": step_fn(pruned, x, y, fmt)},
-                      args.rounds, args.steps)
-    infer = alternate({"dense": infer_fn(dense.eval(), x), "pruned": infer_fn(pruned.eval(), x)},
-                      args.rounds, args.steps)
-    med = {f"{kind}_{side}_s": statistics.median(t[side]) for kind, t in (("train", train), ("infer", infer))
-           for side in ("dense", "pruned")}
-    return {"model": name, "format": fmt, "batch": args.batch, "mac_ratio": 1 / rep.macs_ratio, **med,
-            "train_speedup": med["train_dense_s"] / med["train_pruned_s"],
-            "infer_speedup": med["infer_dense_s"] / med["infer_pruned_s"],
-            "train_rounds_s": train, "infer_rounds_s": infer}
+    nets = {"dense": dense}
+    for v in args.variants:
+        net = parts.build_variant(name, v, dense, x, args.budget, kw)
+        if net is not None:
+            nets[v] = net
+    counts = {k: (parts.thop_total(m, x[:1]), *parts.padded_macs(m, x[:1])) for k, m in nets.items()}
+    train = alternate({k: step_fn(m, x, y, fmt) for k, m in nets.items()}, args.rounds, args.steps)
+    infer = alternate({k: infer_fn(m, x, fmt) for k, m in nets.items()}, args.rounds, args.steps)
+    ops = {k: parts.op_breakdown(step_fn(m, x, y, fmt)) for k, m in nets.items()} if args.profile else {}
+    rows = []
+    for v in nets:
+        if v == "dense":
+            continue
+        r = {"model": name, "format": fmt, "variant": v, "batch": args.batch,
+             "mac_ratio": counts["dense"][0] / counts[v][0],
+             "conv_mac_ratio": counts["dense"][1] / counts[v][1],
+             "padded16_mac_ratio": counts["dense"][2] / counts[v][2],
+             "widths": [m.out_channels for m in nets[v].modules() if isinstance(m, torch.nn.Conv2d)]}
+        for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+            for kind, t in (("train", train[clock]), ("infer", infer[clock])):
+                d, p = statistics.median(t["dense"]), statistics.median(t[v])
+                r.update({f"{kind}_dense_s{suffix}": d, f"{kind}_pruned_s{suffix}": p,
+                          f"{kind}_speedup{suffix}": d / p})
+        r.update({"train_rounds_s": {k: train["wall"][k] for k in ("dense", v)},
+                  "infer_rounds_s": {k: infer["wall"][k] for k in ("dense", v)}})
+        if ops:
+            r["op_ms"] = {"dense": ops["dense"], "pruned": ops[v]}
+        rows.append(r)
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -125,16 +171,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         for name in args.models:
             for fmt in args.formats:
-                r = row(name, args, fmt)
-                rows.append(r)
-                print(f"{name} {fmt}: train {r['train_speedup']:.2f}x, inference {r['infer_speedup']:.2f}x, "
-                      f"MACs {r['mac_ratio']:.2f}x", flush=True)
+                for r in block(name, args, fmt):
+                    rows.append(r)
+                    print(f"{name} {fmt} {r['variant']}: train {r['train_speedup']:.2f}x "
+                          f"(cpu {r['train_speedup_cpu']:.2f}x), inference {r['infer_speedup']:.2f}x "
+                          f"(cpu {r['infer_speedup_cpu']:.2f}x), MACs {r['mac_ratio']:.2f}x, "
+                          f"16-padded MACs {r['padded16_mac_ratio']:.2f}x", flush=True)
     finally:
         torch.set_num_threads(threads_before)
     out = {"machine": {**machine_info(), "threads": args.threads}, "reduced": args.reduced,
            "protocol": {"rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads,
-                        "statistic": "median of per-round medians, dense and pruned alternating; SGD step = "
-                                     "zero_grad + forward + cross-entropy + backward + step"},
+                        "statistic": "median of per-round medians, dense and all variants alternating; SGD step = "
+                                     "zero_grad + forward + cross-entropy + backward + step",
+                        "clocks": "*_s / *_speedup: wall clock (perf_counter); *_cpu: this process's CPU time "
+                                  "(process_time), which leaves out the time other jobs hold the core"},
            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows,
            "runtime_s": time.perf_counter() - start}
     write_json(args.out, out)

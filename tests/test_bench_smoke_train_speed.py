@@ -1,10 +1,14 @@
 """Smoke test: benchmarks/train_speed.py --quick prunes, times dense and pruned SGD steps and inference in both
-memory formats, and writes JSON whose speed-ups follow from the medians stored beside them."""
+memory formats for every variant, and writes JSON whose speed-ups follow from the medians stored beside them;
+the variant helpers (benchmarks/train_variants.py) count padded MACs and parse variant names."""
 import json
 import math
 import statistics
 
 import pytest
+import torch
+from torch import nn
+
 from tests.bench_scripts import load_benchmark
 
 
@@ -18,16 +22,40 @@ def test_quick_run_rows_are_consistent(tmp_path):
     returned = load_script().main(["--quick", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned)) and report["protocol"]["threads"] == 1
-    assert [(r["model"], r["format"]) for r in report["rows"]] == [("resnet20", "contiguous"),
-                                                                   ("resnet20", "channels_last")]
+    assert [(r["model"], r["format"], r["variant"]) for r in report["rows"]] == [
+        ("resnet20", fmt, v) for fmt in ("contiguous", "channels_last") for v in ("pruned", "round8", "ideal")]
     for r in report["rows"]:
-        assert 1.5 < r["mac_ratio"] < 2.5
+        assert 1.5 < r["mac_ratio"] < 2.5, r["variant"]
+        assert r["padded16_mac_ratio"] == 1.0  # width 4: every layer's channels pad to the same 16
         for kind in ("train", "infer"):
-            for side in ("dense", "pruned"):
-                assert math.isclose(r[f"{kind}_{side}_s"], statistics.median(r[f"{kind}_rounds_s"][side]))
+            for side, key in (("dense", "dense"), ("pruned", r["variant"])):
+                assert math.isclose(r[f"{kind}_{side}_s"], statistics.median(r[f"{kind}_rounds_s"][key]))
             assert math.isclose(r[f"{kind}_speedup"], r[f"{kind}_dense_s"] / r[f"{kind}_pruned_s"])
+    round8 = [r for r in report["rows"] if r["variant"] == "round8"][0]
+    assert all(w % 8 == 0 for w in round8["widths"][-7:])  # stage 3 (16 wide at width 4) keeps multiples of 8
 
 
 def test_rejects_a_bad_format():
     with pytest.raises(SystemExit):
         load_script().main(["--formats", "nhwc"])
+
+
+def test_rejects_an_unknown_variant():
+    with pytest.raises(SystemExit):
+        load_script().main(["--variants", "pruned,round1"])
+
+
+def test_padded_macs_round_channels_up_to_the_block():
+    parts = load_benchmark("train_variants")
+    net = nn.Sequential(nn.Conv2d(3, 19, 3, padding=1), nn.Flatten(), nn.Linear(19 * 64, 5))
+    macs, padded = parts.padded_macs(net, torch.randn(2, 3, 8, 8))
+    assert macs == 2 * (64 * 9 * 3 * 19 + 19 * 64 * 5)
+    assert padded == 2 * (64 * 9 * 16 * 32 + 1216 * 16)  # 3 -> 16 and 19 -> 32 channels; 1216 features stay
+
+
+def test_variant_names():
+    parts = load_benchmark("train_variants")
+    assert parts.variant_kwargs("round16") == {"round_to": 16} and parts.variant_kwargs("uniform") == {"uniform": True}
+    assert parts.variant_kwargs("pruned") == {} and parts.variant_kwargs("ideal") is None
+    with pytest.raises(ValueError, match="unknown variant"):
+        parts.variant_kwargs("round")
