@@ -107,12 +107,14 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     reps = [keys[0] for keys in classes]
     units, slots_of = _slot_sets(reps, slot_units)
     groups = []
+    # members sort 'out' slots first, then by key: rank every key once (groups share slots, densely on DenseNets)
+    rank = {k: i for i, k in enumerate(sorted(roles, key=lambda k: (roles[k][0] != "out", k)))}
     first_index = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)  # scratch, reused per group
     for members, unit_ids in _same_slot_sets(units, slots_of, len(reps)):
         keys = [k for i in members for k in classes[i]]
         if not any(roles[k][0] == "out" for k in keys) or np.any(unit_ids == pinned):
             continue
-        ordered = tuple(sorted(keys, key=lambda k: (roles[k][0] != "out", k)))
+        ordered = tuple(sorted(keys, key=rank.__getitem__))
         root = ordered[0]
         root_units = slot_units[root]
         first_index[root_units[::-1]] = np.arange(len(root_units) - 1, -1, -1)  # the first index wins
@@ -144,8 +146,10 @@ def _slot_sets(keys: List, slot_units: Dict) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
-    """``np.unique(a)`` for 1-D int arrays by sorting (numpy 2's hash-based unique is slower here)."""
-    a = np.sort(a)
+    """``np.unique(a)`` for 1-D int arrays by sorting (numpy 2's hash-based unique is slower here). The stable
+    sort (timsort) takes the ascending runs the callers' codes come in (one per slot) at a tenth of quicksort's
+    time; the result is the same, being sorted and unique."""
+    a = np.sort(a, kind="stable")
     return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size else a
 
 
