@@ -20,11 +20,12 @@ Usage: python3 benchmarks/train_speed.py [--models resnet20,resnet56,vgg_bn,vit_
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,14 +76,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: str) -> Callable[[], None]:
-    """One SGD step of ``model`` (train mode) on (x, y) in memory format ``fmt``."""
+    """One SGD step of ``model`` (train mode) on (x, y) in memory format ``fmt`` (the model is converted)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
     if fmt == "channels_last":
         CL.enter(model)
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
+        model.train()  # every call: the same model also runs inference (eval mode) in the same benchmark
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -90,12 +91,13 @@ def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: str) 
 
 
 def infer_fn(model: torch.nn.Module, x: torch.Tensor, fmt: str) -> Callable[[], None]:
-    """One no-grad forward of ``model`` (eval mode) on ``x`` in memory format ``fmt``."""
-    model.eval()
+    """One no-grad forward of ``model`` (eval mode) on ``x`` in memory format ``fmt`` (after step_fn converted
+    the model)."""
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
 
     def run():
+        model.eval()
         with torch.no_grad():
             model(x)
     return run
@@ -124,9 +126,8 @@ def alternate(fns: Dict[str, Callable[[], None]], rounds: int, steps: int) -> Di
     return per
 
 
-def block(name: str, args, fmt: str) -> List[Dict[str, Any]]:
-    """Rows of one model in one memory format: the dense model and every variant (parts.build_variant), all
-    timed in one alternation (training steps, then inference), each row against the same dense medians."""
+def build_nets(name: str, args) -> Tuple[Dict[str, torch.nn.Module], torch.Tensor, torch.Tensor]:
+    """The dense model ``name`` and every variant of ``args.variants`` that applies to it, and the batch (x, y)."""
     torch.manual_seed(0)
     kw = {"width": 4} if args.quick else {}
     dense = models.build(name, **kw)
@@ -136,14 +137,25 @@ def block(name: str, args, fmt: str) -> List[Dict[str, Any]]:
         net = parts.build_variant(name, v, dense, x, args.budget, kw)
         if net is not None:
             nets[v] = net
+    return nets, x, y
+
+
+def block(name: str, args) -> List[Dict[str, Any]]:
+    """Rows of one model, one per (memory format, variant): the dense model and every variant, each in every
+    format (its own copy), timed in ONE alternation (training steps, then inference), so that variants and
+    formats compare on the same footing; each row against the dense medians of its format."""
+    nets, x, y = build_nets(name, args)
     counts = {k: (parts.thop_total(m, x[:1]), *parts.padded_macs(m, x[:1])) for k, m in nets.items()}
-    train = alternate({k: step_fn(m, x, y, fmt) for k, m in nets.items()}, args.rounds, args.steps)
-    infer = alternate({k: infer_fn(m, x, fmt) for k, m in nets.items()}, args.rounds, args.steps)
-    ops = {k: parts.op_breakdown(step_fn(m, x, y, fmt)) for k, m in nets.items()} if args.profile else {}
+    copies = {(f, k): copy.deepcopy(m) for f in args.formats for k, m in nets.items()}
+    steps = {key: step_fn(m, x, y, key[0]) for key, m in copies.items()}
+    train = alternate(steps, args.rounds, args.steps)
+    infer = alternate({key: infer_fn(m, x, key[0]) for key, m in copies.items()}, args.rounds, args.steps)
+    ops = {key: parts.op_breakdown(s) for key, s in steps.items()} if args.profile else {}
     rows = []
-    for v in nets:
+    for fmt, v in copies:
         if v == "dense":
             continue
+        d, p = (fmt, "dense"), (fmt, v)
         r = {"model": name, "format": fmt, "variant": v, "batch": args.batch,
              "mac_ratio": counts["dense"][0] / counts[v][0],
              "conv_mac_ratio": counts["dense"][1] / counts[v][1],
@@ -151,13 +163,14 @@ def block(name: str, args, fmt: str) -> List[Dict[str, Any]]:
              "widths": [m.out_channels for m in nets[v].modules() if isinstance(m, torch.nn.Conv2d)]}
         for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
             for kind, t in (("train", train[clock]), ("infer", infer[clock])):
-                d, p = statistics.median(t["dense"]), statistics.median(t[v])
-                r.update({f"{kind}_dense_s{suffix}": d, f"{kind}_pruned_s{suffix}": p,
-                          f"{kind}_speedup{suffix}": d / p})
-        r.update({"train_rounds_s": {k: train["wall"][k] for k in ("dense", v)},
-                  "infer_rounds_s": {k: infer["wall"][k] for k in ("dense", v)}})
+                td, tp = statistics.median(t[d]), statistics.median(t[p])
+                r.update({f"{kind}_dense_s{suffix}": td, f"{kind}_pruned_s{suffix}": tp,
+                          f"{kind}_speedup{suffix}": td / tp})
+        r.update({"train_rounds_s": {"dense": train["wall"][d], v: train["wall"][p]},
+                  "infer_rounds_s": {"dense": infer["wall"][d], v: infer["wall"][p]},
+                  "train_rounds_s_cpu": {"dense": train["cpu"][d], v: train["cpu"][p]}})
         if ops:
-            r["op_ms"] = {"dense": ops["dense"], "pruned": ops[v]}
+            r["op_ms"] = {"dense": ops[d], "pruned": ops[p]}
         rows.append(r)
     return rows
 
@@ -170,19 +183,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rows = []
     try:
         for name in args.models:
-            for fmt in args.formats:
-                for r in block(name, args, fmt):
-                    rows.append(r)
-                    print(f"{name} {fmt} {r['variant']}: train {r['train_speedup']:.2f}x "
-                          f"(cpu {r['train_speedup_cpu']:.2f}x), inference {r['infer_speedup']:.2f}x "
-                          f"(cpu {r['infer_speedup_cpu']:.2f}x), MACs {r['mac_ratio']:.2f}x, "
-                          f"16-padded MACs {r['padded16_mac_ratio']:.2f}x", flush=True)
+            for r in block(name, args):
+                rows.append(r)
+                print(f"{name} {r['format']} {r['variant']}: train {r['train_speedup']:.2f}x "
+                      f"(cpu {r['train_speedup_cpu']:.2f}x), inference {r['infer_speedup']:.2f}x "
+                      f"(cpu {r['infer_speedup_cpu']:.2f}x), MACs {r['mac_ratio']:.2f}x, "
+                      f"16-padded MACs {r['padded16_mac_ratio']:.2f}x", flush=True)
     finally:
         torch.set_num_threads(threads_before)
     out = {"machine": {**machine_info(), "threads": args.threads}, "reduced": args.reduced,
            "protocol": {"rounds": args.rounds, "steps_per_round": args.steps, "threads": args.threads,
-                        "statistic": "median of per-round medians, dense and all variants alternating; SGD step = "
-                                     "zero_grad + forward + cross-entropy + backward + step",
+                        "statistic": "median of per-round medians, dense and all variants in all formats "
+                                     "alternating; SGD step = zero_grad + forward + cross-entropy + backward + step",
                         "clocks": "*_s / *_speedup: wall clock (perf_counter); *_cpu: this process's CPU time "
                                   "(process_time), which leaves out the time other jobs hold the core"},
            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows,

@@ -22,7 +22,8 @@ def test_tiny_sweep_rows_are_consistent(tmp_path):
         same = [s for s in report["rows"] if (s["op"], s["format"], s["side"]) == (r["op"], r["format"], r["side"])]
         widest = max(same, key=lambda s: s["channels"])
         work = (lambda c: c * c) if r["op"] == "conv3x3" else (lambda c: c)
-        assert math.isclose(r["cost_per_work"], (r["ms"] / work(r["channels"])) / (widest["ms"] / work(widest["channels"])))
+        per_work = r["ms"] / work(r["channels"])
+        assert math.isclose(r["cost_per_work"], per_work / (widest["ms"] / work(widest["channels"])))
 
 
 def test_rejects_zero_rounds():

@@ -56,6 +56,19 @@ def test_padded_macs_round_channels_up_to_the_block():
 def test_variant_names():
     parts = load_benchmark("train_variants")
     assert parts.variant_kwargs("round16") == {"round_to": 16} and parts.variant_kwargs("uniform") == {"uniform": True}
+    assert parts.variant_kwargs("round16keep") == {"round_to": 16, "keep_narrow": 16}
     assert parts.variant_kwargs("pruned") == {} and parts.variant_kwargs("ideal") is None
     with pytest.raises(ValueError, match="unknown variant"):
         parts.variant_kwargs("round")
+
+
+def test_round_keep_leaves_the_narrow_layers_whole():
+    parts = load_benchmark("train_variants")
+    from obafx.bench import models
+    torch.manual_seed(0)
+    dense, x = models.resnet20(width=8), torch.randn(1, 1, 32, 32)  # stages 8/16/32 wide
+    widths = lambda m: [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    keep = widths(parts.build_variant("resnet20", "round8keep", dense, x, 0.5, {"width": 8}))
+    free = widths(parts.build_variant("resnet20", "round8", dense, x, 0.5, {"width": 8}))
+    assert keep[:7] == [8] * 7 and free[:7] != [8] * 7  # stage 1 (8 wide): whole only with keep
+    assert all(w % 8 == 0 for w in keep[7:])
