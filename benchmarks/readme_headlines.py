@@ -17,12 +17,18 @@ def table(header: Sequence[str], rows: List[Sequence]) -> str:
 def throughput(d: Dict) -> str:
     """Eager rows only, one per (model, budget) without round_to: what a user gets by default."""
     rows = [(r["model"], r["budget_label"], f"{r['mac_ratio_thop']:.2f}", f"{r['mac_ratio_flopcounter']:.2f}",
-             f"{r['speedup_latency']:.2f}", f"{r['speedup_throughput']:.2f}")
+             f"{r['speedup_latency']:.2f} / {r['speedup_latency_cpu']:.2f}",
+             f"{r['speedup_throughput']:.2f} / {r['speedup_throughput_cpu']:.2f}")
             for r in d["rows"] if not r.get("error") and r["mode"] == "eager" and "-r" not in r["budget_label"]]
+    reruns = "".join(f" {', '.join(p['models'])} was rerun later on a machine with load average "
+                     f"{p['machine'].get('load_avg_1m', 0):.1f}: read its CPU-time column." for p in d.get("partial_reruns", []))
     return ("### Speed-up of the pruned model (`python3 benchmarks/throughput.py`)\n\n"
-            f"CPU, 1 thread, dense and pruned timed in alternation, medians; eager rows (compiled rows in RESULTS.md).\n\n"
-            + table(["model", "budget", "MAC ratio (thop)", "FLOP ratio (FlopCounter)", "speed-up b=1",
-                     "speed-up batch"], rows) + "\n\n![throughput](benchmarks/results/throughput.png)")
+            "CPU, 1 thread, dense and pruned timed in alternation, medians; eager rows (compiled rows in RESULTS.md); "
+            "each speed-up on the wall clock / on process CPU time (steadier on a shared machine). Budget `2x` is "
+            "half of thop's MACs; `2x-flops` is half of FlopCounterMode's count (`counter=\"flops\"`, which counts "
+            f"attention's matmuls).{reruns}\n\n"
+            + table(["model", "budget", "MAC ratio (thop)", "FLOP ratio (FlopCounter)", "speed-up b=1 (wall / CPU)",
+                     "speed-up batch (wall / CPU)"], rows) + "\n\n![throughput](benchmarks/results/throughput.png)")
 
 
 def hvp_cost(d: Dict) -> str:
