@@ -17,7 +17,7 @@ from .ops import rule_for
 from .rules_shape import barrier
 from .facts import ChannelFacts, Traced, frozen_map
 from .record import record_values
-from .tensors import tensor_aliases
+from .tensors import aliases_of, named_tensors
 
 
 def _shape_of(value: Any) -> Any:
@@ -46,11 +46,11 @@ class _Analyzer:
     bookkeeping would be most of the cost.
     """
 
-    def __init__(self, gm: fx.GraphModule, values: Dict[str, Any]):
+    def __init__(self, gm: fx.GraphModule, values: Dict[str, Any], aliases: Dict[str, str]):
         self.module = gm
         self.submodules = dict(gm.named_modules(remove_duplicate=False))  # a shared module under every name
         self.values = values
-        self.store = Store(aliases=tensor_aliases(gm))
+        self.store = Store(aliases=aliases)
         self.planes: Dict[str, Any] = {}
         self.shapes: Dict[str, Any] = {}
 
@@ -106,10 +106,11 @@ def _target_name(n: fx.Node, module) -> str:
 def analyze(traced: Traced) -> ChannelFacts:
     """Run the channel analysis on ``traced`` (its recorded node values, or one fresh eval-mode run's)."""
     gm = traced.gm
-    values = traced.recorded_values()
+    named = named_tensors(gm)  # one walk for the recorded values' check and the tied-tensor names
+    values = traced.recorded_values(named)
     if values is None:
         values = record_values(gm, traced.inputs)
-    analyzer = _Analyzer(gm, values)
+    analyzer = _Analyzer(gm, values, aliases_of(named))
     with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
         analyzer.run()
     return ChannelFacts(traced, analyzer.store.freeze(), frozen_map(analyzer.planes), frozen_map(analyzer.shapes))

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from .errors import ConfigError
@@ -147,13 +148,14 @@ class Traced:
     inputs: Tuple[Any, ...]
     recorded: Optional[Recorded] = field(default=None, repr=False)
 
-    def recorded_values(self) -> Optional[Dict[str, Any]]:
-        """The recorded node values if they still describe ``gm`` (else None: run it again)."""
+    def recorded_values(self, named: Optional[List[Tuple[str, torch.Tensor]]] = None) -> Optional[Dict[str, Any]]:
+        """The recorded node values if they still describe ``gm`` (else None: run it again). ``named``:
+        ``named_tensors(gm)`` taken now, when the caller has it."""
         rec = self.recorded
         if rec is None:
             return None
         try:
-            return rec.values if rec.key == fingerprint(self.gm, self.inputs) else None
+            return rec.values if rec.key == fingerprint(self.gm, self.inputs, named) else None
         except RuntimeError:  # a tensor constant in node arguments has no single truth value: record again
             return None
 

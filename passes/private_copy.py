@@ -32,14 +32,17 @@ _SHARED_TYPES = frozenset(_ATOMIC + _SHARED_CALLABLES)  # exact-type lookup firs
 def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (see the module docstring)."""
     memo: Dict[int, Any] = {}
+    modules = list(model.modules())  # one walk for the tensors and the plain-tree check
     if _copy_on_write():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if _lazy_ok(t) and id(t) not in memo:
+        # parameters() then buffers(), as model.parameters() and model.buffers() list them (a tensor registered
+        # as both is first met as the parameter), from the one walk
+        for t in [t for m in modules for t in m._parameters.values()] + [t for m in modules for t in m._buffers.values()]:
+            if t is not None and id(t) not in memo and _lazy_ok(t):
                 lazy = torch._lazy_clone(t.detach())
                 memo[id(t)] = nn.Parameter(lazy, requires_grad=t.requires_grad) if type(t) is nn.Parameter else lazy
     if not FAST_MODULE_COPY:
         return copy.deepcopy(model, memo)
-    if _plain_module_tree(model):
+    if all(_plain_class(type(m)) for m in modules):  # `_plain_module_tree` on the walk above
         return _copy_value(model, memo)
     _copy_plain_subtrees(model, memo)  # e.g. a GraphModule root: its own __deepcopy__ finds its children in memo
     return copy.deepcopy(model, memo)
@@ -107,8 +110,9 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
         return new
     if kind is set or kind is frozenset:
         return kind(_copy_value(v, memo) for v in value)
-    if kind is tuple:
-        return tuple(_copy_value(v, memo) for v in value)
+    if kind is tuple:  # deepcopy's rule: the tuple itself when every item copies to itself
+        items = [_copy_value(v, memo) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else tuple(items)
     return copy.deepcopy(value, memo)
 
 
@@ -125,6 +129,8 @@ def _copy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
             state[key] = v
         elif (kind is OrderedDict or kind is dict) and not v:
             state[key] = kind()
+        elif kind is tuple and all(type(e) in _SHARED_TYPES for e in v):  # kernel sizes, strides, paddings:
+            state[key] = v  # deepcopy returns a tuple of shared values itself
         else:
             state[key] = _copy_value(v, memo)
     new.__setstate__(state)

@@ -14,14 +14,15 @@ import torch.fx as fx
 from torch import nn
 
 from . import meta_shapes
-from .tensors import eval_mode
+from .tensors import eval_mode, params_and_buffers
 
 
 def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
     """Whether a meta run fails exactly where a real one would: one device and one floating dtype across
     parameters, buffers and inputs (meta kernels of some ops, e.g. linear, do not compare dtypes; a model may
     also move or cast its inputs itself). Otherwise the real run decides."""
-    tensors = [t for t in (*gm.parameters(), *gm.buffers(), *inputs) if isinstance(t, torch.Tensor)]
+    params, buffers = params_and_buffers(gm)
+    tensors = params + buffers + [t for t in inputs if isinstance(t, torch.Tensor)]
     return len({t.device for t in tensors}) <= 1 and len({t.dtype for t in tensors if t.is_floating_point()}) <= 1
 
 

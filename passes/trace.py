@@ -23,7 +23,7 @@ from .private_copy import private_copy
 from .record import FAILED_NODE, record_values
 from .tracer import LeafTracer
 from .tensors import fingerprint as _fingerprint
-from .tensors import named_tensors, owner_and_attr, tensor_aliases  # noqa: F401 (re-exported)
+from .tensors import named_tensors, owner_and_attr, params_and_buffers, tensor_aliases  # noqa: F401 (re-exported)
 
 
 def as_inputs(example_input: Any) -> Tuple[Any, ...]:
@@ -41,12 +41,13 @@ def as_inputs(example_input: Any) -> Tuple[Any, ...]:
 def check_precision(model: nn.Module, inputs: Tuple[Any, ...] = ()) -> None:
     """Refuse what the analysis cannot run on: tensors on the meta device (no data), and floating or complex
     parameters other than float32/float64 (the analysis and the scores need them; half precision loses them)."""
-    tensors = [t for _, t in named_tensors(model)] + [x for x in inputs if isinstance(x, torch.Tensor)]
-    if any(t.is_meta for t in tensors):
+    params, buffers = params_and_buffers(model)
+    if any(t.is_meta for t in params) or any(t.is_meta for t in buffers) or \
+            any(x.is_meta for x in inputs if isinstance(x, torch.Tensor)):
         raise ConfigError(
             "the model or the example input is on the meta device (shapes without data). What to do: materialise "
             "it first, e.g. model.to_empty(device='cpu') then load_state_dict(...), and pass a real example input.")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() or p.is_complex()}
+    dtypes = {d for d in {p.dtype for p in params} if d.is_floating_point or d.is_complex}
     odd = dtypes - {torch.float32, torch.float64}
     if odd:
         raise ConfigError(

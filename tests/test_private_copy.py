@@ -157,3 +157,16 @@ def test_a_transformers_llama_is_copied():
     with torch.no_grad():
         assert torch.equal(new(ids), model(ids))
     assert new.model.model.layers[0].self_attn.q_proj.weight is not model.model.model.layers[0].self_attn.q_proj.weight
+
+
+def test_tuples_are_shared_exactly_where_deepcopy_shares_them():
+    """A tuple of immutable values is the same object in a deep copy; a tuple holding a list is a new tuple with
+    a new list. The fast module copy does the same."""
+    model = nn.Conv2d(3, 3, 3)
+    model.mixed = (1, [2, 3])
+    model.nested = (1, (2, 3))
+    new, deep = pc.private_copy(model), copy.deepcopy(model)
+    for copied in (new, deep):
+        assert copied.kernel_size is model.kernel_size and copied.nested is model.nested
+        assert copied.mixed == model.mixed and copied.mixed is not model.mixed
+        assert copied.mixed[1] is not model.mixed[1]

@@ -172,3 +172,28 @@ def test_named_tensors_lists_what_named_parameters_and_buffers_list():
     expected = [*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)]
     assert [(n, id(t)) for n, t in named_tensors(net)] == [(n, id(t)) for n, t in expected]
     assert "1.weight" in dict(named_tensors(net)) and "3.unset" not in dict(named_tensors(net))
+
+
+def test_named_tensors_walks_like_named_modules():
+    """Nested containers, a module shared under two names (listed under both), a None child, and a class with
+    its own named_modules (its walk is used): the same list as named_parameters + named_buffers."""
+    import torchvision
+
+    from obafx.passes.trace import named_tensors
+
+    class OwnWalk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.shown = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+            yield prefix, self
+            yield (f"{prefix}.shown" if prefix else "shown"), self.shown
+
+    shared = nn.BatchNorm1d(3)
+    net = nn.Sequential(nn.Sequential(nn.Linear(3, 3), shared), nn.ModuleDict({"a": shared, "b": OwnWalk()}))
+    net.add_module("gone", None)
+    for model in (net, torchvision.models.resnet18()):
+        expected = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        assert [(n, id(t)) for n, t in named_tensors(model)] == [(n, id(t)) for n, t in expected]
+    assert "1.b.shown.weight" in dict(named_tensors(net)) and "1.b.hidden.weight" not in dict(named_tensors(net))
