@@ -109,12 +109,15 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     groups = []
     # members sort 'out' slots first, then by key: rank every key once (groups share slots, densely on DenseNets)
     rank = {k: i for i, k in enumerate(sorted(roles, key=lambda k: (roles[k][0] != "out", k)))}
+    has_out = [any(roles[k][0] == "out" for k in keys) for keys in classes]
     first_index = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)  # scratch, reused per group
     for members, unit_ids in _same_slot_sets(units, slots_of, len(reps)):
-        keys = [k for i in members for k in classes[i]]
-        if not any(roles[k][0] == "out" for k in keys) or np.any(unit_ids == pinned):
+        members = members.tolist()
+        if not any(has_out[i] for i in members) or pinned in unit_ids:
             continue
-        ordered = tuple(sorted(keys, key=rank.__getitem__))
+        keys = [k for i in members for k in classes[i]]
+        keys.sort(key=rank.__getitem__)
+        ordered = tuple(keys)
         root = ordered[0]
         root_units = slot_units[root]
         first_index[root_units[::-1]] = np.arange(len(root_units) - 1, -1, -1)  # the first index wins

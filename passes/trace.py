@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .fx_module import graph_module
 from .errors import ConfigError, TraceError, describe_node
 from .facts import Recorded, Traced  # noqa: F401 (Recorded, Traced: re-exported, they used to live here)
 from .private_copy import private_copy
@@ -77,7 +78,7 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     for node in graph.nodes:  # annotations left as strings (``from __future__ import annotations``) break jit.script
         if isinstance(node.type, str):
             node.type = None
-    gm = _graph_module(tracer.root, graph, type(model).__name__)
+    gm = graph_module(tracer.root, graph, type(model).__name__)
     gm.train(model.training)
     values = check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
@@ -131,13 +132,3 @@ def check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
             f"the model does not run on the example input (shapes {shapes}){at}: {type(exc).__name__}: {exc}. "
             "What to do: pass an example input shaped like one real batch for this model, on the model's device."
         ) from exc
-
-
-def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
-    """A GraphModule that generates its Python code when first called or asked for it (the analysis replays the
-    graph itself, and rewrite emits a new module), where this torch has fx's lazy GraphModule."""
-    try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
-    except ImportError:  # an older or newer torch without it: generate the code now
-        return fx.GraphModule(root, graph, name)
-    return _LazyGraphModule(root, graph, name)
