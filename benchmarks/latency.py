@@ -166,10 +166,11 @@ def _replace(opts: LatencyOptions, **kw) -> LatencyOptions:
 
 
 def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> Dict[str, Any]:
-    """Run the cells and write the JSON; ``timer`` (tests) replaces the wall clock everywhere."""
+    """Run the cells and write the JSON (again after every cell: a stopped run keeps what it measured);
+    ``timer`` (tests) replaces the wall clock everywhere."""
     args = parse_args(argv)
     start = time.perf_counter()
-    cells = []
+    cells: List[Dict[str, Any]] = []
     for name in args.models:
         model = build(name)
         for b in args.batches:
@@ -182,18 +183,23 @@ def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> 
                     cells.append(row)
                     print(f"{name} batch {row['batch']} {mode} {request}x: {row.get('status')} "
                           f"{row.get('speedup', float('nan')):.2f}x {row.get('why') or ''}", flush=True)
-    out = {"machine": {**machine_info(), "threads": args.threads},
-           "protocol": {"within": WITHIN, "reps": args.reps, "rounds": args.rounds, "check_rounds": args.check_rounds,
-                        "threads": args.threads, "statistic": "median of per-round medians, dense and pruned in "
-                        "alternation (order swapped every round); speed-up = dense / pruned",
-                        "clock": args.clock, "timer": "injected (test)" if timer else
-                        {"wall": "wall clock", "process": "process CPU time"}[args.clock]},
-           "reduced": args.reduced, "settings": {k: v for k, v in vars(args).items() if k != "out"},
-           "cells": cells, "met": sum(c.get("status") == "met" for c in cells), "total": len(cells),
-           "runtime_s": time.perf_counter() - start}
+                    write_json(args.out, report(args, cells, start, timer))
+    out = report(args, cells, start, timer)
     write_json(args.out, out)
     return out
 
+
+def report(args: argparse.Namespace, cells: List[Dict[str, Any]], start: float, timer) -> Dict[str, Any]:
+    """The JSON: machine, protocol, settings, the cells so far and how many met their request."""
+    return {"machine": {**machine_info(), "threads": args.threads},
+            "protocol": {"within": WITHIN, "reps": args.reps, "rounds": args.rounds, "check_rounds": args.check_rounds,
+                         "threads": args.threads, "statistic": "median of per-round medians, dense and pruned in "
+                         "alternation (order swapped every round); speed-up = dense / pruned",
+                         "clock": args.clock, "timer": "injected (test)" if timer else
+                         {"wall": "wall clock", "process": "process CPU time"}[args.clock]},
+            "reduced": args.reduced, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "cells": cells, "met": sum(c.get("status") == "met" for c in cells), "total": len(cells),
+            "runtime_s": time.perf_counter() - start}
 
 if __name__ == "__main__":
     main()
