@@ -88,14 +88,45 @@ def _first_clause(text: str, limit: int = 110) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def _train_row(r: Dict) -> tuple:
+    """One train_speed row as table cells (rows from before variants existed read as variant "pruned")."""
+    two = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
+    return (r["model"], r["format"], r.get("variant", "pruned"), two("mac_ratio"), two("padded16_mac_ratio"),
+            f"{two('train_speedup')} ({two('train_speedup_cpu')})", f"{two('infer_speedup')} ({two('infer_speedup_cpu')})")
+
+
+TRAIN_HEADER = ["model", "memory format", "variant", "MAC ratio", "MAC ratio, channels padded to 16",
+                "train-step speed-up wall (CPU time)", "inference speed-up wall (CPU time)"]
+
+
 def train_speed(d: Dict) -> str:
-    rows = [(r["model"], r["format"], r["batch"], f"{r['mac_ratio']:.2f}", f"{r['train_speedup']:.2f}",
-             f"{r['infer_speedup']:.2f}") for r in d["rows"]]
+    """ResNet rows in channels_last (the faster format for every ResNet variant); the rest in RESULTS.md."""
+    rows = [_train_row(r) for r in d["rows"] if r["format"] == "channels_last" and r["model"].startswith("resnet")]
+    return _train_section(d, rows, "ResNet rows in channels_last; every model and format in RESULTS.md")
+
+
+def train_speed_full(d: Dict) -> str:
+    return _train_section(d, [_train_row(r) for r in d["rows"]], "All rows")
+
+
+def _variant_text(v: str, budget: float) -> str:
+    if v == "ideal":
+        return f"ideal (not pruned: the dense architecture with every width x{budget ** 0.5:.2f})"
+    if v.startswith("round"):
+        n = v[5:].replace("keep", "")
+        return f"{v} (round_to={n}" + (f", layers at most {n} wide left whole)" if v.endswith("keep") else ")")
+    return {"pruned": "pruned (compile_prune defaults)", "uniform": "uniform (uniform=True)"}.get(v, v)
+
+
+def _train_section(d: Dict, rows: List[Sequence], which: str) -> str:
+    s = d.get("settings", {})
+    budget, variants = s.get("budget", 0.5), s.get("variants", ["pruned"])
     reduced = f" {d['reduced']}." if d.get("reduced") else ""
     return ("### Training step of the pruned model (`python3 benchmarks/train_speed.py`)\n\n"
-            f"One SGD step, dense and pruned in alternation, medians.{reduced}\n\n"
-            + table(["model", "memory format", "batch", "MAC ratio", "train-step speed-up", "inference speed-up"],
-                    rows))
+            f"One SGD step at batch {s.get('batch', 128)}, dense and every variant in every memory format in one "
+            f"alternation, medians; speed-up = dense / variant in the same format; pruned with macs={budget}. "
+            f"Variants: {', '.join(_variant_text(v, budget) for v in variants)}. {which}.{reduced}\n\n"
+            + table(TRAIN_HEADER, rows))
 
 
 def hvp_cost_group(d: Dict) -> str:

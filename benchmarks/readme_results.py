@@ -129,7 +129,7 @@ HEADLINES = (("accuracy", head.accuracy), ("throughput", head.throughput), ("lat
              ("zoo", head.zoo),
              ("analysis_speed", head.analysis_speed), ("fuzz", head.fuzz))
 FULL = (("accuracy", head.accuracy_full), ("throughput", throughput), ("latency", head.latency),
-        ("train_speed", head.train_speed), ("hvp_cost", hvp_cost), ("hvp_cost_group", head.hvp_cost_group),
+        ("train_speed", head.train_speed_full), ("hvp_cost", hvp_cost), ("hvp_cost_group", head.hvp_cost_group),
         ("hf_scale", head.hf_scale), ("zoo", zoo), ("analysis_speed", analysis_speed), ("fuzz", fuzz))
 
 

@@ -72,3 +72,17 @@ def test_round_keep_leaves_the_narrow_layers_whole():
     free = widths(parts.build_variant("resnet20", "round8", dense, x, 0.5, {"width": 8}))
     assert keep[:7] == [8] * 7 and free[:7] != [8] * 7  # stage 1 (8 wide): whole only with keep
     assert all(w % 8 == 0 for w in keep[7:])
+
+
+def test_readme_tables_show_every_variant():
+    head = load_benchmark("readme_headlines")
+    rows = [{"model": m, "format": f, "variant": v, "batch": 8, "mac_ratio": 2.0, "padded16_mac_ratio": 1.25,
+             "train_speedup": 1.5, "train_speedup_cpu": 1.625, "infer_speedup": 1.4, "infer_speedup_cpu": 1.375}
+            for m in ("resnet20", "vit_tiny") for f in ("contiguous", "channels_last") for v in ("pruned", "ideal")]
+    d = {"rows": rows, "settings": {"budget": 0.5, "batch": 8, "variants": ["pruned", "ideal"]}}
+    full, short = head.train_speed_full(d), head.train_speed(d)
+    assert full.count("| resnet20 |") == 4 and full.count("| vit_tiny |") == 4
+    assert "| resnet20 | channels_last | ideal | 2.00 | 1.25 | 1.50 (1.62) | 1.40 (1.38) |" in short
+    assert short.count("| resnet20 |") == 2 and "| vit_tiny |" not in short and "x0.71" in short
+    old = {"rows": [{k: v for k, v in rows[0].items() if k not in ("variant", "padded16_mac_ratio")}]}
+    assert "| resnet20 | contiguous | pruned | 2.00 | - |" in head.train_speed_full(old)
