@@ -92,11 +92,12 @@ def _train_row(r: Dict) -> tuple:
     """One train_speed row as table cells (rows from before variants existed read as variant "pruned")."""
     two = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
     return (r["model"], r["format"], r.get("variant", "pruned"), two("mac_ratio"), two("padded16_mac_ratio"),
-            f"{two('train_speedup')} ({two('train_speedup_cpu')})", f"{two('infer_speedup')} ({two('infer_speedup_cpu')})")
+            f"{two('train_speedup_cpu')} ({two('train_speedup')})",
+            f"{two('infer_speedup_cpu')} ({two('infer_speedup')})")
 
 
 TRAIN_HEADER = ["model", "memory format", "variant", "MAC ratio", "MAC ratio, channels padded to 16",
-                "train-step speed-up wall (CPU time)", "inference speed-up wall (CPU time)"]
+                "train-step speed-up: CPU time (wall)", "inference speed-up: CPU time (wall)"]
 
 
 def train_speed(d: Dict) -> str:
@@ -124,7 +125,9 @@ def _train_section(d: Dict, rows: List[Sequence], which: str) -> str:
     reduced = f" {d['reduced']}." if d.get("reduced") else ""
     return ("### Training step of the pruned model (`python3 benchmarks/train_speed.py`)\n\n"
             f"One SGD step at batch {s.get('batch', 128)}, dense and every variant in every memory format in one "
-            f"alternation, medians; speed-up = dense / variant in the same format; pruned with macs={budget}. "
+            f"alternation, medians; speed-up = dense / variant in the same format, on this process's CPU time "
+            f"(process_time; on a shared machine the wall clock also counts the time other jobs hold the core) and "
+            f"the wall clock; pruned with macs={budget}. "
             f"Variants: {', '.join(_variant_text(v, budget) for v in variants)}. {which}.{reduced}\n\n"
             + table(TRAIN_HEADER, rows))
 
