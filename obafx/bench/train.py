@@ -132,7 +132,9 @@ def train(model: nn.Module, train_loader: Iterable, epochs: float = 1, lr: Optio
     In: model; a loader of (x, y) batches (needs len() unless max_steps is given); epochs (may be
     fractional, e.g. 0.5); optimizer settings (see make_optimizer); warmup fraction; max_steps caps the
     step count; seed seeds the global RNG and obafx loaders' shuffling; channels_last: ~25% faster CPU
-    convolutions, used only where channels_last_ok(model); num_threads: see set_threads; history, if a
+    convolutions, used only where channels_last_ok(model) (a pruned CNN trains fastest in it when its widths are
+    multiples of 8 or 16: torch's channels_last BatchNorm and oneDNN's convolutions work in such blocks, see
+    benchmarks/kernel_widths.py; prune with round_to=8); num_threads: see set_threads; history, if a
     list, receives every step's loss. Out: the same model, in eval mode, with contiguous weights.
     """
     set_threads(num_threads)
