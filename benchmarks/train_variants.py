@@ -27,9 +27,8 @@ IDEAL_WIDTHS = {"resnet20": "width", "resnet56": "width", "vgg_bn": "cfg"}  # mo
 def variant_kwargs(variant: str) -> Optional[Dict[str, Any]]:
     """compile_prune keyword arguments of a pruned variant name, or None for "ideal" (not pruned: the same
     architecture built with every width scaled). "pruned": defaults; "uniform": uniform=True; "round<N>":
-    round_to=N (groups at most N wide still prune freely); "round<N>keep": round_to=N and the layers at most N
-    wide left whole ({"round_to": N, "keep_narrow": N}; build_variant turns keep_narrow into ignore=), since
-    a narrower width pads back to N in the kernels. Raises ValueError on other names."""
+    round_to=N (groups at most N wide still prune freely); "round<N>keep": round_to=N, keep_narrow=True
+    (groups at most N wide left whole, since a narrower width pads back to N in the kernels). Raises ValueError on other names."""
     if variant == "pruned":
         return {}
     if variant == "uniform":
@@ -37,7 +36,7 @@ def variant_kwargs(variant: str) -> Optional[Dict[str, Any]]:
     m = re.fullmatch(r"round(\d+)(keep)?", variant)
     if m and int(m.group(1)) > 1:
         n = int(m.group(1))
-        return {"round_to": n, "keep_narrow": n} if m.group(2) else {"round_to": n}
+        return {"round_to": n, "keep_narrow": True} if m.group(2) else {"round_to": n}
     if variant == "ideal":
         return None
     raise ValueError(f"unknown variant {variant!r}: use pruned, uniform, round<N>, round<N>keep (N > 1) or ideal")
@@ -49,9 +48,7 @@ def build_variant(name: str, variant: str, dense: nn.Module, x: torch.Tensor, bu
     architecture ``name`` rebuilt with every width times sqrt(budget) (None where the model has no width knob)."""
     kw = variant_kwargs(variant)
     if kw is not None:
-        narrow = kw.pop("keep_narrow", 0)
-        ignore = [n for n, m in dense.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels <= narrow]
-        return obafx.compile_prune(dense.eval(), x[:1], macs=budget, ignore=ignore, **kw)
+        return obafx.compile_prune(dense.eval(), x[:1], macs=budget, **kw)
     if name not in IDEAL_WIDTHS:
         return None
     scale = math.sqrt(budget)

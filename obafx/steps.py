@@ -86,7 +86,8 @@ def select_channels(coupling, scores, budget: Budget, step: int, steps: int, uni
     goal = units0 * (1 - budget.channels) ** (step / steps)  # units left after this step
     fraction = max(0.0, min(1.0, (now - goal) / max(now, 1)))
     return S.select(coupling, scores, Budget(channels=fraction or 1e-12, max_layer_ratio=budget.max_layer_ratio,
-                                             round_to=budget.round_to), widths0=widths0)
+                                             round_to=budget.round_to, keep_narrow=budget.keep_narrow),
+                    widths0=widths0)
 
 
 def fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, what="MAC",
@@ -118,7 +119,8 @@ def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current
                                  tolerance=lat.options.tolerance, widths0=widths0, rounds=lat.options.candidates,
                                  last=step == steps)
     except BudgetError:
-        every = Budget(channels=1.0, max_layer_ratio=budget.max_layer_ratio, round_to=budget.round_to)
+        every = Budget(channels=1.0, max_layer_ratio=budget.max_layer_ratio, round_to=budget.round_to,
+                       keep_narrow=budget.keep_narrow)
         fastest = estimate(S.select(coupling, scores, every, widths0=widths0))
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
                           f"removable channel (at most {budget.max_layer_ratio:.0%} of each layer) still keeps "

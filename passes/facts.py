@@ -190,13 +190,15 @@ class ScoreContext:
 class Budget:
     """``macs``: fraction of the ORIGINAL MACs to keep; ``channels``: fraction of prunable units to remove;
     ``latency``: fraction of the dense model's measured latency to keep (selected like ``macs``, with a latency
-    estimate in place of the MAC one)."""
+    estimate in place of the MAC one). ``round_to``: kept widths are multiples of it (groups at most ``round_to``
+    wide prune freely, unless ``keep_narrow``: then they keep their whole width)."""
 
     macs: Optional[float] = None
     channels: Optional[float] = None
     max_layer_ratio: float = 0.95
     round_to: int = 1
     latency: Optional[float] = None
+    keep_narrow: bool = False
 
     def __post_init__(self):
         for name in ("macs", "channels", "max_layer_ratio", "round_to", "latency"):
@@ -215,3 +217,9 @@ class Budget:
             raise ConfigError(f"max_layer_ratio={self.max_layer_ratio} must be in [0, 1): a layer must keep a channel.")
         if int(self.round_to) < 1:
             raise ConfigError(f"round_to={self.round_to} must be a positive integer.")
+        if not isinstance(self.keep_narrow, bool):
+            raise ConfigError(f"keep_narrow={self.keep_narrow!r} is not a bool. What to do: pass True or False.")
+        if self.keep_narrow and int(self.round_to) < 2:
+            raise ConfigError("keep_narrow=True leaves whole the groups at most round_to wide, and round_to is 1. "
+                              "What to do: pass round_to= the kernels' channel block too (e.g. round_to=16), or "
+                              "drop keep_narrow.")

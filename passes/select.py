@@ -4,8 +4,9 @@ Units of all groups are ranked together by score (normalised per group by the im
 saved with rank="per_mac").
 Each group keeps at least one unit and loses at most ``max_layer_ratio`` of its ORIGINAL width over all steps
 (``widths0``: the group widths before the first step; the cap does not compound); kept widths are rounded up
-to a multiple of ``round_to``. A MAC budget is met by bisection on the ranked list with a per-layer MAC model,
-then checked with thop by the caller.
+to a multiple of ``round_to`` (a group at most ``round_to`` wide prunes freely, or with ``keep_narrow`` keeps its
+whole width: a narrower one would pad back to ``round_to`` in blocked kernels). A MAC budget is met by bisection
+on the ranked list with a per-layer MAC model, then checked with thop by the caller.
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def _caps(coupling: Coupling, budget: Budget, widths0: Optional[Dict[str, int]] 
 
 
 def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str, int], widths: Dict[str, int],
-          round_to: int) -> Set[int]:
+          round_to: int, keep_narrow: bool = False) -> Set[int]:
     """The first ``k`` ranked units that fit the per-group caps, then rounded so kept widths are multiples of
-    ``round_to`` (rounding keeps more, never less)."""
+    ``round_to`` (rounding keeps more, never less); with ``keep_narrow`` a group at most ``round_to`` wide loses
+    nothing. Units a rounded group keeps do not pass to other groups (the bisection on ``k`` does that)."""
     taken: Dict[str, List[int]] = {}
     count = 0
     for u in ranked:
@@ -48,6 +50,8 @@ def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str,
             kept = widths[g] - n
             kept = min(widths[g], int(math.ceil(kept / round_to)) * round_to)
             n = widths[g] - kept
+        elif round_to > 1 and keep_narrow:
+            n = 0
         removed.update(units[:n])
     return removed
 
@@ -62,7 +66,7 @@ def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
     ranked = sorted(unit_group, key=lambda u: (scores.get(u, 0.0), u))
     caps = _caps(coupling, budget, widths0)
     widths = {g.id: g.width for g in coupling.groups}
-    take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to))  # noqa: E731
+    take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to), budget.keep_narrow)  # noqa: E731
     if not ranked:
         raise BudgetError("the model has no prunable channels (every channel is pinned by the network's output, "
                           "ignore=, or barriers). What to do: inspect the barriers with obafx.report() / "
@@ -76,7 +80,9 @@ def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
         raise BudgetError(
             f"the MAC budget cannot be met: removing every removable channel (at most {budget.max_layer_ratio:.0%} "
             f"of each layer) leaves {estimate(take(hi)):.3g} MACs > target {target_macs:.3g}. What to do: ask for "
-            "a larger macs= fraction, raise max_layer_ratio, or drop ignore= entries.")
+            "a larger macs= fraction, raise max_layer_ratio, or drop ignore= entries"
+            + (" or keep_narrow=True (it leaves every group at most round_to wide whole)." if budget.keep_narrow
+               else "."))
     while lo < hi:
         mid = (lo + hi) // 2
         if estimate(take(mid)) <= target_macs:

@@ -64,6 +64,20 @@ def test_channels_budget_and_round_to():
     assert 0.3 <= removed / total <= 0.41
 
 
+def test_keep_narrow_keeps_groups_at_most_round_to_whole():
+    """round_to=8, keep_narrow=True on a ResNet-20 at width 8 (stages 8/16/32 wide): stage 1 is left whole, every
+    other group keeps a multiple of 8, and the MAC budget is still met (from the wider stages)."""
+    from obafx.bench.models import resnet20
+    torch.manual_seed(0)
+    m, x = resnet20(width=8), torch.randn(2, 1, 32, 32)
+    rep = obafx.report(obafx.compile_prune(m, x, macs=0.5, round_to=8, keep_narrow=True))
+    assert all(g["width_after"] == g["width_before"] for g in rep.groups if g["width_before"] <= 8)
+    assert all(g["width_after"] % 8 == 0 for g in rep.groups if g["width_before"] > 8)
+    assert any(g["width_after"] < g["width_before"] for g in rep.groups) and abs(rep.macs_ratio - 0.5) < 0.03
+    free = obafx.report(obafx.compile_prune(m, x, macs=0.5, round_to=8))
+    assert any(g["width_after"] < g["width_before"] for g in free.groups if g["width_before"] <= 8)
+
+
 def test_keep_all_is_identity():
     m = small_resnet()
     pruned = obafx.compile_prune(m, X, channels=1e-9)

@@ -56,7 +56,7 @@ def test_padded_macs_round_channels_up_to_the_block():
 def test_variant_names():
     parts = load_benchmark("train_variants")
     assert parts.variant_kwargs("round16") == {"round_to": 16} and parts.variant_kwargs("uniform") == {"uniform": True}
-    assert parts.variant_kwargs("round16keep") == {"round_to": 16, "keep_narrow": 16}
+    assert parts.variant_kwargs("round16keep") == {"round_to": 16, "keep_narrow": True}
     assert parts.variant_kwargs("pruned") == {} and parts.variant_kwargs("ideal") is None
     with pytest.raises(ValueError, match="unknown variant"):
         parts.variant_kwargs("round")

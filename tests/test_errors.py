@@ -142,6 +142,8 @@ def test_example_input_that_does_not_fit_names_the_node_and_the_users_line():
     (dict(macs=float("nan")), ["macs=nan"]),
     (dict(macs=0.5, channels=0.5), ["exactly one budget"]), (dict(no_budget=True), ["exactly one budget"]),
     (dict(channels=0.3, round_to=0), ["round_to"]), (dict(channels=0.3, max_layer_ratio=1.0), ["max_layer_ratio"]),
+    (dict(channels=0.3, keep_narrow=True), ["keep_narrow=True", "round_to"]),
+    (dict(channels=0.3, round_to=8, keep_narrow="yes"), ["keep_narrow='yes'", "bool"]),
 ])
 def test_budget_outside_range_is_a_config_error(budget, words):
     with pytest.raises(ConfigError) as info:

@@ -102,3 +102,24 @@ def test_mac_model_estimate_is_each_modules_macs_times_its_kept_fractions():
     for removed in [set()] + [set(rng.choice(units, size=k, replace=False).tolist()) for k in (1, 40, 400)]:
         assert mac_model.estimate(removed) == pytest.approx(by_hand(removed), rel=1e-12)
     assert mac_model.estimate(set(units[:400])) < mac_model.estimate(set())
+
+
+def test_keep_narrow_leaves_groups_at_most_round_to_whole():
+    c = coupling()  # groups 20 and 30 wide
+    scores = {u: float(i) for gr in c.groups for i, u in enumerate(gr.units)}
+    kept = lambda removed: {gr.width: gr.width - sum(u in removed for u in gr.units) for gr in c.groups}  # noqa
+    free = kept(select(c, scores, Budget(channels=0.5, round_to=24)))
+    narrow = kept(select(c, scores, Budget(channels=0.5, round_to=24, keep_narrow=True)))
+    assert free[20] < 20 and narrow[20] == 20  # 20 <= round_to: pruned freely, or whole with keep_narrow
+    assert narrow[30] in (24, 30) and free[30] in (24, 30)
+
+
+def test_keep_narrow_meets_a_mac_budget_from_the_wide_groups():
+    c = coupling()
+    scores = {u: float(i) for gr in c.groups for i, u in enumerate(gr.units)}
+    narrow = next(gr for gr in c.groups if gr.width == 20)
+    estimate = lambda removed: 100.0 - len(removed)  # noqa: E731
+    removed = select(c, scores, Budget(macs=0.5, round_to=20, keep_narrow=True), estimate, target_macs=90.0)
+    assert not set(narrow.units) & removed and len(removed) == 10  # the 30-wide group keeps 20
+    with pytest.raises(BudgetError, match="keep_narrow=True"):
+        select(c, scores, Budget(macs=0.5, round_to=24, keep_narrow=True), estimate, target_macs=80.0)
