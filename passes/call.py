@@ -1,6 +1,7 @@
 """`Call`: what an op rule sees of one fx node (values, their planes, the module) and small accessors."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -71,7 +72,7 @@ class Call:
         get_attr argument ``i``/``name`` for functional calls. None when the parameter is absent or computed
         (then the dim is fixed). ``like``: labels the rule unions the slot with next (see `Store.slot`)."""
         if self.node.op == "call_module":
-            tensor = getattr(self.module, attr, None)
+            tensor = _module_attr(self.module, attr)
             if not isinstance(tensor, torch.Tensor):
                 return None
             return self.store.slot(f"{self.node.target}.{attr}", dim, tensor.shape[dim], role, self.owner(), like)
@@ -80,6 +81,22 @@ class Call:
         if not isinstance(node, fx.Node) or node.op != "get_attr" or not isinstance(value, torch.Tensor):
             return None
         return self.store.slot(node.target, dim, value.shape[dim], role, self.owner(), like)
+
+
+def _module_attr(module: nn.Module, attr: str) -> Any:
+    """``getattr(module, attr, None)``: a parameter or buffer straight from the module's dicts (where
+    ``nn.Module.__getattr__`` would find it: no instance or class attribute of that name), else getattr."""
+    if attr not in module.__dict__ and not _class_defines(type(module), attr):
+        if attr in module._parameters:
+            return module._parameters[attr]
+        if attr in module._buffers:
+            return module._buffers[attr]
+    return getattr(module, attr, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_defines(cls: type, attr: str) -> bool:
+    return hasattr(cls, attr)
 
 
 def op_name(target: Any) -> str:

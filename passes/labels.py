@@ -63,8 +63,8 @@ class Store:
     def union(self, a: np.ndarray, b) -> None:
         """Record that the labels at matching (broadcast) positions of ``a`` and ``b`` go together."""
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
-        if a.shape == b.shape and np.array_equal(a, b):  # the same labels (a slot made like its input): nothing
-            return
+        if a.shape == b.shape and (a == b).all():  # the same labels (a slot made like its input): nothing
+            return  # (np.array_equal's checks around the comparison cost as much again; shapes are equal here)
         if a.shape != b.shape:
             a, b = np.broadcast_arrays(a, b)
         pair = np.empty((2, a.size), dtype=np.int64)

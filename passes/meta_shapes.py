@@ -53,12 +53,16 @@ def cat(tensors: Any = None, dim: int = 0, *, out: Any = None) -> Optional[torch
     if first.dim() == 0 or not isinstance(dim, int) or not -first.dim() <= dim < first.dim():
         return None
     d = dim % first.dim()
-    same = all(t.dtype == first.dtype and t.dim() == first.dim() and
-               all(a == b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != d) for t in tensors)
-    if not same:
-        return None
-    shape = list(first.shape)
-    shape[d] = sum(t.shape[d] for t in tensors)
+    size = first.shape
+    before, after, dtype, rank = size[:d], size[d + 1:], first.dtype, first.dim()
+    total = 0
+    for t in tensors:  # one dtype and rank, the same sizes off ``d`` (compared as torch.Size slices)
+        shape = t.shape
+        if t.dtype != dtype or len(shape) != rank or shape[:d] != before or shape[d + 1:] != after:
+            return None
+        total += shape[d]
+    shape = list(size)
+    shape[d] = total
     return torch.empty(shape, dtype=first.dtype, device="meta")
 
 

@@ -84,7 +84,7 @@ def fingerprint(gm: fx.GraphModule, inputs: Tuple[Any, ...],
     tensors = named_tensors(gm) if named is None else named
     nodes = tuple((n.name, n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes)
     return (id(gm.graph), nodes,
-            tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in tensors),
+            tuple((n, t.shape, t.dtype, t.device) for n, t in tensors),
             tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in inputs))
 
 

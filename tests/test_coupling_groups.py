@@ -62,3 +62,20 @@ def test_sorted_unique_is_numpys_unique():
     runs = np.concatenate([np.sort(rng.integers(0, 10**6, size=int(n))) for n in rng.integers(0, 300, size=50)])
     for a in (runs, rng.integers(-50, 50, size=1000), np.zeros(0, dtype=np.int64), np.array([7, 7, 7])):
         assert np.array_equal(_sorted_unique(a), np.unique(a))
+
+
+def test_rules_read_layer_parameters_as_getattr_does():
+    """Call.param's shortcut reads parameters and buffers from the module's dicts only where getattr would find
+    them there: a parametrized weight (a class property), an instance attribute and a missing name go by getattr."""
+    from torch import nn
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from obafx.passes.call import _module_attr
+
+    plain, normed, odd = nn.BatchNorm2d(3), weight_norm(nn.Conv2d(2, 3, 1)), nn.Linear(2, 2)
+    odd.__dict__["bias"] = torch.zeros(7)  # an instance attribute that getattr finds before _parameters
+    for module in (plain, normed, odd):
+        for attr in ("weight", "bias", "running_mean", "missing"):
+            got, expected = _module_attr(module, attr), getattr(module, attr, None)
+            assert got is expected or (isinstance(got, torch.Tensor) and torch.equal(got, expected))
+    assert "weight" not in normed._parameters and _module_attr(normed, "weight").shape == (3, 2, 1, 1)

@@ -82,8 +82,13 @@ def test_no_shortcut_for_hooked_subclassed_or_channels_last_calls():
 
 def test_cat_shortcut_matches_the_kernel():
     a, b = torch.empty(2, 3, 4, device="meta"), torch.empty(2, 5, 4, device="meta")
-    for tensors, dim in (((a, b), 1), ((a, b), -2), ((a, a), 0), ((a, b), 0), ((a, b.double()), 1)):
+    m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    cases = (((a, b), 1), ((a, b), -2), ((a, a), 0), ((a, b), 0), ((a, b.double()), 1), ((a, m(2, 3)), 1),
+             ((a, m(2, 3, 5)), 1), ((a, m(3, 3, 4)), 1), ((a, a, m(2, 3, 7)), -1), ([m(1, 8, 2, 2)] * 32, 1))
+    shortcuts = 0
+    for tensors, dim in cases:
         shortcut = meta_shapes.cat(tensors, dim)
+        shortcuts += shortcut is not None
         try:
             expected = torch.cat(tensors, dim)
         except Exception:  # noqa: BLE001
@@ -92,6 +97,7 @@ def test_cat_shortcut_matches_the_kernel():
         if shortcut is not None:
             assert (shortcut.shape, shortcut.stride(), shortcut.dtype) == (expected.shape, expected.stride(),
                                                                         expected.dtype)
+    assert shortcuts == 5  # the shortcut answered every case that fits it (one dtype, sizes agree off dim)
 
 
 @pytest.mark.parametrize("op", [operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul])
