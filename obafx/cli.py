@@ -78,7 +78,7 @@ def cmd_prune(args) -> int:
     x = torch.randn(*_shape(args.input))
     budget = {"macs": args.macs} if args.channels is None else {"channels": args.channels}
     pruned = obafx.compile_prune(model, x, importance=args.importance, steps=args.steps, round_to=args.round_to,
-                                 progress=True, **budget)
+                                 keep_narrow=args.keep_narrow, progress=True, **budget)
     rep = obafx.report(pruned)
     before, after, how = _latencies(model, pruned, x[:1], args.threads)
     print(_table([("", "before", "after", "ratio"),
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--importance", default="magnitude", help="magnitude | random | oba (needs data: see demo)")
             s.add_argument("--steps", type=int, default=1)
             s.add_argument("--round-to", type=int, default=1)
+            s.add_argument("--keep-narrow", action="store_true",
+                           help="with --round-to N: groups at most N wide stay whole (CPU kernels pad them to N)")
             s.add_argument("--threads", type=int, default=1, help="CPU threads for the latency rows (pinned)")
     d = sub.add_parser("demo", help="train-or-load a Fashion-MNIST ResNet, prune it with OBA, fine-tune, compare")
     d.add_argument("--out", default="obafx_out/demo")

@@ -55,6 +55,15 @@ def test_cli_inspect_and_prune(tmp_path, capsys):
     assert abs(rep["macs_ratio"] - 0.5) <= 0.02
 
 
+def test_cli_prune_round_to_keep_narrow(tmp_path, capsys):
+    args = ["prune", "resnet18", "--input", "1,3,32,32", "--macs", "0.5", "--round-to", "64", "--out", str(tmp_path)]
+    assert cli.main(args + ["--keep-narrow"]) == 0
+    groups = json.loads((tmp_path / "report.json").read_text())["groups"]
+    assert all(g["width_after"] == 64 for g in groups if g["width_before"] == 64)  # layer1 is left whole
+    assert all(g["width_after"] % 64 == 0 for g in groups) and any(g["width_after"] < g["width_before"] for g in groups)
+    capsys.readouterr()
+
+
 def test_cli_refuses_pickle_without_trust(tmp_path, capsys):
     path = tmp_path / "m.pt"
     torch.save(torch.nn.Linear(2, 2), path)
