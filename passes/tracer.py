@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch import nn
 
 from .errors import SOURCE_KEY
@@ -65,7 +67,7 @@ class LeafTracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         if self._plain_bookkeeping():
-            node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+            node = _graph_node(self.graph, kind, target, args, kwargs, name, type_expr)
             self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
             if self.module_stack:
                 node.meta["nn_module_stack"] = self.module_stack.copy()  # what fx's copy.copy makes, faster
@@ -98,6 +100,49 @@ class LeafTracer(fx.Tracer):
         return super().create_arg(a)
 
 
+def _graph_node(graph: fx.Graph, op: str, target: Any, args: tuple, kwargs: dict, name: Optional[str],
+                type_expr: Any) -> fx.Node:
+    """``graph.create_node(...)`` for a node the tracer makes: the same name, node and insertion, without fx's
+    scan of the arguments for raw SymInt/SymFloat/SymBool values through pytree (a warning about values a
+    symbolic trace of a module does not make; 1-2 ms a trace of a model of hundreds of modules): where an
+    argument holds one, or the graph has an owning module (create-node hooks), or this torch's
+    ``Graph.create_node`` is not the one this replays, fx's own runs."""
+    if not _KNOWN_CREATE_NODE or graph.owning_module is not None or _symbolic((args, kwargs)):
+        return graph.create_node(op, target, args, kwargs, name, type_expr)
+    args = args if args else ()
+    kwargs = kwargs if kwargs else immutable_dict()
+    candidate = name if name is not None else graph._target_to_str(target)
+    name = graph._graph_namespace.create_name(candidate, None)
+    node = fx.Node(graph, name, op, target, args, kwargs, type_expr)
+    graph._graph_namespace.associate_name_with_obj(name, node)
+    graph._insert(node)
+    graph._find_nodes_lookup_table.insert(node)
+    graph._len += 1
+    return node
+
+
+def _symbolic(value: Any) -> bool:
+    """Whether ``value`` may hold a SymInt/SymFloat/SymBool: one of them, or inside plain tuples, lists and
+    dicts, or any other container (a namedtuple, torch.Size, a registered pytree node: fx's scan decides)."""
+    kind = type(value)
+    if kind in _PLAIN_CONSTANTS or kind is fx.Node:
+        return False
+    if kind in (tuple, list, immutable_list):
+        return any(_symbolic(v) for v in value)
+    if kind in (dict, immutable_dict):
+        return any(_symbolic(v) for v in value.values())
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, tuple, list, dict)) or \
+        kind in _PYTREE_NODES
+
+
+# The Graph.create_node that `_graph_node` replays (torch 2.14): its global and attribute names.
+_CREATE_NODE_NAMES = (
+    'isinstance', 'tuple', 'AssertionError', 'type', 'immutable_dict', 'dict', 'pytree', 'tree_iter', 'torch',
+    'SymInt', 'SymFloat', 'SymBool', 'warnings', 'warn', '__name__', '_target_to_str', '_graph_namespace',
+    'create_name', 'Node', 'owning_module', 'getattr', '_create_node_hooks', 'associate_name_with_obj', '_insert',
+    '_find_nodes_lookup_table', 'insert', '_len')
+_KNOWN_CREATE_NODE = fx.Graph.create_node.__code__.co_names == _CREATE_NODE_NAMES
+_PYTREE_NODES = frozenset(pytree.SUPPORTED_NODES)
 _FX_LOG = logging.getLogger(fx.proxy.__name__)  # fx's create_node logs every node at debug level
 _PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None)))
 _TRACE_CODE = inspect.unwrap(fx.Tracer.trace).__code__

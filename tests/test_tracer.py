@@ -77,3 +77,17 @@ def test_scope_restored_when_forward_raises():
     with pytest.raises(RuntimeError, match="boom"):
         tracer.trace(Outer())
     assert (tracer.scope.module_path, tracer.scope.module_type) == ("", None)
+
+
+def test_node_creation_replays_this_torchs_graph_create_node():
+    """The tracer's node creation (no pytree scan for SymInts) replays torch's Graph.create_node; on another
+    torch whose create_node differs, fx's own runs (the comparisons above then test that)."""
+    from obafx.passes import tracer as tracer_mod
+
+    assert tracer_mod._KNOWN_CREATE_NODE  # the torch this project pins: the short path is the one tested above
+    from collections import namedtuple
+
+    pair = namedtuple("pair", "a b")
+    assert not tracer_mod._symbolic(((1, [2.0, None]), {"k": "v"}))
+    for opaque in (pair(1, 2), torch.Size([2, 3]), (1, [pair(1, 2)]), {"k": torch.Size([1])}):
+        assert tracer_mod._symbolic(opaque)  # containers it does not open: fx's scan decides
