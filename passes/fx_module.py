@@ -33,6 +33,21 @@ def graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     return gm
 
 
+def set_training(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)``: every module's flag set to ``mode``; directly where no module in the tree has a
+    ``train`` of its own (Module.train's recursion sets the flags through ``__setattr__``, a millisecond on a
+    model of hundreds of modules), else through ``train`` (an override, e.g. one that keeps norms frozen)."""
+    modules = list(module.modules())
+    if any(type(m).train is not _MODULE_TRAIN for m in modules):
+        module.train(mode)
+        return
+    for m in modules:
+        m.__dict__["training"] = mode  # what Module.__setattr__ stores for a plain attribute
+
+
+_MODULE_TRAIN = nn.Module.train
+
+
 def _module_class() -> type:
     try:
         from torch.fx._lazy_graph_module import _LazyGraphModule

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .fx_module import graph_module
+from .fx_module import graph_module, set_training
 from .errors import ConfigError, TraceError, describe_node
 from .facts import Recorded, Traced  # noqa: F401 (Recorded, Traced: re-exported, they used to live here)
 from .private_copy import private_copy
@@ -79,7 +79,7 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
         if isinstance(node.type, str):
             node.type = None
     gm = graph_module(tracer.root, graph, type(model).__name__)
-    gm.train(model.training)
+    set_training(gm, model.training)
     values = check_runs(gm, inputs)
     return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
 

@@ -86,8 +86,8 @@ class LeafTracer(fx.Tracer):
                 and not _FX_LOG.isEnabledFor(logging.DEBUG))
 
     def create_arg(self, a: Any) -> Any:
-        # fx's create_arg runs a dozen type checks per value; plain constants, proxies and plain tuples and lists
-        # of them (most arguments) lower exactly as fx would lower them, so take them first (~10% of a trace).
+        # fx's create_arg runs a dozen type checks per value; plain constants, proxies and plain tuples, lists and
+        # string-keyed dicts of them (most arguments) lower exactly as fx would lower them, so take them first.
         kind = type(a)
         if kind in _PLAIN_CONSTANTS:
             return a
@@ -97,6 +97,8 @@ class LeafTracer(fx.Tracer):
             return tuple(self.create_arg(e) for e in a)
         if kind is list:
             return [self.create_arg(e) for e in a]
+        if kind is dict and all(type(k) is str for k in a):  # every call's kwargs: fx's _create_arg_dict
+            return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
 

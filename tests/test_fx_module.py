@@ -115,3 +115,28 @@ def test_module_registration_hooks_go_through_fx():
     finally:
         handle.remove()
     assert runs[0] == runs[1] and ("Module", "1", "Linear") in runs[0]
+
+
+class FrozenNorm(nn.BatchNorm2d):
+    """A norm that stays in eval mode whatever train() asks (a train override)."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_set_training_is_train(mode):
+    from obafx.passes.fx_module import set_training
+
+    def make(norm):
+        model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(norm(3), nn.ReLU()))
+        model[1].train(not mode)
+        model[0].training = not mode
+        return model
+
+    for norm in (nn.BatchNorm2d, FrozenNorm):
+        ours, theirs = make(norm), make(norm)
+        set_training(ours, mode)
+        theirs.train(mode)
+        assert [m.training for m in ours.modules()] == [m.training for m in theirs.modules()]
+        assert all(m.training == mode for m in ours.modules() if type(m) is not FrozenNorm)
