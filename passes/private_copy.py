@@ -88,11 +88,13 @@ def _plain_class(cls: type) -> bool:
 def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
     """A deep copy of one attribute value, recursing into modules and plain containers."""
     kind = type(value)
-    if kind in _SHARED_TYPES or isinstance(value, _ATOMIC):  # what deepcopy shares too
+    if kind in _SHARED_TYPES:  # what deepcopy shares too
         return value
-    found = memo.get(id(value))
+    found = memo.get(id(value))  # before the isinstance check below: tensors (most values here) are in memo
     if found is not None:
         return found
+    if isinstance(value, _ATOMIC):  # subclasses of the shared types (deepcopy never memoises these)
+        return value
     if isinstance(value, nn.Module):
         # A module held as a plain attribute (not registered, so not seen by `_plain_module_tree`) may copy
         # itself its own way: then deepcopy decides.
@@ -100,8 +102,9 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
     if kind is OrderedDict or kind is dict:
         new = kind()
         memo[id(value)] = new
-        if value:  # most are a module's empty hook dicts
-            new.update((k, _copy_value(v, memo)) for k, v in value.items())
+        for k, v in value.items():  # parameter and buffer dicts: their tensors are in memo already
+            found = memo.get(id(v))
+            new[k] = found if found is not None else _copy_value(v, memo)
         return new
     if kind is list:
         new = []
@@ -109,7 +112,7 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
         new.extend(_copy_value(v, memo) for v in value)
         return new
     if kind is set or kind is frozenset:
-        return kind(_copy_value(v, memo) for v in value)
+        return kind(_copy_value(v, memo) for v in value) if value else kind()
     if kind is tuple:  # deepcopy's rule: the tuple itself when every item copies to itself
         items = [_copy_value(v, memo) for v in value]
         return value if all(a is b for a, b in zip(items, value)) else tuple(items)
@@ -127,8 +130,8 @@ def _copy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
         kind = type(v)
         if kind in _SHARED_TYPES:
             state[key] = v
-        elif (kind is OrderedDict or kind is dict) and not v:
-            state[key] = kind()
+        elif (kind is OrderedDict or kind is dict or kind is set) and not v:
+            state[key] = kind()  # hook dicts, _non_persistent_buffers_set
         elif kind is tuple and all(type(e) in _SHARED_TYPES for e in v):  # kernel sizes, strides, paddings:
             state[key] = v  # deepcopy returns a tuple of shared values itself
         else:

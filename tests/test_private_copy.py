@@ -170,3 +170,14 @@ def test_tuples_are_shared_exactly_where_deepcopy_shares_them():
         assert copied.kernel_size is model.kernel_size and copied.nested is model.nested
         assert copied.mixed == model.mixed and copied.mixed is not model.mixed
         assert copied.mixed[1] is not model.mixed[1]
+
+
+def test_empty_sets_and_dicts_are_new_objects():
+    """Empty hook dicts and the non-persistent buffer set are copied apart (registering on the copy leaves the
+    model alone), as deepcopy does."""
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    new = pc.private_copy(model)
+    new[0].register_buffer("scratch", torch.zeros(1), persistent=False)
+    new[0].register_forward_pre_hook(lambda m, i: None)
+    assert not model[0]._non_persistent_buffers_set and not model[0]._forward_pre_hooks
+    assert "scratch" not in model[0]._buffers
