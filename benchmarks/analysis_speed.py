@@ -3,14 +3,16 @@
 For each model (torchvision, weights=None, eval, float32) both tools analyse the same model on the same input in
 the same process, alternating, ``--reps`` times each, each run after a full garbage collection; the JSON holds wall-clock medians, every time, CPU-time
 medians (process time: steadier than wall clock on a shared machine), the ratios obafx / Torch-Pruning, obafx's
-per-stage medians, what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy), and
+per-stage medians (wall and CPU), what the model's private copy costs (trace.py's copy-on-write copy and a plain deep copy), and
 torch.fx's own symbolic trace of the model alone (the floor under any fx-based analysis). Models: resnet50 and
 densenet121 at 64x64 (small inputs, where Torch-Pruning's real forward pass is cheapest), vit_b_16 at 224x224, and
 resnet50 and densenet121 again at their native 224x224 (keys ``name@224``): obafx's analysis runs on meta tensors, so
 its time does not grow with the input, while Torch-Pruning's does (``--quick``: resnet18 and mobilenet_v3_small at
-32x32). Target: ratio <= 1.
+32x32). Target: ratio <= 1. ``settings`` records the default models a ``--models`` run left out and ``--note``
+(e.g. what else was loading the machine); ``machine`` the load average at the start and at the end.
 
-Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--threads 1] [--out PATH]
+Usage: python3 benchmarks/analysis_speed.py [--reps 7] [--models resnet50,...] [--quick] [--threads 1] [--note TEXT]
+       [--out PATH]
 Writes JSON (default benchmarks/results/analysis_speed.json).
 """
 from __future__ import annotations
@@ -45,13 +47,14 @@ def obafx_analysis(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
 
     c0, t0 = time.process_time(), time.perf_counter()
     traced = trace(model, x)
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     facts = analyze(traced)
-    t2 = time.perf_counter()
+    c2, t2 = time.process_time(), time.perf_counter()
     coupling = couple(facts)
-    t3 = time.perf_counter()
-    return {"trace": t1 - t0, "analyze": t2 - t1, "couple": t3 - t2, "total": t3 - t0,
-            "cpu": time.process_time() - c0, "groups": len(coupling.groups), "barriers": len(coupling.barriers)}
+    c3, t3 = time.process_time(), time.perf_counter()
+    return {"trace": t1 - t0, "analyze": t2 - t1, "couple": t3 - t2, "total": t3 - t0, "cpu": c3 - c0,
+            "cpu_trace": c1 - c0, "cpu_analyze": c2 - c1, "cpu_couple": c3 - c2,
+            "groups": len(coupling.groups), "barriers": len(coupling.barriers)}
 
 
 def tp_analysis(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
@@ -66,11 +69,12 @@ def tp_analysis(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Any]:
     return {"total": total, "cpu": cpu, "groups": sum(1 for _ in dg.get_all_groups())}
 
 
-def fx_trace_alone(model: torch.nn.Module) -> float:
-    """Seconds of torch.fx's own symbolic trace of ``model`` (no copy, no shapes): the floor for any fx-based tool."""
-    start = time.perf_counter()
+def fx_trace_alone(model: torch.nn.Module) -> Dict[str, float]:
+    """Seconds (wall, CPU) of torch.fx's own symbolic trace of ``model`` (no copy, no shapes): the floor for any
+    fx-based tool."""
+    c0, start = time.process_time(), time.perf_counter()
     torch.fx.Tracer().trace(model)
-    return time.perf_counter() - start
+    return {"total": time.perf_counter() - start, "cpu": time.process_time() - c0}
 
 
 def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
@@ -96,8 +100,11 @@ def bench_model(name: str, size: int, reps: int) -> Dict[str, Any]:
                        "cpu_median_s": statistics.median(r["cpu"] for r in rows), "groups": rows[-1]["groups"]}
     entry["obafx"]["stages_median_s"] = {k: statistics.median(r[k] for r in runs["obafx"])
                                          for k in ("trace", "analyze", "couple")}
+    entry["obafx"]["stages_cpu_median_s"] = {k: statistics.median(r[f"cpu_{k}"] for r in runs["obafx"])
+                                             for k in ("trace", "analyze", "couple")}
     entry["obafx"]["barriers"] = runs["obafx"][-1]["barriers"]
-    entry["fx_trace_alone_median_s"] = statistics.median(fx_alone)
+    entry["fx_trace_alone_median_s"] = statistics.median(r["total"] for r in fx_alone)
+    entry["fx_trace_alone_cpu_median_s"] = statistics.median(r["cpu"] for r in fx_alone)
     for key, copier in (("deepcopy_cpu_s", copy.deepcopy), ("private_copy_cpu_s", private_copy)):
         start = time.process_time()
         copier(model)  # what trace.py's private copy costs (copy-on-write) against a plain deep copy
@@ -118,6 +125,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared machine, idle OpenMP threads spin and inflate every time)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument("--note", default="", help="free text stored in the JSON's settings (e.g. how loaded the "
+                                               "machine was, why models were left out)")
     return p.parse_args(argv)
 
 
@@ -147,18 +156,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
+    selected = _selected(args)
+    defaults = QUICK_MODELS if args.quick else MODELS
     report: Dict[str, Any] = {
         "machine": machine_info(),
-        "settings": {"reps": args.reps, "quick": args.quick, "dtype": "float32", "warmup": 1, "threads": args.threads},
+        "settings": {"reps": args.reps, "quick": args.quick, "dtype": "float32", "warmup": 1, "threads": args.threads,
+                     "models_left_out": [m for m in defaults if m not in selected], "note": args.note},
         "models": {},
     }
-    for name, size in _selected(args).items():
+    for name, size in selected.items():
         entry = bench_model(name, size, args.reps)
         report["models"][name] = entry
         ob, tp = entry["obafx"], entry["torch_pruning"]
         print(f"{name:20s} obafx {ob['median_s']:.3f}s (cpu {ob['cpu_median_s']:.3f}s)  tp {tp['median_s']:.3f}s "
               f"(cpu {tp['cpu_median_s']:.3f}s)  ratio {entry['ratio_obafx_over_tp']:.2f}", flush=True)
     report["all_meet_target"] = all(e["meets_target"] for e in report["models"].values())
+    report["machine"]["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     write_json(args.out, report)
     return report
 

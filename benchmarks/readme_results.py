@@ -115,9 +115,16 @@ def analysis_speed(d):
             "comparison), and at their native 224x224. obafx's analysis runs on meta tensors, so its time does not "
             "depend on the input size; Torch-Pruning's grows with it. The target is judged on the wall-clock ratio; "
             "the CPU-time ratio is steadier on a shared machine. Rows ran at different moments on a shared machine: "
-            "compare the ratios, not milliseconds across rows.\n\n"
+            "compare the ratios, not milliseconds across rows." + _run_notes(d["settings"]) + "\n\n"
             + _table(["model", "input", "obafx ms", "trace / analyze / couple ms", "fx trace alone ms",
                       "Torch-Pruning ms", "obafx / TP", "CPU-time ratio", "target (<= 1) met"], rows))
+
+
+def _run_notes(settings) -> str:
+    """The run's own note and the default models it left out, as sentences ('' when neither)."""
+    left = settings.get("models_left_out") or []
+    note = f" Run note: {settings['note']}" if settings.get("note") else ""
+    return note + (f" Not in this run: {', '.join(left)}." if left else "")
 
 
 def _ms(seconds) -> str:

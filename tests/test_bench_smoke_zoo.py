@@ -70,7 +70,10 @@ def test_analysis_speed_quick_run_writes_the_json_schema(tmp_path):
     assert entry["input"] == [1, 3, 32, 32]
     for tool in ("obafx", "torch_pruning"):
         assert entry[tool]["median_s"] > 0 and len(entry[tool]["times_s"]) == 1 and entry[tool]["groups"] > 0
-    assert set(entry["obafx"]["stages_median_s"]) == {"trace", "analyze", "couple"}
+    assert set(entry["obafx"]["stages_median_s"]) == set(entry["obafx"]["stages_cpu_median_s"]) == {
+        "trace", "analyze", "couple"}
+    assert report["settings"]["models_left_out"] == ["mobilenet_v3_small"]  # QUICK_MODELS not in --models
+    assert report["machine"]["load_avg_1m_end"] is not None and 0 < entry["fx_trace_alone_cpu_median_s"]
     assert 0 < entry["fx_trace_alone_median_s"] < entry["obafx"]["median_s"]  # obafx's trace includes fx's
     assert entry["ratio_obafx_over_tp"] == pytest.approx(entry["obafx"]["median_s"] / entry["torch_pruning"]["median_s"])
     assert report["models"]["resnet18@40"]["input"] == [1, 3, 40, 40]  # the same model at a second input size
