@@ -17,7 +17,7 @@ from .ops import rule_for
 from .rules_shape import barrier
 from .facts import ChannelFacts, Traced, frozen_map
 from .record import record_values
-from .tensors import aliases_of, named_tensors
+from .tensors import aliases_of, modules_by_name, named_tensors
 
 
 def _shape_of(value: Any) -> Any:
@@ -48,7 +48,7 @@ class _Analyzer:
 
     def __init__(self, gm: fx.GraphModule, values: Dict[str, Any], aliases: Dict[str, str]):
         self.module = gm
-        self.submodules = dict(gm.named_modules(remove_duplicate=False))  # a shared module under every name
+        self.submodules = modules_by_name(gm)  # a shared module under every name
         self.values = values
         self.store = Store(aliases=aliases)
         self.planes: Dict[str, Any] = {}

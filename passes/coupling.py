@@ -108,7 +108,9 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     units, slots_of = _slot_sets(reps, slot_units)
     groups = []
     # members sort 'out' slots first, then by key: rank every key once (groups share slots, densely on DenseNets)
-    rank = {k: i for i, k in enumerate(sorted(roles, key=lambda k: (roles[k][0] != "out", k)))}
+    by_key = sorted(roles)  # plain tuple order; then the 'out' slots move to the front, each part still sorted
+    ordered_keys = [k for k in by_key if roles[k][0] == "out"] + [k for k in by_key if roles[k][0] != "out"]
+    rank = {k: i for i, k in enumerate(ordered_keys)}
     has_out = [any(roles[k][0] == "out" for k in keys) for keys in classes]
     first_index = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)  # scratch, reused per group
     for members, unit_ids in _same_slot_sets(units, slots_of, len(reps)):
@@ -157,14 +159,16 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
 
 
 def _same_slot_sets(units: np.ndarray, slots: np.ndarray, n_slots: int):
-    """Yield (slot indices, unit ids) for each set of units touching exactly the same slots (both arrays).
+    """Yield (slot indices, unit ids) for each set of units touching exactly the same slots (both arrays);
+    ``units``/``slots`` as `_slot_sets` returns them (each pair once, sorted by unit then slot).
 
     Units are bucketed by a 128-bit random hash of their slot set (and its size), then each bucket is checked
     exactly: its units together touch only as many distinct slots as each one does.
     """
     if units.size == 0:
         return
-    ids, start, count = np.unique(units, return_index=True, return_counts=True)
+    start = np.flatnonzero(np.concatenate(([True], units[1:] != units[:-1])))  # units come sorted (`_slot_sets`)
+    ids, count = units[start], np.diff(np.append(start, units.size))
     weights = np.random.default_rng(0).integers(-2**62, 2**62, size=(2, n_slots), dtype=np.int64)
     with np.errstate(over="ignore"):  # wrapping sums are fine for a hash
         hashes = np.add.reduceat(weights[:, slots], start, axis=1)

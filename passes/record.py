@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import meta_shapes
-from .tensors import eval_mode, params_and_buffers
+from .tensors import eval_mode, modules_by_name, params_and_buffers
 
 
 def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
@@ -107,7 +107,7 @@ class _MetaTwins:
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self._submodules = dict(gm.named_modules(remove_duplicate=False))  # a shared module under every name
+        self._submodules = modules_by_name(gm)  # a shared module under every name
         self._tensors: Dict[int, torch.Tensor] = {}
         self._modules: Dict[int, nn.Module] = {}
 

@@ -46,6 +46,13 @@ def named_tensors(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
     return params + buffers
 
 
+def modules_by_name(module: nn.Module) -> Dict[str, nn.Module]:
+    """``dict(module.named_modules(remove_duplicate=False))``: every submodule under every name it has."""
+    out: List[Tuple[str, nn.Module]] = []
+    _named_modules(module, "", out)
+    return dict(out)
+
+
 def _named_modules(module: nn.Module, prefix: str, out: List[Tuple[str, nn.Module]]) -> None:
     """Append ``module.named_modules(prefix=prefix, remove_duplicate=False)`` to ``out``: the same pre-order walk
     as plain calls instead of nested generators (a third of the time on a tree of hundreds of modules); a module

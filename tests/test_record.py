@@ -203,3 +203,16 @@ def test_named_tensors_walks_like_named_modules():
         expected = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         assert [(n, id(t)) for n, t in named_tensors(model)] == [(n, id(t)) for n, t in expected]
     assert "1.b.shown.weight" in dict(named_tensors(net)) and "1.b.hidden.weight" not in dict(named_tensors(net))
+
+
+def test_modules_by_name_is_named_modules_without_deduplication():
+    import torchvision
+
+    from obafx.passes.tensors import modules_by_name
+
+    shared = nn.ReLU()
+    net = nn.Sequential(nn.Sequential(shared, nn.Linear(2, 2)), shared)
+    for model in (net, torchvision.models.densenet121()):
+        got, expected = modules_by_name(model), dict(model.named_modules(remove_duplicate=False))
+        assert list(got) == list(expected) and all(got[k] is expected[k] for k in expected)
+    assert "1" in modules_by_name(net) and "0.0" in modules_by_name(net)
