@@ -12,6 +12,8 @@ Adding an op is one entry here (plus its tests): see `Op` and the README's "how 
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import operator
 from dataclasses import dataclass
@@ -286,6 +288,7 @@ def rule_for(op_kind: str, target, module: Optional[nn.Module] = None) -> Option
     return _all_or_nothing(entry.rule, entry.width_args)
 
 
+@functools.lru_cache(maxsize=None)
 def _all_or_nothing(rule: Rule, width_args: bool) -> Rule:
     """``rule`` that, when it raises, first forgets its unions and pins every slot it touched (the caller then
     treats the node as a barrier, which pins the inputs). Any other op that computes a tensor from a number
