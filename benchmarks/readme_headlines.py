@@ -115,14 +115,15 @@ def _variant_text(v: str, budget: float) -> str:
         return f"ideal (not pruned: the dense architecture with every width x{budget ** 0.5:.2f})"
     if v.startswith("round"):
         n = v[5:].replace("keep", "")
-        return f"{v} (round_to={n}" + (f", layers at most {n} wide left whole)" if v.endswith("keep") else ")")
+        return f"{v} (round_to={n}" + (f", keep_narrow=True: groups at most {n} wide stay whole)" if v.endswith("keep")
+                                       else ")")
     return {"pruned": "pruned (compile_prune defaults)", "uniform": "uniform (uniform=True)"}.get(v, v)
 
 
 def _train_section(d: Dict, rows: List[Sequence], which: str) -> str:
     s = d.get("settings", {})
     budget, variants = s.get("budget", 0.5), s.get("variants", ["pruned"])
-    reduced = f" {d['reduced']}." if d.get("reduced") else ""
+    reduced = f" {d['reduced'][:1].upper()}{d['reduced'][1:]}." if d.get("reduced") else ""
     return ("### Training step of the pruned model (`python3 benchmarks/train_speed.py`)\n\n"
             f"One SGD step at batch {s.get('batch', 128)}, dense and every variant in every memory format in one "
             f"alternation, medians; speed-up = dense / variant in the same format, on this process's CPU time "
