@@ -84,9 +84,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``round_to``: kept widths are multiples of it; a group at most ``round_to`` wide prunes freely, or with
     ``keep_narrow=True`` keeps its whole width. On CPU, oneDNN convolutions work in blocks of 16 channels (AVX-512)
     and channels_last BatchNorm is fast at multiples of 8, so a 16-wide layer pruned to 14 costs what 16 did:
-    round_to=16, keep_narrow=True trains a half-MAC ResNet-20 1.6-1.7x faster per step in channels_last where the
-    defaults give 1.3-1.4x (CPU time, 1 thread; in contiguous format both give ~1.4-1.5x; benchmarks/train_speed.py,
-    benchmarks/kernel_widths.py).
+    round_to=16, keep_narrow=True trains a half-MAC ResNet-20 1.56-1.68x faster per step in channels_last (three
+    runs) where the defaults give 1.31-1.41x (CPU time, 1 thread; in contiguous format both stay at ~1.3-1.5x;
+    benchmarks/train_speed.py, benchmarks/kernel_widths.py).
     """
     if structure == "unstructured":
         if latency is not None:
