@@ -16,7 +16,6 @@ from .labels import Plane, Store
 from .ops import rule_for
 from .rules_shape import barrier
 from .facts import ChannelFacts, Traced, frozen_map
-from .gc_pause import paused_gc
 from .record import record_values
 from .tensors import aliases_of, modules_by_name, named_tensors
 
@@ -107,13 +106,11 @@ def _target_name(n: fx.Node, module) -> str:
 def analyze(traced: Traced) -> ChannelFacts:
     """Run the channel analysis on ``traced`` (its recorded node values, or one fresh eval-mode run's)."""
     gm = traced.gm
-    with paused_gc():  # a burst of short-lived objects: see gc_pause.py
-        named = named_tensors(gm)  # one walk for the recorded values' check and the tied-tensor names
-        values = traced.recorded_values(named)
-        if values is None:
-            values = record_values(gm, traced.inputs)
-        analyzer = _Analyzer(gm, values, aliases_of(named))
-        with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
-            analyzer.run()
-        return ChannelFacts(traced, analyzer.store.freeze(), frozen_map(analyzer.planes),
-                            frozen_map(analyzer.shapes))
+    named = named_tensors(gm)  # one walk for the recorded values' check and the tied-tensor names
+    values = traced.recorded_values(named)
+    if values is None:
+        values = record_values(gm, traced.inputs)
+    analyzer = _Analyzer(gm, values, aliases_of(named))
+    with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
+        analyzer.run()
+    return ChannelFacts(traced, analyzer.store.freeze(), frozen_map(analyzer.planes), frozen_map(analyzer.shapes))

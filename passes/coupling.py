@@ -15,7 +15,6 @@ from scipy.sparse.csgraph import connected_components
 
 from .errors import ConfigError, describe_node
 from .facts import ChannelFacts, Coupling, Group
-from .gc_pause import paused_gc
 from .labels import PIN, Plane, iter_planes, squeeze_to_dims
 
 
@@ -87,11 +86,6 @@ def couple(facts: ChannelFacts, ignore: Iterable[str] = ()) -> Coupling:
 
     Pure: the pins and unions this adds live in a local list beside ``facts.store.pairs``, so calls with
     different ``ignore`` on the same facts do not add up."""
-    with paused_gc():  # a burst of short-lived objects: see gc_pause.py
-        return _couple(facts, ignore)
-
-
-def _couple(facts: ChannelFacts, ignore: Iterable[str]) -> Coupling:
     pins: List[np.ndarray] = []
     _pin_ignored(facts, ignore, pins)
     extra = _pin_pairs(pins + _narrow_slots(facts))

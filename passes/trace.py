@@ -18,7 +18,6 @@ import torch.fx as fx
 from torch import nn
 
 from .fx_module import graph_module, set_training
-from .gc_pause import paused_gc
 from .errors import ConfigError, TraceError, describe_node
 from .facts import Recorded, Traced  # noqa: F401 (Recorded, Traced: re-exported, they used to live here)
 from .private_copy import private_copy
@@ -70,20 +69,19 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
     inputs = as_inputs(example_input)
     check_precision(model, inputs)
     leaf_modules = _checked_leaf_modules(model, leaf_modules)
-    with paused_gc():  # a burst of short-lived objects: see gc_pause.py
-        private = private_copy(model)
-        tracer = LeafTracer(leaf_modules)
-        try:
-            graph = tracer.trace(private)
-        except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): report them all.
-            raise TraceError(_trace_failure(exc)) from exc
-        for node in graph.nodes:  # string annotations (``from __future__ import annotations``) break jit.script
-            if isinstance(node.type, str):
-                node.type = None
-        gm = graph_module(tracer.root, graph, type(model).__name__)
-        set_training(gm, model.training)
-        values = check_runs(gm, inputs)
-        return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
+    private = private_copy(model)
+    tracer = LeafTracer(leaf_modules)
+    try:
+        graph = tracer.trace(private)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...): report them all.
+        raise TraceError(_trace_failure(exc)) from exc
+    for node in graph.nodes:  # annotations left as strings (``from __future__ import annotations``) break jit.script
+        if isinstance(node.type, str):
+            node.type = None
+    gm = graph_module(tracer.root, graph, type(model).__name__)
+    set_training(gm, model.training)
+    values = check_runs(gm, inputs)
+    return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
 
 
 
