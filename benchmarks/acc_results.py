@@ -70,7 +70,8 @@ def verdicts(summary: List[Dict[str, Any]]) -> Dict[str, Any]:
     Baselines are the rows of every family but OBA. A cell is ``within_one_std`` when the default's mean is at
     least the best baseline's mean minus the pooled std of the two rows (sqrt of the mean of the two variances, over
     seeds); ``margin`` is default minus best. Returns the cells, the mean margin per column and overall, and
-    whether every cell is within one std. Cells where either side has one seed are flagged ``one_seed``.
+    whether every cell is within one std. Cells where either side has one seed are flagged ``one_seed``; both
+    sides' mean MACs kept are recorded (Torch-Pruning's runs do not land exactly on the budget).
     """
     cells = []
     for (model, factor) in sorted({(s["model"], s["factor"]) for s in summary}):
@@ -87,6 +88,7 @@ def verdicts(summary: List[Dict[str, Any]]) -> Dict[str, Any]:
                           "default_std": default[col + "_std"], "default_n": default[col + "_n"],
                           "best_baseline": best["method"], "best": best[col], "best_std": best[col + "_std"],
                           "best_n": best[col + "_n"], "margin": default[col] - best[col], "pooled_std": pooled,
+                          "default_macs_kept": default.get("macs_ratio"), "best_macs_kept": best.get("macs_ratio"),
                           "within_one_std": default[col] >= best[col] - pooled,
                           "one_seed": min(default[col + "_n"], best[col + "_n"]) < 2})
     mean = {col: statistics.fmean(c["margin"] for c in cells if c["column"] == col)

@@ -190,7 +190,9 @@ def _verdict(v) -> str:
         return ""
     col = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}
     rows = [(c["model"], f"{c['factor']:g}x", col[c["column"]], f"{c['default']:.3f} ± {c['default_std']:.3f} "
-             f"(n={c['default_n']})", f"{c['best_baseline']} {c['best']:.3f} ± {c['best_std']:.3f} (n={c['best_n']})",
+             f"(n={c['default_n']}, MACs {c.get('default_macs_kept') or 0:.3f})",
+             f"{c['best_baseline']} {c['best']:.3f} ± {c['best_std']:.3f} (n={c['best_n']}, MACs "
+             f"{c.get('best_macs_kept') or 0:.3f})",
              f"{c['margin']:+.3f}", "yes" if c["within_one_std"] else "**no**") for c in v["cells"]]
     means = ", ".join(f"{col[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
     return (f"Default OBA against the best baseline in each cell ({v['rule']}). Mean margin: {means}; "
