@@ -81,7 +81,7 @@ def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
             f"the MAC budget cannot be met: removing every removable channel (at most {budget.max_layer_ratio:.0%} "
             f"of each layer) leaves {estimate(take(hi)):.3g} MACs > target {target_macs:.3g}. What to do: ask for "
             "a larger macs= fraction, raise max_layer_ratio, or drop ignore= entries"
-            + (" or keep_narrow=True (it leaves every group at most round_to wide whole)." if budget.keep_narrow
+            + (", or drop keep_narrow=True (it leaves every group at most round_to wide whole)." if budget.keep_narrow
                else "."))
     while lo < hi:
         mid = (lo + hi) // 2
