@@ -176,7 +176,9 @@ def _plots(rows: List[Dict[str, Any]], out: Path) -> None:
     if summary:
         res.plot_accuracy(summary, out.with_suffix(".png"))
         dense_widths = {r["model"]: r["widths"] for r in rows if r["method"] == "dense" and "widths" in r}
-        res.plot_widths(rows, dense_widths, WIDTHS_FACTOR, 0, out.with_name(out.stem + "_widths.png"))
+        for seed in sorted({r["seed"] for r in rows if r.get("factor") == WIDTHS_FACTOR and "widths" in r}):
+            suffix = "" if seed == 0 else f"_s{seed}"  # one plot per seed: allocations differ by seed
+            res.plot_widths(rows, dense_widths, WIDTHS_FACTOR, seed, out.with_name(f"{out.stem}_widths{suffix}.png"))
 
 
 def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
