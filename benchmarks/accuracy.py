@@ -143,13 +143,13 @@ def merge(paths: List[str], out: Path, note: str = "") -> int:
     """Combine per-process files (prune runs, fine-tune runs) into ``out``, its summary and plots."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     rows = res.merge_rows([p["rows"] for p in parts])
+    summary = res.summarise(rows)
     configs = [c for p in parts for c in (p["config"] if isinstance(p["config"], list) else [p["config"]])]
     write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
                           "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
                           "config": configs, "machine": parts[0]["machine"], "scope_note": note,
-                          "rows": rows, "summary": res.summarise(rows),
-                          "verdict": res.verdicts(res.summarise(rows))})
+                          "rows": rows, "summary": summary, "verdict": res.verdicts(summary)})
     _plots(rows, out)
     return 0
 
@@ -182,9 +182,10 @@ def _plots(rows: List[Dict[str, Any]], out: Path) -> None:
 
 
 def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    summary = res.summarise(rows)
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **_header(cfg),
-                          "config": cfg, "machine": machine_info(), "rows": rows, "summary": res.summarise(rows),
-                          "verdict": res.verdicts(res.summarise(rows))})
+                          "config": cfg, "machine": machine_info(), "rows": rows, "summary": summary,
+                          "verdict": res.verdicts(summary)})
 
 
 def main(argv=None) -> int:
