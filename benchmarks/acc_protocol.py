@@ -37,9 +37,14 @@ METHODS: Dict[str, tuple] = {
     "oba_residual_train": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score")),
     "oba_group": ("OBA", dict(importance="oba_group", mode="residual", rank="score")),
     "oba_residual_permac": ("OBA", dict(importance="oba", mode="residual", rank="per_mac")),
+    # within-group mean normalisation, as Torch-Pruning's criteria do (its Taylor ranks channels steadily)
+    "oba_residual_mean": ("OBA", dict(importance="oba", mode="residual", rank="score", normalizer="mean")),
+    "oba_residual_train_mean": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score",
+                                            normalizer="mean")),
     "magnitude": ("magnitude", dict(importance="magnitude")),
     "taylor": ("Taylor", dict(importance="taylor")),
     "taylor_permac": ("Taylor", dict(importance="taylor", rank="per_mac")),  # the control for OBA's per-MAC ranking
+    "taylor_mean": ("Taylor", dict(importance="taylor", rank="score", normalizer="mean")),  # control for *_mean
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),
