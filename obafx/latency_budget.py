@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
@@ -79,14 +80,16 @@ class LatencyBudget:
         self.measured: Dict[int, Dict[str, Any]] = {}  # id(module) -> its alternating measurement
         self.current: Dict[str, Any] = {"ratio": 1.0}  # the measurement of the module the next step starts from
         self.cache_hits = self.cache_misses = 0
+        self.blocks: Dict[str, int] = {}  # layer signature -> the largest kernel block of its dims (1: none)
         self._dense_placed = None  # (module, inputs) of the dense module on the timing device, made once
 
     def target(self, step: int, steps: int) -> float:
         return self.fraction ** (step / steps)
 
-    def estimator(self, current, facts, coupling) -> Callable[[Set[int]], float]:
+    def estimator(self, current, facts, coupling) -> Tuple[Callable[[Set[int]], float], Dict[str, int]]:
         """The cost model of ``current`` (a Traced), calibrated so that removing nothing costs its measured
-        ratio to the dense module: tables from the cache, missing ones measured and cached."""
+        ratio to the dense module: tables from the cache, missing ones measured and cached. Returns
+        (``estimate(removed) -> cost``, group id -> the kernel block its kept width should be a multiple of)."""
         opts = self.options
         # Layers are timed eagerly even for mode="compile": compiling every layer at every grid width would take
         # minutes per layer, inductor calls the same convolution / GEMM kernels, and the compiled end-to-end
@@ -108,7 +111,10 @@ class LatencyBudget:
         elements = element_weights(current.gm, facts.shapes, coupling, {s.name for s in specs})
         model = LatencyModel(coupling, specs, tables, rest_seconds=total - layers, elements=elements)
         scale = self.current["ratio"] / max(model.estimate(set()), 1e-12)
-        return lambda removed: model.estimate(removed) * scale
+        for spec in specs:
+            table = tables[spec.signature()]
+            self.blocks[spec.signature()] = max(table.in_block, table.out_block)
+        return (lambda removed: model.estimate(removed) * scale), model.group_blocks(coupling.unit_group())
 
     def _placed(self, gm):
         """``gm`` on the timing device and dtype (compiled in "compile" mode); the dense module's is made once."""
@@ -143,5 +149,6 @@ class LatencyBudget:
         return {"requested_fraction": self.fraction, "requested_speedup": 1.0 / self.fraction,
                 "measured": final if "dense_s" in final else None, "tolerance": self.options.tolerance,
                 "cache": self.options.cache or None, "layer_tables_cached": self.cache_hits,
-                "layer_tables_measured": self.cache_misses}
+                "layer_tables_measured": self.cache_misses,
+                "kernel_blocks": {str(b): n for b, n in sorted(Counter(self.blocks.values()).items())}}
 

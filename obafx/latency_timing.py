@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from obafx.passes.errors import ConfigError
+from obafx.passes.latency_blocks import DEFAULT_CANDIDATES, detect_block, probe_widths
 from obafx.passes.latency_model import LayerSpec, LayerTable, grid_widths
 
 Timer = Callable[[nn.Module, Tuple[Any, ...]], float]
@@ -43,7 +44,10 @@ class LatencyOptions:
     the clock; ``clock``: "wall" (default) or "process" (this process's CPU time: on a CPU shared with other jobs it
     leaves out the time they hold the core; needs device "cpu" and threads=1); ``progress``: tqdm bars while
     measuring; ``candidates``: at most this many candidates per step are built and timed end to end (each costs
-    ``rounds`` alternations, and a compile in "compile" mode)."""
+    ``rounds`` alternations, and a compile in "compile" mode); ``blocks``: the kernel block sizes each prunable
+    layer width is probed for (timed at and just above a block edge, passes/latency_blocks.py): where the cost is
+    a step function of the width, the cost model pads widths to the block and the selector keeps whole blocks
+    (() = no probing: a plain grid)."""
 
     device: str = "cpu"
     dtype: Optional[torch.dtype] = None
@@ -59,6 +63,7 @@ class LatencyOptions:
     clock: str = "wall"
     progress: bool = True
     candidates: int = 8
+    blocks: Tuple[int, ...] = DEFAULT_CANDIDATES
 
     def __post_init__(self):
         if self.mode not in ("eager", "compile"):
@@ -77,6 +82,10 @@ class LatencyOptions:
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ConfigError(f"LatencyOptions(dtype={self.dtype!r}). What to do: pass a floating torch dtype, "
                               "e.g. torch.float16, or None for the example input's.")
+        if not isinstance(self.blocks, tuple) or any(isinstance(b, bool) or not isinstance(b, int) or b < 2
+                                                      for b in self.blocks):
+            raise ConfigError(f"LatencyOptions(blocks={self.blocks!r}). What to do: pass a tuple of block sizes "
+                              ">= 2 to probe for, e.g. (8, 16, 32), or () for none.")
         check_device(self.device)
         if self.clock not in ("wall", "process"):
             raise ConfigError(f"LatencyOptions(clock={self.clock!r}). What to do: use 'wall' or 'process'.")
@@ -90,7 +99,7 @@ class LatencyOptions:
         timer = self.clock if self.timer is None else getattr(self.timer, "__qualname__", type(self.timer).__name__)
         return {"device": device_name(self.device), "torch": torch.__version__, "dtype": str(_dtype(self, inputs)),
                 "threads": self.threads or torch.get_num_threads(), "mode": self.mode, "timer": timer,
-                "inputs": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]}
+                "blocks": list(self.blocks), "inputs": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]}
 
 
 def check_device(device: str) -> torch.device:
@@ -244,31 +253,53 @@ def standalone(spec: LayerSpec, in_width: int, out_width: int) -> Tuple[nn.Modul
 
 
 def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tuple[Any, ...]) -> Dict[str, LayerTable]:
-    """Each distinct layer's seconds on its grid of widths (signature -> table), one tqdm bar over all points."""
+    """Each distinct layer's seconds on its grid of widths (signature -> table), one tqdm bar over all points.
+    Each prunable dim is first probed for a kernel block (``opts.blocks``); its grid then sits on block edges."""
     jobs = {s.signature(): s for s in specs}
-    points = {sig: _points(s, opts.grid) for sig, s in jobs.items()}
-    bar = tqdm(total=sum(len(i) * len(o) for i, o in points.values()), desc="obafx layer latency grid",
-               disable=not opts.progress, leave=False)
+    probes = sum(len(probe_widths(w, opts.blocks)) for s in jobs.values() for w, _ in _dims(s))
+    grid = sum(_count(s, opts.grid) for s in jobs.values())
+    bar = tqdm(total=probes + grid, desc="obafx layer latency grid", disable=not opts.progress, leave=False)
     tables = {}
     like = _like(opts, inputs)
+
+    def seconds(spec: LayerSpec, i: int, o: int) -> float:
+        layer, args = standalone(spec, o if spec.tied else i, o)
+        bar.update(1)
+        return median_call(*placed(layer, args, like), opts)
+
     with threads(opts.threads), bar:
         for sig, spec in jobs.items():
-            ins, outs = points[sig]
-            rows = []
-            for i in ins:
-                row = []
-                for o in outs:
-                    layer, args = standalone(spec, o if spec.tied else i, o)
-                    row.append(median_call(*placed(layer, args, like), opts))
-                    bar.update(1)
-                rows.append(tuple(row))
-            tables[sig] = LayerTable(ins, outs, tuple(rows)).monotone()
+            blocks = {side: detect_block(w, opts.blocks, _along(seconds, spec, side)) for w, side in _dims(spec)}
+            in_block, out_block = blocks.get("in", 1), blocks.get("out", 1)
+            ins, outs = _points(spec, opts.grid, in_block, out_block)
+            bar.total += len(ins) * len(outs) - _count(spec, opts.grid)  # edges can merge grid points
+            rows = tuple(tuple(seconds(spec, i, o) for o in outs) for i in ins)
+            tables[sig] = LayerTable(ins, outs, rows, in_block, out_block).monotone()
     return tables
 
 
-def _points(spec: LayerSpec, grid: Sequence[float]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    outs = grid_widths(spec.out_width, grid, spec.out_slot is not None)
-    ins = (spec.in_width,) if spec.tied else grid_widths(spec.in_width, grid, spec.in_slot is not None)
+def _count(spec: LayerSpec, grid: Sequence[float]) -> int:
+    ins, outs = _points(spec, grid)
+    return len(ins) * len(outs)
+
+
+def _dims(spec: LayerSpec) -> Tuple[Tuple[int, str], ...]:
+    """The prunable dims of a layer as (width, "in" / "out"); a tied (depthwise) layer has only its out dim."""
+    dims = ((spec.out_width, "out"),) if spec.out_slot is not None else ()
+    return dims + (((spec.in_width, "in"),) if spec.in_slot is not None and not spec.tied else ())
+
+
+def _along(seconds: Callable[[LayerSpec, int, int], float], spec: LayerSpec, side: str) -> Callable[[int], float]:
+    """Seconds as a function of one dim's width, the other at its full width (a tied layer moves both)."""
+    if side == "out":
+        return lambda w: seconds(spec, spec.in_width, w)
+    return lambda w: seconds(spec, w, spec.out_width)
+
+
+def _points(spec: LayerSpec, grid: Sequence[float], in_block: int = 1,
+            out_block: int = 1) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    outs = grid_widths(spec.out_width, grid, spec.out_slot is not None, out_block)
+    ins = (spec.in_width,) if spec.tied else grid_widths(spec.in_width, grid, spec.in_slot is not None, in_block)
     return ins, outs
 
 

@@ -91,14 +91,14 @@ def select_channels(coupling, scores, budget: Budget, step: int, steps: int, uni
 
 
 def fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, what="MAC",
-        tolerance: float = TOLERANCE, widths0=None, rounds: int = 12, last: bool = True):
+        tolerance: float = TOLERANCE, widths0=None, rounds: int = 12, last: bool = True, blocks=None):
     """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
     the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
     corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted (the
     closest feasible candidate is kept); ``rounds`` caps the candidates built. A step before the ``last`` one
     says nothing: step targets are fractions of the ORIGINAL cost, so the next step corrects its miss. Returns
-    (removed units, module, notes: a tuple)."""
-    fitted = fit_budget(target, lambda aim: S.select(coupling, scores, budget, estimate, aim, widths0),
+    (removed units, module, notes: a tuple). ``blocks``: a latency cost model's per-group kernel blocks."""
+    fitted = fit_budget(target, lambda aim: S.select(coupling, scores, budget, estimate, aim, widths0, blocks),
                         build, measure, what=what, tolerance=tolerance, rounds=rounds)
     if not (fitted.note and last):
         return set(fitted.removed), fitted.module, ()
@@ -111,17 +111,17 @@ def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current
     """A step of a latency budget: the cost model of ``current`` selects, the alternating end-to-end measurement
     against the dense module corrects (costs are fractions of the dense latency). Returns (removed, module,
     notes)."""
-    estimate = _latency_model(lat, current, facts, coupling)
+    estimate, blocks = _latency_model(lat, current, facts, coupling)
     target = lat.target(step, steps)
     try:
         removed, gm, notes = fit(coupling, scores, budget, target, estimate, build,
                                  lambda gm: _latency_measure(lat, gm), what="latency",
                                  tolerance=lat.options.tolerance, widths0=widths0, rounds=lat.options.candidates,
-                                 last=step == steps)
+                                 last=step == steps, blocks=blocks)
     except BudgetError:
         every = Budget(channels=1.0, max_layer_ratio=budget.max_layer_ratio, round_to=budget.round_to,
                        keep_narrow=budget.keep_narrow)
-        fastest = estimate(S.select(coupling, scores, every, widths0=widths0))
+        fastest = estimate(S.select(coupling, scores, every, widths0=widths0, blocks=blocks))
         raise BudgetError(f"latency={lat.fraction:.3g} ({1 / lat.fraction:.2f}x) cannot be reached: removing every "
                           f"removable channel (at most {budget.max_layer_ratio:.0%} of each layer) still keeps "
                           f"{fastest:.3g} of the dense latency by the cost model, above the target {target:.3g}. What "

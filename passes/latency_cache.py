@@ -15,7 +15,7 @@ from typing import Any, Dict, Tuple
 
 from .latency_model import LayerTable
 
-FORMAT = 1
+FORMAT = 2  # 2: tables carry each dim's kernel block (passes/latency_blocks.py); format-1 files are not read
 
 
 def cache_key(parts: Dict[str, Any]) -> str:

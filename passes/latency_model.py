@@ -11,7 +11,7 @@ rank well and be roughly right.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .facts import Coupling
+from .latency_blocks import aligned_widths, group_blocks, padded
 from .labels import Plane
 
 Slot = Tuple[str, int]
@@ -59,9 +60,15 @@ class LayerTable:
     in_widths: Tuple[int, ...]
     out_widths: Tuple[int, ...]
     seconds: Tuple[Tuple[float, ...], ...]
+    in_block: int = 1
+    out_block: int = 1
 
     def at(self, in_width: float, out_width: float) -> float:
-        """Seconds at these widths: bilinear inside the grid, linear beyond it (never below zero)."""
+        """Seconds at these widths: each width first padded up to its dim's block (a step-shaped cost, see
+        passes/latency_blocks.py; block 1: none), then bilinear inside the grid, linear beyond it (never below
+        zero)."""
+        in_width = padded(in_width, self.in_block, self.in_widths[-1])
+        out_width = padded(out_width, self.out_block, self.out_widths[-1])
         rows = [_interp(self.out_widths, row, out_width) for row in self.seconds]
         value = rows[0] if len(rows) == 1 else _interp(self.in_widths, rows, in_width)
         return max(0.0, value)
@@ -72,17 +79,21 @@ class LayerTable:
         fall as channels come back would make select's bisection arbitrary."""
         grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(self.seconds, dtype=np.float64), axis=0),
                                      axis=1)
-        return LayerTable(self.in_widths, self.out_widths, tuple(tuple(float(v) for v in row) for row in grid))
+        return replace(self, seconds=tuple(tuple(float(v) for v in row) for row in grid))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"in": list(self.in_widths), "out": list(self.out_widths), "seconds": [list(r) for r in self.seconds]}
+        return {"in": list(self.in_widths), "out": list(self.out_widths), "seconds": [list(r) for r in self.seconds],
+                "in_block": self.in_block, "out_block": self.out_block}
 
     @staticmethod
     def from_dict(data: Dict[str, Any]) -> "LayerTable":
         table = LayerTable(tuple(int(w) for w in data["in"]), tuple(int(w) for w in data["out"]),
-                           tuple(tuple(float(s) for s in row) for row in data["seconds"]))
+                           tuple(tuple(float(s) for s in row) for row in data["seconds"]),
+                           int(data.get("in_block", 1)), int(data.get("out_block", 1)))
         if len(table.seconds) != len(table.in_widths) or any(len(r) != len(table.out_widths) for r in table.seconds):
             raise ValueError("table shape does not match its widths")
+        if min(table.in_block, table.out_block) < 1:
+            raise ValueError("a block size below 1")
         return table
 
 
@@ -98,12 +109,13 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return float(np.interp(x, xs, ys))
 
 
-def grid_widths(width: int, fractions: Sequence[float], prunable: bool) -> Tuple[int, ...]:
-    """The widths to measure a dim at: ``fractions`` of ``width`` (rounded, at least 1, distinct, ascending), or
-    only ``width`` when the dim is never pruned."""
+def grid_widths(width: int, fractions: Sequence[float], prunable: bool, block: int = 1) -> Tuple[int, ...]:
+    """The widths to measure a dim at: ``fractions`` of ``width`` (rounded, at least 1, distinct, ascending;
+    moved up to their ``block`` edge, where a step-shaped cost changes), or only ``width`` when the dim is never
+    pruned."""
     if not prunable:
         return (int(width),)
-    return tuple(sorted({max(1, int(round(f * width))) for f in fractions} | {int(width)}))
+    return aligned_widths({max(1, int(round(f * width))) for f in fractions}, block, int(width))
 
 
 def layer_specs(gm: fx.GraphModule, shapes: Dict[str, Any], coupling: Coupling) -> List[LayerSpec]:
@@ -197,6 +209,17 @@ class LatencyModel:
         self._slots = coupling.slot_units
         self._all_units = np.asarray(sorted(coupling.unit_group()), dtype=np.int64)
         self._top = int(max((int(u.max()) for u in self._slots.values() if u.size), default=0))
+
+    def group_blocks(self, unit_group: Dict[int, str]) -> Dict[str, int]:
+        """Per group id, the block its kept width should be a multiple of (latency_blocks.group_blocks over the
+        tables' blocks; groups whose every channel buys time are left out)."""
+        dims = []
+        for spec, table in zip(self.specs, self.tables):
+            if spec.out_slot is not None:
+                dims.append((self._slots[spec.out_slot], table.out_block))
+            if spec.in_slot is not None and not spec.tied:
+                dims.append((self._slots[spec.in_slot], table.in_block))
+        return group_blocks(unit_group, dims)
 
     def layer_seconds(self) -> float:
         """The layers' dense seconds (their tables at full width)."""

@@ -30,12 +30,15 @@ def _caps(coupling: Coupling, budget: Budget, widths0: Optional[Dict[str, int]] 
 
 
 def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str, int], widths: Dict[str, int],
-          round_to: int, keep_narrow: bool = False) -> Set[int]:
+          round_to: int, keep_narrow: bool = False, blocks: Optional[Dict[str, int]] = None) -> Set[int]:
     """The first ``k`` ranked units that fit the per-group caps, then rounded so kept widths are multiples of
     ``round_to`` (rounding keeps more, never less); with ``keep_narrow`` a group at most ``round_to`` wide loses
-    nothing. Units a rounded group keeps do not pass to other groups (the bisection on ``k`` does that)."""
+    nothing. ``blocks``: group id -> a block of its own (a latency cost model's kernel block): that group rounds
+    to the lcm of both. Units a rounded group keeps do not pass to other groups (the bisection on ``k`` does
+    that)."""
+    blocks = blocks or {}
     taken: Dict[str, List[int]] = {}
-    count = 0
+    base, count = round_to, 0
     for u in ranked:
         if count >= k:
             break
@@ -46,6 +49,7 @@ def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str,
     removed: Set[int] = set()
     for g, units in taken.items():
         n = len(units)
+        round_to = math.lcm(base, blocks.get(g, 1))
         if round_to > 1 and widths[g] > round_to:
             kept = widths[g] - n
             kept = min(widths[g], int(math.ceil(kept / round_to)) * round_to)
@@ -58,15 +62,18 @@ def _take(ranked: List[int], k: int, unit_group: Dict[int, str], caps: Dict[str,
 
 def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
            estimate: Optional[Callable[[Set[int]], float]] = None, target_macs: Optional[float] = None,
-           widths0: Optional[Dict[str, int]] = None) -> Set[int]:
+           widths0: Optional[Dict[str, int]] = None, blocks: Optional[Dict[str, int]] = None) -> Set[int]:
     """Units to remove. ``scores``: unit -> importance (lower goes first). For a MAC budget,
     ``estimate(removed) -> MACs`` and the absolute ``target_macs`` are required. ``widths0``: group id ->
-    width before the first pruning step (for the per-layer cap; default: the current widths)."""
+    width before the first pruning step (for the per-layer cap; default: the current widths). ``blocks``: group
+    id -> the block the cost model says its kept width should be a multiple of (a latency budget's: channels that
+    do not cross a block edge buy no time); None for MAC and channel budgets."""
     unit_group = coupling.unit_group()
     ranked = sorted(unit_group, key=lambda u: (scores.get(u, 0.0), u))
     caps = _caps(coupling, budget, widths0)
     widths = {g.id: g.width for g in coupling.groups}
-    take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to), budget.keep_narrow)  # noqa: E731
+    take = lambda k: _take(ranked, k, unit_group, caps, widths, int(budget.round_to), budget.keep_narrow,  # noqa: E731
+                           blocks)
     if not ranked:
         raise BudgetError("the model has no prunable channels (every channel is pinned by the network's output, "
                           "ignore=, or barriers). What to do: inspect the barriers with obafx.report() / "

@@ -1,0 +1,84 @@
+"""Kernel blocks in a layer's latency: whether its cost is a step function of a width, and the width rounding
+select() should apply per group because of it.
+
+Blocked kernels pad a width up to a multiple of their block (oneDNN's nChw16c / nChw8c layouts on CPUs, tensor
+core tiles on GPUs): a conv 17 channels wide costs what a 32-wide one costs. A grid of widths interpolated
+linearly cannot see that, so the selector would remove channels that buy nothing. Which block a layer has is read
+from measurements, never assumed: the layer is timed at a candidate block edge ``e``, at ``e + 1`` and at
+``e + B``; when most of the block's cost comes with the first channel past the edge, cost(e + 1) ~ cost(e + B),
+the cost is a step function with block ``B``. The largest candidate that shows the step is the block (a 16-block
+also looks like an 8- or a 4-block at a multiple of 16; a 32-block candidate then sees two steps, half its span).
+
+Pure: costs come in as a callable (the timer in obafx/latency_timing.py, a fake in tests), blocks come out.
+"""
+from __future__ import annotations
+
+import math
+from functools import reduce
+from typing import Callable, Dict, Iterable, Sequence, Tuple
+
+JUMP = 0.75  # the share of a block's cost that must come with its first channel for the cost to be a step
+FLOOR = 0.03  # a block's cost must exceed this fraction of the layer's cost to tell it from timing noise
+DEFAULT_CANDIDATES = (4, 8, 16, 32, 64)
+
+
+def _edge(width: int, block: int, top: int) -> int:
+    """The block edge to probe ``block`` at: the multiple of ``top`` (the largest candidate probed) just below
+    ``width`` when ``block`` divides it (one edge shared by power-of-two candidates), else ``block``'s own."""
+    shared = ((width - 1) // top) * top
+    return shared if shared % block == 0 else ((width - 1) // block) * block
+
+
+def probe_plan(width: int, candidates: Iterable[int]) -> Dict[int, Tuple[int, int, int]]:
+    """Per usable candidate block ``B`` (2 <= B < width: an edge below the width exists): the widths to time,
+    (edge, edge + 1, edge + B). Widths above ``width`` are fine: they are standalone layers."""
+    usable = sorted({int(b) for b in candidates if 2 <= int(b) < width})
+    if not usable:
+        return {}
+    top = usable[-1]
+    return {b: (_edge(width, b, top), _edge(width, b, top) + 1, _edge(width, b, top) + b) for b in usable}
+
+
+def probe_widths(width: int, candidates: Iterable[int]) -> Tuple[int, ...]:
+    """Every width probe_plan times, once each, ascending."""
+    return tuple(sorted({w for points in probe_plan(width, candidates).values() for w in points}))
+
+
+def detect_block(width: int, candidates: Sequence[int], cost: Callable[[int], float]) -> int:
+    """The block of a layer dim ``width`` wide whose ``cost(w)`` (seconds at width ``w``, the other dim fixed) is
+    a step function, or 1 when no candidate shows a step (cost that grows with every channel, flat, or noise).
+    ``cost`` is called once per width of probe_widths."""
+    plan = probe_plan(width, candidates)
+    seconds = {w: float(cost(w)) for w in probe_widths(width, candidates)}
+    block = 1
+    for b, (edge, above, next_edge) in plan.items():
+        span = seconds[next_edge] - seconds[edge]
+        if span > FLOOR * seconds[next_edge] and seconds[above] - seconds[edge] >= JUMP * span:
+            block = b
+    return block
+
+
+def padded(width: float, block: int, full: int) -> float:
+    """The width a block-``block`` kernel runs at for ``width`` kept channels: rounded up to the block, never
+    above the layer's ``full`` width (which pads to the same block edge, or is narrower than it)."""
+    if block <= 1 or width <= 0:
+        return width
+    return float(min(full, math.ceil(width / block) * block))
+
+
+def aligned_widths(widths: Iterable[int], block: int, full: int) -> Tuple[int, ...]:
+    """Grid widths moved up to their block edge (``full`` caps them): on a step-shaped cost only the edges carry
+    information, and interpolating between edges is exact where the steps are even."""
+    return tuple(sorted({int(padded(w, block, full)) for w in widths} | {int(full)}))
+
+
+def group_blocks(unit_group: Dict[int, str], dims: Iterable[Tuple[Sequence[int], int]]) -> Dict[str, int]:
+    """Per channel group, the block its kept width should be a multiple of: the gcd of the blocks of every layer
+    dim its units run through (``dims``: (the slot's unit ids, that dim's block)). A dim without a step (block 1)
+    makes every channel of the group buy something, so the group gets no block; groups with none are left out."""
+    seen: Dict[str, list] = {}
+    for units, block in dims:
+        for g in {unit_group[int(u)] for u in units if int(u) in unit_group}:
+            seen.setdefault(g, []).append(int(block))
+    blocks = {g: reduce(math.gcd, bs) for g, bs in seen.items()}
+    return {g: b for g, b in blocks.items() if b > 1}
