@@ -8,7 +8,8 @@ gets there is shorter (a DenseNet-121 traces in about 60% of fx's time):
   node and once per module call);
 - nodes are made by replaying ``Graph.create_node`` without its pytree scan for raw SymInts (`_graph_node`);
 - torch functions on proxies find their tracer without pytree (`_Proxy`);
-- plain arguments and non-tensor attribute reads skip fx's chains of type checks.
+- plain arguments and non-tensor attribute reads skip fx's chains of type checks;
+- the module tree is walked before the trace by plain loops (`tracer_root.trace_module`).
 Where fx is asked for more (preserved node meta, stack traces, mutable-operation checks) or meets a container
 these paths do not open, fx's own code runs.
 """
@@ -29,6 +30,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch import nn
 
 from .errors import SOURCE_KEY
+from .tracer_root import TRACE_CODE, replays_this_torch, trace_module
 
 
 class _Proxy(fx.Proxy):
@@ -76,6 +78,13 @@ class LeafTracer(fx.Tracer):
         leaves = tuple(leaf_modules)
         self._leaf_names = {x for x in leaves if isinstance(x, str)}
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+
+    def trace(self, root: Any, concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+        """fx's ``Tracer.trace``; for a module root, its replay with cheaper walks of the module tree
+        (`tracer_root.trace_module`) where this torch's method is the one replayed."""
+        if isinstance(root, nn.Module) and replays_this_torch():
+            return trace_module(self, root, concrete_args)
+        return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -198,18 +207,18 @@ _KNOWN_CREATE_NODE = fx.Graph.create_node.__code__.co_names == _CREATE_NODE_NAME
 _PYTREE_NODES = frozenset(pytree.SUPPORTED_NODES)
 _FX_LOG = logging.getLogger(fx.proxy.__name__)  # fx's create_node logs every node at debug level
 _PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None)))
-_TRACE_CODE = inspect.unwrap(fx.Tracer.trace).__code__
+_TRACE_CODES = (inspect.unwrap(fx.Tracer.trace).__code__, TRACE_CODE)  # fx's trace and its replay
 _NOT_USER_CODE = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 def user_frame() -> Optional[Tuple[str, int, str]]:
     """(file, line, function) of the innermost frame of model code (not torch, not obafx's passes) between here
-    and fx's ``Tracer.trace``; None when no model code is on that stack (a bare nn.Sequential; inside a model,
-    a Sequential's nodes get the line that calls it).
+    and fx's ``Tracer.trace`` (or its replay, `tracer_root.trace_module`); None when no model code is on that
+    stack (a bare nn.Sequential; inside a model, a Sequential's nodes get the line that calls it).
     Errors and reports name this line. A frame walk costs a few microseconds a node, where fx's
     ``record_stack_traces`` formats a whole traceback per node."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code is not _TRACE_CODE:
+    while frame is not None and frame.f_code not in _TRACE_CODES:
         code = frame.f_code
         if not code.co_filename.startswith(_NOT_USER_CODE):
             return code.co_filename, frame.f_lineno, code.co_name

@@ -38,6 +38,25 @@ class TorchFunctions(nn.Module):
         return torch.nn.functional.relu(z).flatten(1)
 
 
+class TensorAttrs(nn.Module):
+    """Plain tensor attributes (fx's ``tensor_attrs``: get_attr nodes named after them), one tensor under two
+    names, a child under two names and a None child (the module walks before the trace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.full((3, 1, 1), 2.0)  # a plain attribute, not a buffer
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.again = self.conv  # walked once, as "conv": its tensor attribute keeps that name
+        self.conv.shift = torch.zeros(3, 1, 1)
+        self.inner = nn.Sequential(nn.Conv2d(3, 3, 1))
+        self.inner[0].offset = torch.ones(3, 1, 1)
+        self.inner.alias = self.scale  # met later in the walk: fx names the tensor by this name
+        self.register_module("missing", None)
+
+    def forward(self, x):
+        return self.again(self.conv(x)) * self.scale + self.conv.shift + self.inner(x) + self.inner[0].offset
+
+
 def _describe(tracer: fx.Tracer, model: nn.Module):
     """Everything fx's tracer decides, as plain data: nodes (with their module stacks) and the tracer's scopes."""
     graph = tracer.trace(model)
@@ -48,7 +67,7 @@ def _describe(tracer: fx.Tracer, model: nn.Module):
                                                                               tracer.scope.module_type)
 
 
-MODELS = {"twice": Twice, "torch_functions": TorchFunctions, "resnet18": lambda: torchvision.models.resnet18(),
+MODELS = {"twice": Twice, "torch_functions": TorchFunctions, "tensor_attrs": TensorAttrs, "resnet18": lambda: torchvision.models.resnet18(),
           "densenet121": lambda: torchvision.models.densenet121(),
           "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
           "vit_b_16": lambda: torchvision.models.vit_b_16(), **{f"small:{k}": c.make for k, c in CASES.items()}}
@@ -60,6 +79,37 @@ def test_same_graph_as_fx(name):
     ours, theirs = _describe(LeafTracer(), model), _describe(fx.Tracer(), model)
     assert ours == theirs
     assert any(row[6] for row in ours[0]) or name == "torch_functions"  # module stacks compared, not empty lists
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_module_walks_as_fx(name):
+    """The replayed trace's two walks of the module tree (tracer_root) give fx's tables, in fx's order."""
+    from obafx.passes.tracer_root import _submodule_paths
+
+    model = MODELS[name]()
+    ours, theirs = LeafTracer(), fx.Tracer()
+    ours.trace(model)
+    theirs.trace(model)
+    assert [(id(k), v) for k, v in ours.tensor_attrs.items()] == [(id(k), v) for k, v in theirs.tensor_attrs.items()]
+    assert list(_submodule_paths(model).items()) == list({m: n for n, m in model.named_modules()}.items())
+
+
+def test_trace_replays_this_torchs_tracer_trace(monkeypatch):
+    """On the torch this project pins, module roots take the replay (so the comparisons above test it); where
+    the fingerprint differs, fx's own trace runs and gives the same graph; a bare Sequential's nodes have no
+    model line either way (the frame walk stops at both)."""
+    from obafx.passes import tracer_root
+
+    assert tracer_root.replays_this_torch()
+    model = TensorAttrs()
+    replayed = _describe(LeafTracer(), model)
+    monkeypatch.setattr(tracer_root, "_KNOWN_TRACE", False)
+    assert _describe(LeafTracer(), model) == replayed
+    for flag in (False, True):
+        monkeypatch.setattr(tracer_root, "_KNOWN_TRACE", flag)
+        graph = LeafTracer().trace(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()))
+        assert not any(SOURCE_KEY in n.meta for n in graph.nodes)
+        assert all(SOURCE_KEY in n.meta for n in LeafTracer().trace(model).nodes if n.op == "call_module")
 
 
 def test_fx_path_when_asked_for_stack_traces():
