@@ -7,7 +7,8 @@ linearly cannot see that, so the selector would remove channels that buy nothing
 from measurements, never assumed: the layer is timed at a candidate block edge ``e``, at ``e + 1`` and at
 ``e + B``; when most of the block's cost comes with the first channel past the edge, cost(e + 1) ~ cost(e + B),
 the cost is a step function with block ``B``. The largest candidate that shows the step is the block (a 16-block
-also looks like an 8- or a 4-block at a multiple of 16; a 32-block candidate then sees two steps, half its span).
+also looks like an 8- or a 4-block at a multiple of 16; a 32-block candidate then sees two steps, half its span),
+once the step is seen again one block lower (a timing spike on a loaded machine is not seen twice).
 
 Pure: costs come in as a callable (the timer in obafx/latency_timing.py, a fake in tests), blocks come out.
 """
@@ -17,8 +18,12 @@ import math
 from functools import reduce
 from typing import Callable, Dict, Iterable, Sequence, Tuple
 
-JUMP = 0.75  # the share of a block's cost that must come with its first channel for the cost to be a step
-FLOOR = 0.03  # a block's cost must exceed this fraction of the layer's cost to tell it from timing noise
+# The share of a block's cost that must come with its first channel for the cost to be a step: a cost linear in
+# the width gives 1/B (<= 0.25), a candidate twice the true block 0.5, a step 1 (0.6-0.9 measured on a loaded CPU).
+JUMP = 0.65
+# A block's cost must exceed this fraction of the layer's cost to tell it from timing noise (5-7% seen between
+# neighbouring widths on a loaded 2-core machine); smaller blocks pad away less than this anyway.
+FLOOR = 0.05
 DEFAULT_CANDIDATES = (4, 8, 16, 32, 64)
 
 
@@ -47,15 +52,37 @@ def probe_widths(width: int, candidates: Iterable[int]) -> Tuple[int, ...]:
 def detect_block(width: int, candidates: Sequence[int], cost: Callable[[int], float]) -> int:
     """The block of a layer dim ``width`` wide whose ``cost(w)`` (seconds at width ``w``, the other dim fixed) is
     a step function, or 1 when no candidate shows a step (cost that grows with every channel, flat, or noise).
-    ``cost`` is called once per width of probe_widths."""
+    ``cost`` is called once per width of probe_widths, plus a few widths to confirm a step (_confirmed)."""
     plan = probe_plan(width, candidates)
-    seconds = {w: float(cost(w)) for w in probe_widths(width, candidates)}
-    block = 1
-    for b, (edge, above, next_edge) in plan.items():
-        span = seconds[next_edge] - seconds[edge]
-        if span > FLOOR * seconds[next_edge] and seconds[above] - seconds[edge] >= JUMP * span:
-            block = b
-    return block
+    seen: Dict[int, float] = {}
+
+    def at(w: int) -> float:
+        if w not in seen:
+            seen[w] = float(cost(w))
+        return seen[w]
+
+    for w in probe_widths(width, candidates):
+        at(w)
+    for b in sorted(plan, reverse=True):  # the largest block that shows a step and repeats it
+        if _is_step(at, plan[b][0], b) and _confirmed(cost, at, plan[b][0], b):
+            return b
+    return 1
+
+
+def _is_step(at: Callable[[int], float], edge: int, block: int) -> bool:
+    """Whether most of the cost from ``edge`` to ``edge + block`` comes with the first channel past the edge (and
+    is more than timing noise)."""
+    span = at(edge + block) - at(edge)
+    return span > FLOOR * at(edge + block) and at(edge + 1) - at(edge) >= JUMP * span
+
+
+def _confirmed(cost: Callable[[int], float], at: Callable[[int], float], edge: int, block: int) -> bool:
+    """The same step one block lower (a kernel's block repeats at every edge; a timing spike does not), or, with
+    no edge below, at the same widths timed again."""
+    if edge - block >= 1:
+        return _is_step(at, edge - block, block)
+    again = {w: float(cost(w)) for w in (edge, edge + 1, edge + block)}
+    return _is_step(again.__getitem__, edge, block)
 
 
 def padded(width: float, block: int, full: int) -> float:

@@ -29,8 +29,8 @@ def step(block, base=1.0, per=1.0, slope=0.0):
 @pytest.mark.parametrize("width,block", [(20, 4), (20, 8), (20, 16), (40, 8), (64, 16), (100, 4), (100, 16),
                                          (256, 8), (256, 16), (256, 4)])
 def test_a_step_shaped_cost_is_detected_with_its_block(width, block):
-    # a 4-channel step of a 256-wide layer is 1.5% of its cost: below the noise floor (3%), so no block
-    expected = 1 if (width, block) == (256, 4) else block
+    # a 4- or 8-channel step of a 256-wide layer is 1.5-3% of its cost: below the noise floor (5%), so no block
+    expected = 1 if (width, block) in ((256, 4), (256, 8)) else block
     assert detect_block(width, (4, 8, 16, 32, 64), step(block)) == expected
 
 
@@ -46,6 +46,20 @@ def test_the_block_comes_from_the_measurements_not_from_a_fixed_list_order():
                                   step(16, base=1000.0)])  # the last: steps far below the noise floor
 def test_costs_that_are_not_step_functions_have_no_block(cost):
     assert detect_block(100, (4, 8, 16, 32, 64), cost) == 1
+
+
+def test_a_timing_spike_is_not_a_step():
+    """One slow sample just above an edge looks like a step there; it is not seen again one block lower (or at
+    the same widths timed again), so the layer gets no block."""
+    calls = []
+
+    def spiky(w):
+        calls.append(w)
+        return 1.0 + w + (70.0 if w == 65 and calls.count(65) == 1 else 0.0)
+
+    assert detect_block(100, (4, 8, 16, 32, 64), spiky) == 1
+    assert calls.count(65) == 2  # the 64-block had no edge below 64: timed again
+    assert detect_block(100, (4, 8, 16, 32, 64), step(8)) == 8  # a real step is seen at both edges
 
 
 def test_probes_share_one_edge_and_stay_few():
