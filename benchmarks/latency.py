@@ -18,10 +18,14 @@ Usage: python3 benchmarks/latency.py [--models resnet50,mobilenet_v2,vit_b_16,vi
        [--modes eager,compile] [--requests 1.5,2,3] [--threads 1] [--clock wall|process] [--reps 5] [--rounds 5]
        [--check-rounds 9]
        [--reduced "why this run is smaller"] [--quick] [--out benchmarks/results/latency.json]
+       python3 benchmarks/latency.py --merge A.json,B.json --out benchmarks/results/latency.json
+         (no run: the cells of earlier runs in one file, a later run's cell replacing the same cell of an earlier
+         one; every cell names its run, and ``runs`` keeps each run's protocol, settings, machine and note)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -62,6 +66,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--reduced", default=None, help="say why this run is smaller than the full one (recorded)")
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny, batch 1, eager, 1.5x, 1 round")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--merge", default=None, help="comma-separated result files to merge into --out (no run)")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
@@ -169,6 +174,10 @@ def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> 
     """Run the cells and write the JSON (again after every cell: a stopped run keeps what it measured);
     ``timer`` (tests) replaces the wall clock everywhere."""
     args = parse_args(argv)
+    if args.merge:
+        out = merge([p for p in args.merge.split(",") if p])
+        write_json(args.out, out)
+        return out
     start = time.perf_counter()
     cells: List[Dict[str, Any]] = []
     for name in args.models:
@@ -200,6 +209,30 @@ def report(args: argparse.Namespace, cells: List[Dict[str, Any]], start: float, 
             "reduced": args.reduced, "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "cells": cells, "met": sum(c.get("status") == "met" for c in cells), "total": len(cells),
             "runtime_s": time.perf_counter() - start}
+
+def merge(paths: List[str]) -> Dict[str, Any]:
+    """The cells of the result files at ``paths`` in one report. A cell is (model, batch, mode, request); a later
+    file's cell replaces an earlier one's. Each cell gets ``run`` (an index into ``runs``: the protocol, settings,
+    machine, note and source file of the run that measured it; a merged input keeps its own runs); the top level
+    takes the last run's protocol and machine, and ``reduced`` joins every run's note."""
+    runs: List[Dict[str, Any]] = []
+    cells: Dict[tuple, Dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as fh:
+            data = json.load(fh)
+        own = data.get("runs") or [{**{k: data.get(k) for k in ("machine", "protocol", "settings", "reduced",
+                                                                   "runtime_s")}, "source": os.path.basename(path)}]
+        for c in data["cells"]:
+            key = (c["model"], c["batch"], c["mode"], c["requested_speedup"])
+            cells[key] = {**c, "run": len(runs) + c.get("run", 0)}
+        runs.extend(own)
+    rows = list(cells.values())
+    last = runs[-1]
+    return {"machine": last["machine"], "protocol": last["protocol"],
+            "reduced": " | ".join(f"run {i} ({r['source']}): {r['reduced'] or 'full'}" for i, r in enumerate(runs)
+                                  if any(c["run"] == i for c in rows)),
+            "runs": runs, "cells": rows, "met": sum(c.get("status") == "met" for c in rows), "total": len(rows)}
+
 
 if __name__ == "__main__":
     main()

@@ -73,3 +73,25 @@ def test_a_cell_past_its_timeout_is_recorded_and_the_run_goes_on(monkeypatch):
     monkeypatch.setattr(bench, "cell", lambda *a: time.sleep(5))
     row = bench.timed_cell("vit_tiny", None, torch.zeros(1, 1), "eager", 2.0, SimpleNamespace(cell_timeout=1), None)
     assert row["status"] == "timeout" and "more than 1 s" in row["why"]
+
+
+def test_merge_keeps_every_run_and_a_later_cell_replaces_the_same_cell(tmp_path):
+    """Two runs (batch 1, then the throughput batch with one batch-1 cell re-measured) merge into one report whose
+    cells name their run; merging the merged file again changes nothing."""
+    bench = load_script()
+    cell = lambda batch, req, status: {"model": "vit_tiny", "batch": batch, "mode": "eager",  # noqa: E731
+                                       "requested_speedup": req, "status": status, "speedup": req}
+    run = lambda cells, why: {"machine": {"m": why}, "protocol": {"timer": "process CPU time", "within": 0.1},  # noqa
+                              "settings": {}, "reduced": why, "runtime_s": 1.0, "cells": cells}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(run([cell(1, 1.5, "met"), cell(1, 2.0, "missed")], "batch 1")))
+    second.write_text(json.dumps(run([cell(64, 2.0, "met"), cell(1, 2.0, "met")], "throughput")))
+    out = tmp_path / "merged.json"
+    merged = bench.main(["--merge", f"{first},{second}", "--out", str(out)])
+    assert [(c["batch"], c["requested_speedup"], c["status"], c["run"]) for c in merged["cells"]] == \
+        [(1, 1.5, "met", 0), (1, 2.0, "met", 1), (64, 2.0, "met", 1)]
+    assert merged["met"] == merged["total"] == 3 and merged["machine"] == {"m": "throughput"}
+    assert [r["reduced"] for r in merged["runs"]] == ["batch 1", "throughput"]
+    assert "run 0 (a.json): batch 1" in merged["reduced"] and "run 1 (b.json): throughput" in merged["reduced"]
+    again = bench.main(["--merge", str(out), "--out", str(tmp_path / "again.json")])
+    assert again == json.loads(out.read_text())
