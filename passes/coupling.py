@@ -113,21 +113,27 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     rank = {k: i for i, k in enumerate(ordered_keys)}
     has_out = [any(roles[k][0] == "out" for k in keys) for keys in classes]
     first_index = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)  # scratch, reused per group
-    for members, unit_ids in _same_slot_sets(units, slots_of, len(reps)):
+    for members, unit_ids in _same_slot_sets(units, slots_of, len(reps), pinned):
         members = members.tolist()
-        if not any(has_out[i] for i in members) or pinned in unit_ids:
+        if not any(has_out[i] for i in members):
             continue
         keys = [k for i in members for k in classes[i]]
         keys.sort(key=rank.__getitem__)
         ordered = tuple(keys)
         root = ordered[0]
-        root_units = slot_units[root]
-        first_index[root_units[::-1]] = np.arange(len(root_units) - 1, -1, -1)  # the first index wins
-        units_sorted = unit_ids[np.argsort(first_index[unit_ids], kind="stable")]  # in the root slot's order
         groups.append(Group(f"{roles[root][1]}:{root[1]}" if root[1] else roles[root][1],
-                            tuple(units_sorted.tolist()), ordered))
+                            tuple(_in_slot_order(unit_ids, slot_units[root], first_index).tolist()), ordered))
     groups.sort(key=lambda g: g.id)
     return _unique_ids(groups)
+
+
+def _in_slot_order(unit_ids: np.ndarray, root_units: np.ndarray, first_index: np.ndarray) -> np.ndarray:
+    """``unit_ids`` (each touches the root slot) in the order of their first index in ``root_units``.
+    ``first_index``: scratch, at least as long as the largest unit id + 1."""
+    if root_units.size == unit_ids.size:  # every position of the root slot holds a distinct unit of the group
+        return root_units
+    first_index[root_units[::-1]] = np.arange(len(root_units) - 1, -1, -1)  # the first index wins
+    return unit_ids[np.argsort(first_index[unit_ids], kind="stable")]
 
 
 def _same_units(slot_units: Dict) -> List[List]:
@@ -158,12 +164,13 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size else a
 
 
-def _same_slot_sets(units: np.ndarray, slots: np.ndarray, n_slots: int):
-    """Yield (slot indices, unit ids) for each set of units touching exactly the same slots (both arrays);
-    ``units``/``slots`` as `_slot_sets` returns them (each pair once, sorted by unit then slot).
+def _same_slot_sets(units: np.ndarray, slots: np.ndarray, n_slots: int, pinned: int):
+    """Yield (slot indices, unit ids) for each set of units touching exactly the same slots (both arrays), but
+    the set holding unit ``pinned``; ``units``/``slots`` as `_slot_sets` returns them (each pair once, sorted by
+    unit then slot).
 
     Units are bucketed by a 128-bit random hash of their slot set (and its size), then each bucket is checked
-    exactly: its units together touch only as many distinct slots as each one does.
+    exactly: every unit's sorted slot list equals the list of its bucket's first unit.
     """
     if units.size == 0:
         return
@@ -176,13 +183,26 @@ def _same_slot_sets(units: np.ndarray, slots: np.ndarray, n_slots: int):
     keys = np.stack([hashes[0][order], hashes[1][order], count[order]])
     bucket = np.empty_like(order)
     bucket[order] = np.cumsum(np.concatenate(([False], np.any(keys[:, 1:] != keys[:, :-1], axis=0))))
-    distinct = _sorted_unique(np.repeat(bucket, count) * n_slots + slots) // n_slots
-    if not np.array_equal(np.bincount(distinct, minlength=bucket.max() + 1)[bucket], count):
-        raise AssertionError("internal: slot-set hash collision")  # 2^-128 odds; never group on a guess
     order = np.argsort(bucket, kind="stable")  # units of one bucket together, in unit order
-    for members in np.split(order, np.flatnonzero(np.diff(bucket[order])) + 1):
-        first = members[0]
-        yield slots[start[first]:start[first] + count[first]], ids[members]
+    cuts = np.flatnonzero(np.diff(bucket[order])) + 1
+    first = order[np.concatenate(([0], cuts))]  # each bucket's first unit, by bucket
+    _check_same_slots(slots, start, count, first[bucket])
+    skip = bucket[np.searchsorted(ids, pinned)] if pinned in ids else -1
+    for b, members in enumerate(np.split(order, cuts)):
+        if b != skip:
+            f = first[b]
+            yield slots[start[f]:start[f] + count[f]], ids[members]
+
+
+def _check_same_slots(slots: np.ndarray, start: np.ndarray, count: np.ndarray, ref: np.ndarray) -> None:
+    """Raise unless every unit ``i``'s slot list (``slots[start[i]:start[i] + count[i]]``) equals unit
+    ``ref[i]``'s (a hash collision: 2^-128 odds, but never group on a guess). Units of one bucket have one count."""
+    if not np.array_equal(count[ref], count):
+        raise AssertionError("internal: slot-set hash collision")
+    unit = np.repeat(np.arange(count.size), count)
+    same = slots[np.arange(slots.size) - start[unit] + start[ref[unit]]]
+    if not np.array_equal(same, slots):
+        raise AssertionError("internal: slot-set hash collision")
 
 
 def _unique_ids(groups: List[Group]) -> Tuple[Group, ...]:

@@ -63,8 +63,8 @@ class Store:
     def union(self, a: np.ndarray, b) -> None:
         """Record that the labels at matching (broadcast) positions of ``a`` and ``b`` go together."""
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
-        if a.shape == b.shape and (a == b).all():  # the same labels (a slot made like its input): nothing
-            return  # (np.array_equal's checks around the comparison cost as much again; shapes are equal here)
+        if a.shape == b.shape and _same_values(a, b):  # the same labels (a slot made like its input): nothing
+            return
         if a.shape != b.shape:
             a, b = np.broadcast_arrays(a, b)
         pair = np.empty((2, a.size), dtype=np.int64)
@@ -128,6 +128,15 @@ class Store:
         """The measured dim keeps its width (so the number stays what the model was written for)."""
         for p in width.planes:
             self.pin(p.arr)
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two int64 arrays of one shape hold the same labels. Small ones compare as bytes (C order: equal
+    bytes, equal values for integers), a tenth of ``(a == b).all()``'s time (a ufunc call and a reduction, most
+    of a norm's rule, whose four slots are made like its input); big ones elementwise, without two copies."""
+    if a.size <= 4096:
+        return a.tobytes() == b.tobytes()
+    return bool((a == b).all())
 
 
 def iter_planes(value: Any):

@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from obafx.passes.channel_graph import analyze
-from obafx.passes.coupling import _sorted_unique, couple
+from obafx.passes.coupling import _check_same_slots, _in_slot_order, _sorted_unique, couple
 from obafx.passes.trace import trace
 from tests.small_models import CASES
 
@@ -62,6 +62,25 @@ def test_sorted_unique_is_numpys_unique():
     runs = np.concatenate([np.sort(rng.integers(0, 10**6, size=int(n))) for n in rng.integers(0, 300, size=50)])
     for a in (runs, rng.integers(-50, 50, size=1000), np.zeros(0, dtype=np.int64), np.array([7, 7, 7])):
         assert np.array_equal(_sorted_unique(a), np.unique(a))
+
+
+def test_units_in_root_slot_order():
+    """A group's units in the order of their first index in the root slot, repeated or not (the reference test's
+    models mostly number units in that order already)."""
+    scratch = np.zeros(8, dtype=np.int64)
+    assert _in_slot_order(np.array([3, 5, 7]), np.array([7, 3, 7, 5, 3]), scratch).tolist() == [7, 3, 5]
+    assert _in_slot_order(np.array([3, 5]), np.array([5, 3]), scratch).tolist() == [5, 3]  # one position a unit
+
+
+def test_slot_set_check_refuses_a_collision():
+    """Units bucketed together whose slot lists differ (what a hash collision would make) raise, never group."""
+    slots, start, count = np.array([0, 1, 0, 2, 0, 1]), np.array([0, 2, 4]), np.array([2, 2, 2])
+    _check_same_slots(slots, start, count, np.array([0, 1, 0]))  # units 0 and 2 share a list: fine
+    for ref in (np.array([0, 0, 0]), np.array([0, 1, 1])):
+        with pytest.raises(AssertionError, match="collision"):
+            _check_same_slots(slots, start, count, ref)
+    with pytest.raises(AssertionError, match="collision"):
+        _check_same_slots(np.array([0, 1, 0]), np.array([0, 2]), np.array([2, 1]), np.array([0, 0]))
 
 
 def test_rules_read_layer_parameters_as_getattr_does():
