@@ -45,6 +45,12 @@ METHODS: Dict[str, tuple] = {
     "taylor": ("Taylor", dict(importance="taylor")),
     "taylor_permac": ("Taylor", dict(importance="taylor", rank="per_mac")),  # the control for OBA's per-MAC ranking
     "taylor_mean": ("Taylor", dict(importance="taylor", rank="score", normalizer="mean")),  # control for *_mean
+    # unit_sum="abs" (Σ|s_i| per unit) with the mean normaliser: Torch-Pruning's Taylor rule; the OBA rows put
+    # OBA's scores through the same rule
+    "taylor_abs": ("Taylor", dict(importance="taylor", rank="score", normalizer="mean", unit_sum="abs")),
+    "oba_residual_abs": ("OBA", dict(importance="oba", mode="residual", rank="score", normalizer="mean",
+                                     unit_sum="abs")),
+    "oba_full_abs": ("OBA", dict(importance="oba", mode="full", rank="score", normalizer="mean", unit_sum="abs")),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),

@@ -27,8 +27,8 @@ from obafx.passes.ranking import unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
 from obafx.passes.uniform import uniform_coupling, without_kept
 from obafx.report import attach
-from obafx.steps import (build_report, check_args, check_options, fit, fit_latency, measure_original,
-                         select_channels, unstructured)
+from obafx.steps import (build_report, check_args, check_options, check_unit_sum, fit, fit_latency,
+                         measure_original, select_channels, unstructured)
 
 
 def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float] = None,
@@ -42,7 +42,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: Optional[str] = None,
                   probes: int = 1, capture: str = "auto", counter: Optional[str] = None,
                   uniform: bool = False, keep_widths: Iterable[str] = (),
-                  keep_narrow: bool = False) -> fx.GraphModule:
+                  keep_narrow: bool = False, unit_sum: str = "signed") -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
     Budget: ``macs`` = fraction of the original MACs (``counter``, on ``example_input``) to keep, or ``channels`` =
@@ -72,6 +72,10 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
+    ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
+    over a unit's slices: "signed" (default, OBA.md section 3: |Σ s_i|, for Taylor the loss change |g_uᵀθ_u| of
+    removing the unit) or "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: no cancellation inside a unit, so less
+    noise from a small calibration set, but no longer the loss change of the unit as a whole).
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
     (passes/capture.py). ``counter``: what counts MACs, "thop" (module hooks) or "flops" (torch's FlopCounterMode:
@@ -99,6 +103,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     steps, ignore, leaf_modules = check_args(steps, ignore, leaf_modules)
     rank = resolve_rank(rank, importance)
     check_options(normalizer, rank, probes, recalibrate, data)
+    check_unit_sum(unit_sum, importance)
     if latency is None and latency_options is not None:
         raise ConfigError("latency_options= is given without latency=. What to do: ask for a latency budget, e.g. "
                           "latency='2x', or drop latency_options=.")
@@ -131,7 +136,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         current, known, plan, errors = traced, _Known(facts0, coupling0, macs), PrunePlan(), []
         for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
             ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress,
-                               normalizer=None if rank == "per_mac" else normalizer, probes=probes)
+                               normalizer=None if rank == "per_mac" else normalizer, probes=probes,
+                               unit_sum=unit_sum)
             current, known, step_plan, error, step_notes = _prune_step(run, current, known, step, ctx)
             plan, errors, notes = plan.compose(step_plan), errors + [error], notes + step_notes
         pruned = current.gm

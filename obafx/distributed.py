@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from obafx.passes.errors import ConfigError, ScoreError
 from obafx.passes.facts import Coupling, ScoreContext
-from obafx.passes.importance import PARAMETER_CRITERIA, REGISTRY, aggregate, parameter_criteria
+from obafx.passes.importance import PARAMETER_CRITERIA, REGISTRY, aggregate, parameter_criteria, summands
 from obafx.passes.private_copy import private_copy
 from obafx.passes.recalibrate import recalibrated
 
@@ -233,8 +233,8 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
         if criterion == "random":
             same_seed = dataclasses.replace(ctx, seed=_rank0_seed(ctx.seed, group))
             return REGISTRY["random"].units(model, coupling, same_seed)
-        return aggregate(coupling, reduced_parameter_scores(criterion, model, ctx.batches, ctx, group, **criterion_kw),
-                         normalizer=ctx.normalizer)
+        scores = reduced_parameter_scores(criterion, model, ctx.batches, ctx, group, **criterion_kw)
+        return aggregate(coupling, summands(scores, ctx.unit_sum), normalizer=ctx.normalizer)
 
     importance.__name__ = f"{criterion} (distributed)"
     importance.needs_data = REGISTRY[criterion].needs_data  # for compile_prune's "no data" warning

@@ -185,6 +185,7 @@ class ScoreContext:
     chunk_size: Optional[int] = None
     normalizer: Optional[str] = "max"
     probes: int = 1
+    unit_sum: str = "signed"  # how a unit's parameter scores add up: "signed" |Σ s_i| or "abs" Σ |s_i|
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .errors import ConfigError, ScoreError
 from .facts import DEFAULT_MODE, Coupling, ScoreContext  # noqa: F401 (DEFAULT_MODE re-exported)
 
 NORMALIZERS = ("max", "mean", "sum", None)
+UNIT_SUMS = ("signed", "abs")
 
 
 def _slot_vector(score: torch.Tensor, dim: int) -> np.ndarray:
@@ -142,11 +143,18 @@ def _baseline_parameters(name: str):
     return scores
 
 
+def summands(param_scores: Dict[str, torch.Tensor], unit_sum: str) -> Dict[str, torch.Tensor]:
+    """What `aggregate` adds up per unit: the scores as they are ("signed": |Σ s_i| per slice, the unit's loss
+    change) or their magnitudes ("abs": Σ |s_i|, as Torch-Pruning's Taylor; nothing cancels inside a unit)."""
+    return {k: v.abs() for k, v in param_scores.items()} if unit_sum == "abs" else param_scores
+
+
 def _from_parameters(name: str, parameters: Callable):
     """Unit scores of a per-parameter criterion: its scores on ``ctx.batches``, aggregated per group."""
 
     def score(model, coupling, ctx):
-        return aggregate(coupling, parameters(model, _needs_batches(ctx, name), ctx), normalizer=ctx.normalizer)
+        return aggregate(coupling, summands(parameters(model, _needs_batches(ctx, name), ctx), ctx.unit_sum),
+                         normalizer=ctx.normalizer)
 
     score.__name__ = name
     return score

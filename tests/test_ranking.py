@@ -13,7 +13,8 @@ from obafx.passes.errors import ConfigError
 from obafx.passes.hvp import parameter_scores
 from obafx.passes.criteria import taylor_scores
 from obafx.passes.group_scores import _UnitIndex
-from obafx.passes.importance import aggregate, member_vectors
+from obafx.passes.facts import ScoreContext
+from obafx.passes.importance import REGISTRY, UNIT_SUMS, aggregate, member_vectors
 from obafx.passes.macs import thop_macs
 from obafx.passes.ranking import mac_savings, param_savings
 from obafx.passes.rewrite import rewrite
@@ -64,6 +65,24 @@ def test_raw_scores_are_each_units_total_loss_change():
     assert any(abs(raw[u] - means[u]) > 1e-6 * raw[u] for u in raw)  # not the member mean
 
 
+def test_unit_sum_abs_adds_the_magnitudes_of_each_slice():
+    """unit_sum="abs": Σ |θ_i g_i| over every slice of the unit (Torch-Pruning's Taylor), by the same independent
+    unit index as above; "signed" stays |Σ θ_i g_i|, and the two differ where signs cancel inside a unit."""
+    torch.manual_seed(0)
+    model, x = ConcatNet().double(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    coupling = couple(analyze(trace(model, x)))
+    batches = [(x, torch.randint(0, 4, (4,)))]
+    taylor = taylor_scores(model, batches)
+    index = _UnitIndex(coupling, {n: p for n, p in model.named_parameters() if n in taylor})
+    units = REGISTRY["taylor"].units
+    got = {s: units(model, coupling, ScoreContext(batches, normalizer=None, unit_sum=s)) for s in UNIT_SUMS}
+    want_abs = index.per_unit({n: taylor[n].abs() for n in index.ids})
+    want_signed = index.per_unit({n: taylor[n] for n in index.ids}).abs()
+    np.testing.assert_allclose([got["abs"][u] for u in index.units], want_abs.numpy(), rtol=1e-12)
+    np.testing.assert_allclose([got["signed"][u] for u in index.units], want_signed.numpy(), rtol=1e-12, atol=1e-15)
+    assert np.all(want_abs.numpy() > want_signed.numpy() * (1 + 1e-9))  # cancellation in every unit
+
+
 def test_mac_savings_match_thop_unit_by_unit():
     torch.manual_seed(0)
     model, x = ConcatNet().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -112,7 +131,9 @@ def test_per_mac_with_a_mac_budget_runs_on_real_scores():
 @pytest.mark.parametrize("kw,words", [
     (dict(normalizer="median"), "normalizer="), (dict(rank="per_flop"), "rank="),
     (dict(rank="per_mac", normalizer="mean"), "per_mac"), (dict(probes=0), "probes="),
-    (dict(recalibrate="yes"), "recalibrate=")])
+    (dict(recalibrate="yes"), "recalibrate="), (dict(unit_sum="l1"), "unit_sum="),
+    (dict(unit_sum="abs", importance="magnitude"), "unit_sum='abs'"),
+    (dict(unit_sum="abs", importance="oba_group"), "unit_sum='abs'")])
 def test_bad_ranking_options_are_config_errors(kw, words):
     model, x, _ = wide()
     with pytest.raises(ConfigError, match=words):
