@@ -52,6 +52,8 @@ def test_verdict_names_why_a_cell_misses():
            "check": {"dense_spread_s": [1, 2], "pruned_spread_s": [1, 2]}}
     assert bench.verdict(2.0, row)[1].startswith("noise")
     row["notes"] = ["the latency budget was missed: ..."]
+    assert bench.verdict(2.0, row)[1].startswith("noise")  # the loop got within 10%: the re-check is the outlier
+    row["loop_speedup"] = 1.7
     assert bench.verdict(2.0, row) == ("missed", row["notes"][0])
     assert bench.verdict(1.25, row) == ("met", None)
     row["mac_ratio"] = 50.0
@@ -95,3 +97,16 @@ def test_merge_keeps_every_run_and_a_later_cell_replaces_the_same_cell(tmp_path)
     assert "run 0 (a.json): batch 1" in merged["reduced"] and "run 1 (b.json): throughput" in merged["reduced"]
     again = bench.main(["--merge", str(out), "--out", str(tmp_path / "again.json")])
     assert again == json.loads(out.read_text())
+
+
+def test_merge_gives_a_measured_cell_its_verdict_by_the_current_rule(tmp_path):
+    bench = load_script()
+    measured = {"model": "vit_tiny", "batch": 1, "mode": "eager", "requested_speedup": 3.0, "speedup": 2.1,
+                "loop_speedup": 3.2, "mac_ratio": 1.5, "notes": ["the latency budget was missed: x"],
+                "check": {"dense_spread_s": [0.2, 0.4], "pruned_spread_s": [0.1, 0.12]},
+                "status": "missed", "why": "the latency budget was missed: x"}  # as an older rule wrote it
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"machine": {}, "protocol": {}, "settings": {}, "reduced": None, "cells": [measured]}))
+    (cell,) = bench.main(["--merge", str(path), "--out", str(tmp_path / "m.json")])["cells"]
+    assert cell["status"] == "missed" and cell["why"].startswith("noise: the pruning loop measured 3.20x")
+    assert "dense 0.2-0.4 s" in cell["why"]
