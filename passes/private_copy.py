@@ -36,10 +36,13 @@ def private_copy(model: nn.Module) -> nn.Module:
     if _copy_on_write():
         # parameters() then buffers(), as model.parameters() and model.buffers() list them (a tensor registered
         # as both is first met as the parameter), from the one walk
-        for t in [t for m in modules for t in m._parameters.values()] + [t for m in modules for t in m._buffers.values()]:
-            if t is not None and id(t) not in memo and _lazy_ok(t):
-                lazy = torch._lazy_clone(t.detach())
-                memo[id(t)] = nn.Parameter(lazy, requires_grad=t.requires_grad) if type(t) is nn.Parameter else lazy
+        tensors = [t for m in modules for t in m._parameters.values()] + \
+            [t for m in modules for t in m._buffers.values()]
+        with torch.no_grad():  # a clone without autograd history, as of t.detach(), without making the detached view
+            for t in tensors:
+                if t is not None and id(t) not in memo and _lazy_ok(t):
+                    lazy = torch._lazy_clone(t)
+                    memo[id(t)] = nn.Parameter(lazy, requires_grad=t.requires_grad) if type(t) is nn.Parameter else lazy
     if not FAST_MODULE_COPY:
         return copy.deepcopy(model, memo)
     if all(_plain_class(type(m)) for m in modules):  # `_plain_module_tree` on the walk above
@@ -136,12 +139,26 @@ def _copy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
             state[key] = v  # deepcopy returns a tuple of shared values itself
         else:
             state[key] = _copy_value(v, memo)
-    new.__setstate__(state)
+    if _PLAIN_SETSTATE and type(new).__setstate__ is _MODULE_SETSTATE and _SETSTATE_KEYS <= state.keys():
+        new.__dict__.update(state)  # all Module.__setstate__ does when no attribute it fills in is missing
+    else:
+        new.__setstate__(state)
     return new
 
 
 def _lazy_ok(t: torch.Tensor) -> bool:
     """Plain strided CPU tensors only (no subclasses, shared memory, quantised data or Python attributes)."""
     plain = type(t) is nn.Parameter or (type(t) is torch.Tensor and not t.__dict__ and not t.requires_grad)
-    return (plain and t.device.type == "cpu" and t.layout == torch.strided and not t.is_quantized
+    return (plain and t.is_cpu and t.layout == torch.strided and not t.is_quantized
             and not t.untyped_storage().is_shared())  # Tensor.is_shared() goes through slow TypedStorage
+
+
+# nn.Module.__setstate__ of torch 2.14: it updates the instance dict, then fills in each of the attributes named by
+# its string constants that the state lacks (old checkpoints). Another torch's method runs as it is.
+_MODULE_SETSTATE = nn.Module.__setstate__
+_PLAIN_SETSTATE = _MODULE_SETSTATE.__code__.co_names == (
+    '__dict__', 'update', 'OrderedDict', '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs',
+    '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_state_dict_hooks', '_state_dict_pre_hooks',
+    '_load_state_dict_pre_hooks', '_load_state_dict_post_hooks', 'set', '_non_persistent_buffers_set',
+    '_is_full_backward_hook', '_backward_pre_hooks')
+_SETSTATE_KEYS = frozenset(c for c in _MODULE_SETSTATE.__code__.co_consts if isinstance(c, str))

@@ -181,3 +181,23 @@ def test_empty_sets_and_dicts_are_new_objects():
     new[0].register_forward_pre_hook(lambda m, i: None)
     assert not model[0]._non_persistent_buffers_set and not model[0]._forward_pre_hooks
     assert "scratch" not in model[0]._buffers
+
+
+class OwnSetstate(nn.Linear):
+    """A plain module class with its own __setstate__ (allowed on the fast path: the copy calls it)."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.restored = True
+
+
+def test_setstate_runs_where_it_decides_something():
+    """The copy sets a module's attributes as Module.__setstate__ would: attributes an old pickle lacks are filled
+    in, a class's own __setstate__ is called; parameters are leaves without autograd history, as a deep copy's."""
+    old = nn.Linear(2, 3)  # no __setstate__ of its own (Conv2d has one)
+    del old.__dict__["_forward_hooks_always_called"]  # a module unpickled from an old torch
+    new = pc.private_copy(nn.Sequential(old, OwnSetstate(3, 2)))
+    assert isinstance(new[0]._forward_hooks_always_called, dict) and "_forward_hooks_always_called" not in vars(old)
+    assert new[1].restored and not hasattr(old, "restored")
+    for p in new.parameters():
+        assert type(p) is nn.Parameter and p.is_leaf and p.grad_fn is None and p.requires_grad
