@@ -64,10 +64,15 @@ def _find_tracers(value: Any, tracers: Dict[Any, None]) -> bool:
         tracers[value.tracer] = None
         return True
     if kind is tuple or kind is list:
-        return all(_find_tracers(v, tracers) for v in value)
-    if kind is dict:
-        return all(_find_tracers(v, tracers) for v in value.values())
-    return not (isinstance(value, (tuple, list, dict)) or kind in _PYTREE_NODES)
+        items = value
+    elif kind is dict:
+        items = value.values()
+    else:
+        return not (isinstance(value, (tuple, list, dict)) or kind in _PYTREE_NODES)
+    for v in items:  # a loop, not all(generator): a DenseNet's cats pass up to 32 proxies
+        if type(v) not in _PLAIN_CONSTANTS and not _find_tracers(v, tracers):
+            return False
+    return True
 
 
 class LeafTracer(fx.Tracer):
@@ -154,12 +159,21 @@ class LeafTracer(fx.Tracer):
         if kind is _Proxy or kind is fx.Proxy:
             return a.node
         if kind is tuple:
-            return tuple(self.create_arg(e) for e in a)
+            return tuple([self._lowered(e) for e in a])
         if kind is list:
-            return [self.create_arg(e) for e in a]
+            return [self._lowered(e) for e in a]
         if kind is dict and all(type(k) is str for k in a):  # every call's kwargs: fx's _create_arg_dict
             return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
+
+    def _lowered(self, e: Any) -> Any:
+        """``self.create_arg(e)`` for an element of a tuple or list, with constants and proxies inline."""
+        kind = type(e)
+        if kind in _PLAIN_CONSTANTS:
+            return e
+        if kind is _Proxy:
+            return e.node
+        return self.create_arg(e)
 
 
 def _graph_node(graph: fx.Graph, op: str, target: Any, args: tuple, kwargs: dict, name: Optional[str],
@@ -187,14 +201,19 @@ def _symbolic(value: Any) -> bool:
     """Whether ``value`` may hold a SymInt/SymFloat/SymBool: one of them, or inside plain tuples, lists and
     dicts, or any other container (a namedtuple, torch.Size, a registered pytree node: fx's scan decides)."""
     kind = type(value)
-    if kind in _PLAIN_CONSTANTS or kind is fx.Node:
+    if kind in _LEAVES:
         return False
-    if kind in (tuple, list, immutable_list):
-        return any(_symbolic(v) for v in value)
-    if kind in (dict, immutable_dict):
-        return any(_symbolic(v) for v in value.values())
-    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, tuple, list, dict)) or \
-        kind in _PYTREE_NODES
+    if kind in _SEQUENCES:
+        items = value
+    elif kind in _MAPPINGS:
+        items = value.values()
+    else:
+        return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, tuple, list, dict)) or \
+            kind in _PYTREE_NODES
+    for v in items:  # a loop with the leaves inline: this runs for every node's arguments
+        if type(v) not in _LEAVES and _symbolic(v):
+            return True
+    return False
 
 
 # The Graph.create_node that `_graph_node` replays (torch 2.14): its global and attribute names.
@@ -207,6 +226,9 @@ _KNOWN_CREATE_NODE = fx.Graph.create_node.__code__.co_names == _CREATE_NODE_NAME
 _PYTREE_NODES = frozenset(pytree.SUPPORTED_NODES)
 _FX_LOG = logging.getLogger(fx.proxy.__name__)  # fx's create_node logs every node at debug level
 _PLAIN_CONSTANTS = frozenset((int, float, bool, str, type(None)))
+_LEAVES = _PLAIN_CONSTANTS | {fx.Node}  # what `_symbolic` never opens
+_SEQUENCES = frozenset((tuple, list, immutable_list))
+_MAPPINGS = frozenset((dict, immutable_dict))
 _TRACE_CODES = (inspect.unwrap(fx.Tracer.trace).__code__, TRACE_CODE)  # fx's trace and its replay
 _NOT_USER_CODE = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
