@@ -30,13 +30,20 @@ def _shape_of(value: Any) -> Any:
 
 def _labels_of(arg: Any, planes: Dict[str, Any]) -> Any:
     """The planes of an argument: nodes map to their planes, containers recurse, constants have none."""
-    if isinstance(arg, fx.Node):
+    if type(arg) is fx.Node:
         return planes.get(arg.name, ())
     if isinstance(arg, (tuple, list)):
-        return tuple(_labels_of(a, planes) for a in arg)
+        # a loop with nodes and constants inline: every node's arguments come through here
+        return tuple([planes.get(a.name, ()) if type(a) is fx.Node else () if type(a) in _CONSTANTS
+                      else _labels_of(a, planes) for a in arg])
+    if isinstance(arg, fx.Node):  # a Node subclass
+        return planes.get(arg.name, ())
     if isinstance(arg, dict):
         return {k: _labels_of(v, planes) for k, v in arg.items()}
     return ()
+
+
+_CONSTANTS = frozenset((int, float, bool, str, type(None)))
 
 
 class _Analyzer:
@@ -46,9 +53,10 @@ class _Analyzer:
     bookkeeping would be most of the cost.
     """
 
-    def __init__(self, gm: fx.GraphModule, values: Dict[str, Any], aliases: Dict[str, str]):
+    def __init__(self, gm: fx.GraphModule, values: Dict[str, Any], aliases: Dict[str, str],
+                 submodules: Dict[str, Any]):
         self.module = gm
-        self.submodules = modules_by_name(gm)  # a shared module under every name
+        self.submodules = submodules  # `modules_by_name(gm)`: a shared module under every name
         self.values = values
         self.store = Store(aliases=aliases)
         self.planes: Dict[str, Any] = {}
@@ -66,10 +74,10 @@ class _Analyzer:
         if n.op == "get_attr":
             return self._param_planes(n, value)
         args = fx.node.map_arg(n.args, lambda a: self.values[a.name])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a.name])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a.name]) if n.kwargs else {}
         module = self.submodules[n.target] if n.op == "call_module" else None
         call = Call(n, self.store, self.module, tuple(args), dict(kwargs), _labels_of(n.args, self.planes),
-                    _labels_of(n.kwargs, self.planes), value, module)
+                    _labels_of(n.kwargs, self.planes) if n.kwargs else {}, value, module)
         if n.op == "output":
             from .rules_shape import output
             return output(call)
@@ -106,11 +114,12 @@ def _target_name(n: fx.Node, module) -> str:
 def analyze(traced: Traced) -> ChannelFacts:
     """Run the channel analysis on ``traced`` (its recorded node values, or one fresh eval-mode run's)."""
     gm = traced.gm
-    named = named_tensors(gm)  # one walk for the recorded values' check and the tied-tensor names
+    submodules = modules_by_name(gm)
+    named = named_tensors(gm, submodules)  # one walk for the rules, the recorded values' check and the ties
     values = traced.recorded_values(named)
     if values is None:
         values = record_values(gm, traced.inputs)
-    analyzer = _Analyzer(gm, values, aliases_of(named))
+    analyzer = _Analyzer(gm, values, aliases_of(named), submodules)
     with torch.no_grad():  # rules may compute on the (meta) values: never record autograd history
         analyzer.run()
     return ChannelFacts(traced, analyzer.store.freeze(), frozen_map(analyzer.planes), frozen_map(analyzer.shapes))
