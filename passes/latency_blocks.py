@@ -25,6 +25,9 @@ JUMP = 0.65
 # neighbouring widths on a loaded 2-core machine); smaller blocks pad away less than this anyway.
 FLOOR = 0.05
 DEFAULT_CANDIDATES = (4, 8, 16, 32, 64)
+# A group is rounded to its block while the layers where every channel buys time hold at most this share of the
+# time of the layers it runs through (what those channels buy there is smaller than the cost model's error).
+PLAIN_SHARE = 0.1
 
 
 def _edge(width: int, block: int, top: int) -> int:
@@ -99,13 +102,23 @@ def aligned_widths(widths: Iterable[int], block: int, full: int) -> Tuple[int, .
     return tuple(sorted({int(padded(w, block, full)) for w in widths} | {int(full)}))
 
 
-def group_blocks(unit_group: Dict[int, str], dims: Iterable[Tuple[Sequence[int], int]]) -> Dict[str, int]:
-    """Per channel group, the block its kept width should be a multiple of: the gcd of the blocks of every layer
-    dim its units run through (``dims``: (the slot's unit ids, that dim's block)). A dim without a step (block 1)
-    makes every channel of the group buy something, so the group gets no block; groups with none are left out."""
-    seen: Dict[str, list] = {}
-    for units, block in dims:
+def group_blocks(unit_group: Dict[int, str], dims: Iterable[Tuple[Sequence[int], int, float]]) -> Dict[str, int]:
+    """Per channel group, the block its kept width should be a multiple of. ``dims``: (a layer dim's unit ids,
+    that dim's block, the layer's dense seconds). The block is the gcd of the blocks of the stepped dims the group
+    runs through, when the dims without a step (block 1: every channel buys time there) carry at most PLAIN_SHARE
+    of their seconds (a classifier after a blocked conv does not stop its rounding; a conv of its own does).
+    Groups without a block are left out."""
+    stepped: Dict[str, list] = {}
+    plain: Dict[str, float] = {}
+    for units, block, seconds in dims:
         for g in {unit_group[int(u)] for u in units if int(u) in unit_group}:
-            seen.setdefault(g, []).append(int(block))
-    blocks = {g: reduce(math.gcd, bs) for g, bs in seen.items()}
+            if block > 1:
+                stepped.setdefault(g, []).append((int(block), float(seconds)))
+            else:
+                plain[g] = plain.get(g, 0.0) + float(seconds)
+    blocks = {}
+    for g, pairs in stepped.items():
+        total = sum(s for _, s in pairs) + plain.get(g, 0.0)
+        if plain.get(g, 0.0) <= PLAIN_SHARE * total:
+            blocks[g] = reduce(math.gcd, (b for b, _ in pairs))
     return {g: b for g, b in blocks.items() if b > 1}

@@ -212,13 +212,14 @@ class LatencyModel:
 
     def group_blocks(self, unit_group: Dict[int, str]) -> Dict[str, int]:
         """Per group id, the block its kept width should be a multiple of (latency_blocks.group_blocks over the
-        tables' blocks; groups whose every channel buys time are left out)."""
+        tables' blocks and dense seconds; groups where channels inside a block still buy time are left out)."""
         dims = []
         for spec, table in zip(self.specs, self.tables):
+            dense = table.at(spec.in_width, spec.out_width)
             if spec.out_slot is not None:
-                dims.append((self._slots[spec.out_slot], table.out_block))
+                dims.append((self._slots[spec.out_slot], table.out_block, dense))
             if spec.in_slot is not None and not spec.tied:
-                dims.append((self._slots[spec.in_slot], table.in_block))
+                dims.append((self._slots[spec.in_slot], table.in_block, dense))
         return group_blocks(unit_group, dims)
 
     def layer_seconds(self) -> float:

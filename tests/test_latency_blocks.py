@@ -150,9 +150,11 @@ def test_blocks_survive_the_cache_and_old_format_files_are_not_read(tmp_path):
         cache_key(parts)
 
 
-def test_group_blocks_take_the_gcd_and_drop_groups_a_plain_dim_runs_through():
-    unit_group = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c"}
-    dims = [([0, 1], 16), ([0, 1], 8), ([2, 3], 16), ([2], 1), ([4], 32)]
+def test_group_blocks_take_the_gcd_and_drop_groups_a_costly_plain_dim_runs_through():
+    unit_group = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "d"}
+    dims = [([0, 1], 16, 1.0), ([0, 1], 8, 1.0), ([2, 3], 16, 1.0), ([2], 1, 0.5), ([4], 32, 1.0), ([4], 1, 0.05),
+            ([5], 1, 1.0)]
+    # b: a plain dim with a third of its time; c: a plain dim (a classifier) with under a tenth; d: only plain
     assert group_blocks(unit_group, dims) == {"a": 8, "c": 32}
 
 
