@@ -12,11 +12,14 @@ are set, fx's own constructor runs. tests/test_fx_module.py compares the two on 
 from __future__ import annotations
 
 import functools
+from typing import Dict, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _nn_module
+
+from .tensors import module_list
 
 
 def graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
@@ -27,8 +30,9 @@ def graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     if not _plain_targets(root, targets, cls):
         return cls(root, graph, name)
     gm = cls(root, fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras), name)
+    sources: Dict[str, nn.Module] = {}  # containers of ``root`` by path: found once, not once per target
     for target in targets:
-        _install(root, gm, target)
+        _install(root, gm, target, sources)
     gm.graph = graph
     return gm
 
@@ -37,7 +41,7 @@ def set_training(module: nn.Module, mode: bool) -> None:
     """``module.train(mode)``: every module's flag set to ``mode``; directly where no module in the tree has a
     ``train`` of its own (Module.train's recursion sets the flags through ``__setattr__``, a millisecond on a
     model of hundreds of modules), else through ``train`` (an override, e.g. one that keeps norms frozen)."""
-    modules = list(module.modules())
+    modules = module_list(module)
     if any(type(m).train is not _MODULE_TRAIN for m in modules):
         module.train(mode)
         return
@@ -77,16 +81,24 @@ def _instance_names(cls: type) -> frozenset:
     return frozenset(vars(cls(nn.Module(), fx.Graph())))
 
 
-def _install(from_module: nn.Module, to_module: nn.Module, target: str) -> None:
+def _install(from_module: nn.Module, to_module: nn.Module, target: str,
+             sources: Optional[Dict[str, nn.Module]] = None) -> None:
     """fx's ``_copy_attr(from_module, to_module, target)``: empty ``nn.Module`` containers where ``to_module``
     has none yet, then the target's value (a tensor that is not a Parameter as a buffer, persistent as in
     ``from_module``). Container atoms are read from the modules' ``_modules`` dicts where that is what
-    ``getattr`` would return; anything else goes through ``getattr``/``setattr`` as in fx."""
+    ``getattr`` would return; anything else goes through ``getattr``/``setattr`` as in fx. ``sources``: the
+    containers of ``from_module`` found by earlier calls, by path (installing never changes ``from_module``)."""
     *prefix, field = target.split(".")
+    path = ""
     for item in prefix:
-        f = _child(from_module, item)
+        path = f"{path}.{item}" if path else item
+        f = sources.get(path) if sources is not None else None
         if f is None:
-            f = getattr(from_module, item)  # as fx: raises for a missing atom, None for a None child
+            f = _child(from_module, item)
+            if f is None:
+                f = getattr(from_module, item)  # as fx: raises for a missing atom, None for a None child
+            if sources is not None and f is not None and from_module._modules.get(item) is f:
+                sources[path] = f  # a registered child (a property could make a new object each time)
         t = _child(to_module, item)
         if f is t:  # a parent already installed: its children came with it
             return

@@ -21,6 +21,8 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from .tensors import module_list
+
 COPY_ON_WRITE = True
 FAST_MODULE_COPY = True
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type(Ellipsis),
@@ -32,7 +34,7 @@ _SHARED_TYPES = frozenset(_ATOMIC + _SHARED_CALLABLES)  # exact-type lookup firs
 def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (see the module docstring)."""
     memo: Dict[int, Any] = {}
-    modules = list(model.modules())  # one walk for the tensors and the plain-tree check
+    modules = module_list(model)  # one walk for the tensors and the plain-tree check
     if _copy_on_write():
         # parameters() then buffers(), as model.parameters() and model.buffers() list them (a tensor registered
         # as both is first met as the parameter), from the one walk
@@ -74,7 +76,7 @@ def _copy_on_write() -> bool:
 def _plain_module_tree(model: nn.Module) -> bool:
     """Whether every registered module under ``model`` is `_plain_class` (only those trees take the fast path;
     an unregistered module attribute is checked where `_copy_value` meets it)."""
-    return all(_plain_class(type(m)) for m in model.modules())
+    return all(_plain_class(type(m)) for m in module_list(model))
 
 
 @functools.lru_cache(maxsize=None)

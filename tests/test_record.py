@@ -216,3 +216,28 @@ def test_modules_by_name_is_named_modules_without_deduplication():
         got, expected = modules_by_name(model), dict(model.named_modules(remove_duplicate=False))
         assert list(got) == list(expected) and all(got[k] is expected[k] for k in expected)
     assert "1" in modules_by_name(net) and "0.0" in modules_by_name(net)
+
+
+def test_module_list_is_modules():
+    """`module_list` lists what ``modules()`` yields: each module once (a shared subtree is not walked again),
+    None children skipped, a class with its own walk walked its way."""
+    import torchvision
+
+    from obafx.passes.tensors import module_list
+
+    class OwnWalk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.shown = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+            yield prefix, self
+            yield (f"{prefix}.shown" if prefix else "shown"), self.shown
+
+    shared = nn.Sequential(nn.ReLU(), nn.Linear(2, 2))
+    net = nn.Sequential(nn.Sequential(shared, nn.Linear(2, 2)), shared)
+    net.add_module("gone", None)
+    own = nn.Sequential(net, nn.Sequential(OwnWalk()))
+    for model in (net, own, torchvision.models.densenet121()):
+        assert [id(m) for m in module_list(model)] == [id(m) for m in model.modules()]
+    assert len(module_list(net)) == 6 and len(module_list(own)) == 10  # OwnWalk lists itself and "shown"
