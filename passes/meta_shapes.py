@@ -47,18 +47,21 @@ def cat(tensors: Any = None, dim: int = 0, *, out: Any = None) -> Optional[torch
     """The meta result of ``torch.cat`` for meta tensors of one dtype and rank whose sizes agree off ``dim``."""
     if out is not None or not isinstance(tensors, (tuple, list)) or not tensors:
         return None
-    if not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
-        return None
     first = tensors[0]
-    if first.dim() == 0 or not isinstance(dim, int) or not -first.dim() <= dim < first.dim():
+    if not isinstance(first, torch.Tensor) or not first.is_meta:
         return None
-    d = dim % first.dim()
+    rank = first.dim()
+    if rank == 0 or not isinstance(dim, int) or not -rank <= dim < rank:
+        return None
+    d = dim % rank
     size = first.shape
-    before, after, dtype, rank = size[:d], size[d + 1:], first.dtype, first.dim()
+    before, after, dtype = size[:d], size[d + 1:], first.dtype
     total = 0
-    for t in tensors:  # one dtype and rank, the same sizes off ``d`` (compared as torch.Size slices)
+    for t in tensors:  # meta tensors of one dtype and rank, the same sizes off ``d`` (one pass: DenseNets cat 30)
+        if not isinstance(t, torch.Tensor) or not t.is_meta or t.dtype != dtype:
+            return None
         shape = t.shape
-        if t.dtype != dtype or len(shape) != rank or shape[:d] != before or shape[d + 1:] != after:
+        if len(shape) != rank or shape[:d] != before or shape[d + 1:] != after:
             return None
         total += shape[d]
     shape = list(size)

@@ -6,7 +6,7 @@ one where it fails exactly where a real run would; otherwise, or when it fails, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.fx.immutable_collections import immutable_dict
@@ -17,28 +17,42 @@ from . import meta_shapes
 from .tensors import eval_mode, modules_by_name, params_and_buffers
 
 
-def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> bool:
+def _meta_can_stand_in(gm: fx.GraphModule, inputs: Tuple[Any, ...],
+                       named: Optional[List[Tuple[str, torch.Tensor]]] = None) -> bool:
     """Whether a meta run fails exactly where a real one would: one device and one floating dtype across
     parameters, buffers and inputs (meta kernels of some ops, e.g. linear, do not compare dtypes; a model may
-    also move or cast its inputs itself). Otherwise the real run decides."""
-    params, buffers = params_and_buffers(gm)
-    tensors = params + buffers + [t for t in inputs if isinstance(t, torch.Tensor)]
+    also move or cast its inputs itself). Otherwise the real run decides. ``named``: ``named_tensors(gm)``."""
+    if named is None:
+        params, buffers = params_and_buffers(gm)
+        tensors = params + buffers
+    else:
+        tensors = [t for _, t in named]
+    tensors += [t for t in inputs if isinstance(t, torch.Tensor)]
     return len({t.device for t in tensors}) <= 1 and len({t.dtype for t in tensors if t.is_floating_point()}) <= 1
 
 
-def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
+def record_values(gm: fx.GraphModule, inputs: Tuple[Any, ...],
+                  named: Optional[List[Tuple[str, torch.Tensor]]] = None) -> Dict[str, Any]:
     """Run ``gm`` once (eval mode, no grad) and return {node name: its value with tensors as meta tensors}.
 
     Runs on meta tensors (no compute) where that can stand in for a real run; falls back to a real run when the
-    meta run fails. Errors of the real run propagate. ``gm`` and ``inputs`` are left untouched.
+    meta run fails. Errors of the real run propagate. ``gm`` and ``inputs`` are left untouched. ``named``:
+    ``named_tensors(gm)`` when the caller has it (taken now).
     """
+    return recorded_run(gm, inputs, named)[0]
+
+
+def recorded_run(gm: fx.GraphModule, inputs: Tuple[Any, ...],
+                 named: Optional[List[Tuple[str, torch.Tensor]]] = None) -> Tuple[Dict[str, Any], bool]:
+    """`record_values`, and whether the meta run made them (it never changes ``gm``; a real run runs the
+    model's own code, which may)."""
     with torch.no_grad():
-        if _meta_can_stand_in(gm, inputs):
+        if _meta_can_stand_in(gm, inputs, named):
             try:
-                return meta_values(gm, inputs)
+                return meta_values(gm, inputs), True
             except Exception:  # no meta kernel, a real-device tensor made inside forward, data-dependent code
                 pass
-        return real_values(gm, inputs)
+        return real_values(gm, inputs), False
 
 
 def real_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
@@ -57,14 +71,15 @@ def meta_values(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     twins = _MetaTwins(gm)
     values: Dict[str, Any] = {}
     positional = iter(_to_meta(x) for x in inputs)
+    lookup = lambda n: values[n.name]  # noqa: E731 (one closure for the run, not two a node)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             value = _placeholder(node, positional)
         elif node.op == "get_attr":
             value = twins.attribute(node.target)
         else:
-            args = fx.node.map_arg(node.args, lambda n: values[n.name])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n.name])
+            args = fx.node.map_arg(node.args, lookup)
+            kwargs = fx.node.map_arg(node.kwargs, lookup) if node.kwargs else {}
             value = _meta_call(node, twins, args, kwargs)
         values[node.name] = _to_meta(value)
     return values

@@ -21,7 +21,7 @@ from .fx_module import graph_module, set_training
 from .errors import ConfigError, TraceError, describe_node
 from .facts import Recorded, Traced  # noqa: F401 (Recorded, Traced: re-exported, they used to live here)
 from .private_copy import private_copy
-from .record import FAILED_NODE, record_values
+from .record import FAILED_NODE, recorded_run
 from .tracer import LeafTracer
 from .tensors import fingerprint as _fingerprint
 from .tensors import named_tensors, owner_and_attr, params_and_buffers, tensor_aliases  # noqa: F401 (re-exported)
@@ -80,8 +80,9 @@ def trace(model: nn.Module, example_input: Any, leaf_modules: Iterable[Any] = ()
             node.type = None
     gm = graph_module(tracer.root, graph, type(model).__name__)
     set_training(gm, model.training)
-    values = check_runs(gm, inputs)
-    return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs), values))
+    named = named_tensors(gm)  # one walk for the run's check and, where the meta run left gm as it was, the key
+    values, meta = _checked_run(gm, inputs, named)
+    return Traced(gm, inputs, Recorded(_fingerprint(gm, inputs, named if meta else None), values))
 
 
 
@@ -122,8 +123,13 @@ def _trace_failure(exc: Exception) -> str:
 def check_runs(gm: fx.GraphModule, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
     """Run the traced copy once so that a wrong example input fails here, with a clear message; returns the
     recorded node values (see `record_values`)."""
+    return _checked_run(gm, inputs)[0]
+
+
+def _checked_run(gm: fx.GraphModule, inputs: Tuple[Any, ...], named: Any = None) -> Tuple[Dict[str, Any], bool]:
+    """`check_runs`, and whether the meta run made the values (``named``: ``named_tensors(gm)``, taken now)."""
     try:
-        return record_values(gm, inputs)
+        return recorded_run(gm, inputs, named)
     except Exception as exc:  # any failure here means the input does not fit the model
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
         node = getattr(exc, FAILED_NODE, None)

@@ -241,3 +241,21 @@ def test_module_list_is_modules():
     for model in (net, own, torchvision.models.densenet121()):
         assert [id(m) for m in module_list(model)] == [id(m) for m in model.modules()]
     assert len(module_list(net)) == 6 and len(module_list(own)) == 10  # OwnWalk lists itself and "shown"
+
+
+class _Grows(nn.Module):
+    """A leaf whose forward registers a buffer when it first runs; ``item()`` keeps the meta run from standing in."""
+
+    def forward(self, x):
+        if not hasattr(self, "seen"):
+            self.register_buffer("seen", torch.zeros(3))
+        return x * (x.sum().item() > -1e9)
+
+
+def test_recorded_values_stay_valid_after_a_real_run_that_adds_a_tensor():
+    """trace keys the recorded values by the module as the check run left it: the meta run's key reuses the walk
+    made before it, a real run's is taken afterwards (here it added a buffer), so analyze does not run again."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Grows(), nn.Conv2d(4, 2, 1)).eval()
+    traced = trace(model, torch.randn(1, 3, 4, 4), leaf_modules=[_Grows])
+    assert "1.seen" in dict(traced.gm.named_buffers()) and traced.recorded_values() is not None
+    assert trace(model[:1], torch.randn(1, 3, 4, 4)).recorded_values() is not None  # the meta run's key
