@@ -94,13 +94,14 @@ class Store:
         to union the new slot with (a norm's input channels); a new slot of that width takes them instead of
         fresh ones, which saves the labels and the unions (most of a model's labels are norm parameters)."""
         key = (self.aliases.get(name, name), dim)  # a tied tensor is one slot under all of its names
-        if key not in self.slots:
+        entry = self.slots.get(key)
+        if entry is None:
             labels = like.copy() if like is not None and like.shape == (size,) else self.fresh(size)
-            self.slots[key] = (Slot(name, dim, role, owner), labels)
-        elif self.slots[key][0].role == "free" and role != "free":
-            self.slots[key] = (Slot(name, dim, role, owner), self.slots[key][1])
+            entry = self.slots[key] = (Slot(name, dim, role, owner), labels)
+        elif entry[0].role == "free" and role != "free":
+            entry = self.slots[key] = (Slot(name, dim, role, owner), entry[1])
         self.log.append(key)
-        return self.slots[key][1]
+        return entry[1]
 
     def mark(self) -> Tuple[int, int]:
         """A point to roll back to if an op rule fails half-way."""

@@ -19,11 +19,16 @@ def couple_dim(call: Call, planes: Sequence[Plane], dim: int, slots: Sequence[Op
     n = call.x.dim()
     hits = along(planes, dim)
     present = [s for s in slots if s is not None]
+    # A plane on ``dim`` alone whose labels are the slot's (a slot made like its input: a norm's four) needs no
+    # union; comparing the bytes first skips the reshape and the union's conversions (most of a norm's rule).
+    same = [p.arr.tobytes() if p.dims == (dim,) and p.arr.dtype == np.int64 else None for p in hits]
     for s in present:
         shape = [1] * n
         shape[dim] = s.shape[0]
-        for p in hits:
-            call.store.union(p.arr, s.reshape(shape))
+        mine = s.tobytes() if s.dtype == np.int64 else None
+        for p, b in zip(hits, same):
+            if b is None or b != mine:
+                call.store.union(p.arr, s.reshape(shape))
         if not hits:
             call.store.pin(s)
     if not present:
