@@ -74,10 +74,11 @@ def _rectangular(facts: ChannelFacts, comp: np.ndarray, extra: List[np.ndarray])
 
 
 def _map_units(value: Any, comp: np.ndarray) -> Any:
+    """A node's planes with labels mapped to units (``comp``), nested tuples and lists as tuples."""
     if isinstance(value, Plane):
         return Plane(value.dims, comp[value.arr])
-    if isinstance(value, (tuple, list)):
-        return tuple(_map_units(v, comp) for v in value)
+    if isinstance(value, (tuple, list)):  # a list comprehension with planes inline: one call a node, not three
+        return tuple([Plane(v.dims, comp[v.arr]) if type(v) is Plane else _map_units(v, comp) for v in value])
     return value
 
 

@@ -53,7 +53,9 @@ def read_only(array: np.ndarray) -> np.ndarray:
 
 def frozen_map(mapping: Mapping, arrays: bool = False) -> Mapping:
     """A read-only mapping over a copy of ``mapping``; with ``arrays``, its array values read-only too."""
-    return MappingProxyType({k: read_only(v) if arrays else v for k, v in mapping.items()})
+    if not arrays:
+        return MappingProxyType(dict(mapping))
+    return MappingProxyType({k: read_only(v) for k, v in mapping.items()})
 
 
 @dataclass(frozen=True)
