@@ -30,7 +30,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch import nn
 
 from .errors import SOURCE_KEY
-from .tracer_root import TRACE_CODE, replays_this_torch, trace_module
+from .tracer_root import TRACE_CODE, module_target_names, replays_this_torch, trace_module
 
 
 class _Proxy(fx.Proxy):
@@ -122,7 +122,7 @@ class LeafTracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
         if self._plain_bookkeeping():
-            node = _graph_node(self.graph, kind, target, args, kwargs, name, type_expr)
+            node = _graph_node(self.graph, kind, target, args, kwargs, name, type_expr, self._target_names())
             self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
             if self.module_stack:
                 node.meta["nn_module_stack"] = self.module_stack.copy()  # what fx's copy.copy makes, faster
@@ -132,6 +132,14 @@ class LeafTracer(fx.Tracer):
         if where is not None:
             node.meta[SOURCE_KEY] = where
         return node
+
+    def _target_names(self) -> Dict[str, str]:
+        """`tracer_root.module_target_names` of this trace's module paths, made at its first node."""
+        paths = getattr(self, "submodule_paths", None)
+        made = getattr(self, "_names_of", None)
+        if made is None or made[0] is not paths:
+            made = self._names_of = (paths, module_target_names(paths.values()) if paths else {})
+        return made[1]
 
     def _plain_bookkeeping(self) -> bool:
         """Whether fx's ``TracerBase.create_node`` would do no more than `create_node`'s short path: no
@@ -177,17 +185,20 @@ class LeafTracer(fx.Tracer):
 
 
 def _graph_node(graph: fx.Graph, op: str, target: Any, args: tuple, kwargs: dict, name: Optional[str],
-                type_expr: Any) -> fx.Node:
+                type_expr: Any, target_names: Dict[str, str]) -> fx.Node:
     """``graph.create_node(...)`` for a node the tracer makes: the same name, node and insertion, without fx's
     scan of the arguments for raw SymInt/SymFloat/SymBool values through pytree (a warning about values a
     symbolic trace of a module does not make; 1-2 ms a trace of a model of hundreds of modules): where an
     argument holds one, or the graph has an owning module (create-node hooks), or this torch's
-    ``Graph.create_node`` is not the one this replays, fx's own runs."""
+    ``Graph.create_node`` is not the one this replays, fx's own runs. ``target_names``: the name bases of string
+    targets made before (`tracer_root.module_target_names`); any other target's is ``graph._target_to_str``'s."""
     if not _KNOWN_CREATE_NODE or graph.owning_module is not None or _symbolic((args, kwargs)):
         return graph.create_node(op, target, args, kwargs, name, type_expr)
     args = args if args else ()
     kwargs = kwargs if kwargs else immutable_dict()
-    candidate = name if name is not None else graph._target_to_str(target)
+    candidate = name if name is not None else target_names.get(target) if type(target) is str else None
+    if candidate is None:
+        candidate = graph._target_to_str(target)
     name = graph._graph_namespace.create_name(candidate, None)
     node = fx.Node(graph, name, op, target, args, kwargs, type_expr)
     graph._graph_namespace.associate_name_with_obj(name, node)

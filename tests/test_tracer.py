@@ -154,3 +154,17 @@ def test_node_creation_replays_this_torchs_graph_create_node():
     assert not tracer_mod._symbolic(((1, [2.0, None]), {"k": "v"}))
     for opaque in (pair(1, 2), torch.Size([2, 3]), (1, [pair(1, 2)]), {"k": torch.Size([1])}):
         assert tracer_mod._symbolic(opaque)  # containers it does not open: fx's scan decides
+
+
+def test_module_target_names_are_fxs_node_name_bases():
+    """Node name bases of module paths made in one pass (tracer_root) equal fx's ``_target_to_str`` of each;
+    paths the pass cannot take (a newline, a dunder name) are left to fx."""
+    from obafx.passes import tracer_root
+
+    assert tracer_root._KNOWN_NAMING  # this torch's naming is the one the pass reproduces
+    graph = fx.Graph()
+    paths = ["features.denseblock1.denselayer1.norm1", "Block.convA", "aB.Cd", "ABC", "a1B.xY_z", "layer.0.0",
+             "\u00e9A.b", "a_B", "q.kV"]
+    got = tracer_root.module_target_names(paths + ["__magic__", "new\nline"])
+    assert got == {p: graph._target_to_str(p) for p in paths}
+    assert tracer_root.module_target_names([]) == {}
