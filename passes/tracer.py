@@ -253,7 +253,13 @@ def user_frame() -> Optional[Tuple[str, int, str]]:
     frame = sys._getframe(2)
     while frame is not None and frame.f_code not in _TRACE_CODES:
         code = frame.f_code
-        if not code.co_filename.startswith(_NOT_USER_CODE):
+        user = _USER_FILES.get(code.co_filename)
+        if user is None:  # a file seen for the first time: one prefix test, kept (a few files a model)
+            user = _USER_FILES[code.co_filename] = not code.co_filename.startswith(_NOT_USER_CODE)
+        if user:
             return code.co_filename, frame.f_lineno, code.co_name
         frame = frame.f_back
     return None
+
+
+_USER_FILES: Dict[str, bool] = {}  # file name -> whether it is model code (not torch's, not obafx's passes)
