@@ -71,11 +71,13 @@ class Call:
         """Labels of one dim of a layer parameter: the module's ``attr`` for call_module nodes, or the
         get_attr argument ``i``/``name`` for functional calls. None when the parameter is absent or computed
         (then the dim is fixed). ``like``: labels the rule unions the slot with next (see `Store.slot`)."""
-        if self.node.op == "call_module":
+        node = self.node
+        if node.op == "call_module":
             tensor = _module_attr(self.module, attr)
             if not isinstance(tensor, torch.Tensor):
                 return None
-            return self.store.slot(f"{self.node.target}.{attr}", dim, tensor.shape[dim], role, self.owner(), like)
+            target = node.target  # the owner of a module's slots (`owner`)
+            return self.store.slot(f"{target}.{attr}", dim, tensor.shape[dim], role, target, like)
         node = self.arg_node(i, name)
         value = self.arg(i, name)
         if not isinstance(node, fx.Node) or node.op != "get_attr" or not isinstance(value, torch.Tensor):
