@@ -12,7 +12,7 @@ are set, fx's own constructor runs. tests/test_fx_module.py compares the two on 
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -30,7 +30,7 @@ def graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     if not _plain_targets(root, targets, cls):
         return cls(root, graph, name)
     gm = cls(root, fx.Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras), name)
-    sources: Dict[str, nn.Module] = {}  # containers of ``root`` by path: found once, not once per target
+    sources: Dict[str, Tuple[nn.Module, nn.Module]] = {}  # containers by path: found once, not once per target
     for target in targets:
         _install(root, gm, target, sources)
     gm.graph = graph
@@ -82,29 +82,33 @@ def _instance_names(cls: type) -> frozenset:
 
 
 def _install(from_module: nn.Module, to_module: nn.Module, target: str,
-             sources: Optional[Dict[str, nn.Module]] = None) -> None:
+             sources: Optional[Dict[str, Tuple[nn.Module, nn.Module]]] = None) -> None:
     """fx's ``_copy_attr(from_module, to_module, target)``: empty ``nn.Module`` containers where ``to_module``
     has none yet, then the target's value (a tensor that is not a Parameter as a buffer, persistent as in
     ``from_module``). Container atoms are read from the modules' ``_modules`` dicts where that is what
     ``getattr`` would return; anything else goes through ``getattr``/``setattr`` as in fx. ``sources``: the
-    containers of ``from_module`` found by earlier calls, by path (installing never changes ``from_module``)."""
+    containers earlier calls walked through, by path: (``from_module``'s, ``to_module``'s); installing never
+    changes ``from_module``, and ``to_module``'s is used while it is still the registered child there."""
     *prefix, field = target.split(".")
     path = ""
     for item in prefix:
         path = f"{path}.{item}" if path else item
-        f = sources.get(path) if sources is not None else None
+        hit = sources.get(path) if sources is not None else None
+        if hit is not None and item not in to_module.__dict__ and to_module._modules.get(item) is hit[1]:
+            from_module, to_module = hit
+            continue
+        f = _child(from_module, item)
         if f is None:
-            f = _child(from_module, item)
-            if f is None:
-                f = getattr(from_module, item)  # as fx: raises for a missing atom, None for a None child
-            if sources is not None and f is not None and from_module._modules.get(item) is f:
-                sources[path] = f  # a registered child (a property could make a new object each time)
+            f = getattr(from_module, item)  # as fx: raises for a missing atom, None for a None child
         t = _child(to_module, item)
         if f is t:  # a parent already installed: its children came with it
             return
         if t is None:
             t = nn.Module()
             setattr(to_module, item, t)
+        if sources is not None and f is not None and from_module._modules.get(item) is f and \
+                to_module._modules.get(item) is t and item not in to_module.__dict__:
+            sources[path] = (f, t)  # registered children (a property could make a new object each time)
         from_module, to_module = f, t
     orig = getattr(from_module, field)
     if isinstance(orig, torch.Tensor) and not isinstance(orig, nn.Parameter):
