@@ -112,15 +112,16 @@ def _groups(slot_units: Dict, roles: Dict, pinned: int) -> Tuple[Group, ...]:
     by_key = sorted(roles)  # plain tuple order; then the 'out' slots move to the front, each part still sorted
     ordered_keys = [k for k in by_key if roles[k][0] == "out"] + [k for k in by_key if roles[k][0] != "out"]
     rank = {k: i for i, k in enumerate(ordered_keys)}
+    ranks = [[rank[k] for k in keys] for keys in classes]  # sorting ints beats sorting keys by a key function
     has_out = [any(roles[k][0] == "out" for k in keys) for keys in classes]
     first_index = np.zeros(int(units.max()) + 1 if units.size else 0, dtype=np.int64)  # scratch, reused per group
     for members, unit_ids in _same_slot_sets(units, slots_of, len(reps), pinned):
         members = members.tolist()
         if not any(has_out[i] for i in members):
             continue
-        keys = [k for i in members for k in classes[i]]
-        keys.sort(key=rank.__getitem__)
-        ordered = tuple(keys)
+        order = [r for i in members for r in ranks[i]]
+        order.sort()
+        ordered = tuple([ordered_keys[r] for r in order])
         root = ordered[0]
         groups.append(Group(f"{roles[root][1]}:{root[1]}" if root[1] else roles[root][1],
                             tuple(_in_slot_order(unit_ids, slot_units[root], first_index).tolist()), ordered))
