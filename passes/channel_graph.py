@@ -58,6 +58,7 @@ class _Analyzer:
         self.module = gm
         self.submodules = submodules  # `modules_by_name(gm)`: a shared module under every name
         self.values = values
+        self._value_of = lambda a: values[a.name]  # noqa: E731 (one closure for the run, not two a node)
         self.store = Store(aliases=aliases)
         self.planes: Dict[str, Any] = {}
         self.shapes: Dict[str, Any] = {}
@@ -73,8 +74,8 @@ class _Analyzer:
             return ()
         if n.op == "get_attr":
             return self._param_planes(n, value)
-        args = fx.node.map_arg(n.args, lambda a: self.values[a.name])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.values[a.name]) if n.kwargs else {}
+        args = fx.node.map_arg(n.args, self._value_of)
+        kwargs = fx.node.map_arg(n.kwargs, self._value_of) if n.kwargs else {}
         module = self.submodules[n.target] if n.op == "call_module" else None
         call = Call(n, self.store, self.module, tuple(args), dict(kwargs), _labels_of(n.args, self.planes),
                     _labels_of(n.kwargs, self.planes) if n.kwargs else {}, value, module)

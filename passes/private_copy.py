@@ -105,12 +105,7 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
         # itself its own way: then deepcopy decides.
         return _copy_module(value, memo) if _plain_class(kind) else copy.deepcopy(value, memo)
     if kind is OrderedDict or kind is dict:
-        new = kind()
-        memo[id(value)] = new
-        for k, v in value.items():  # parameter and buffer dicts: their tensors are in memo already
-            found = memo.get(id(v))
-            new[k] = found if found is not None else _copy_value(v, memo)
-        return new
+        return _copy_dict(value, kind, memo)
     if kind is list:
         new = []
         memo[id(value)] = new
@@ -122,6 +117,16 @@ def _copy_value(value: Any, memo: Dict[int, Any]) -> Any:
         items = [_copy_value(v, memo) for v in value]
         return value if all(a is b for a, b in zip(items, value)) else tuple(items)
     return copy.deepcopy(value, memo)
+
+
+def _copy_dict(value: dict, kind: type, memo: Dict[int, Any]) -> dict:
+    """A copy of a dict or OrderedDict (``kind``) not in ``memo`` yet, its values copied."""
+    new = kind()
+    memo[id(value)] = new
+    for k, v in value.items():  # parameter and buffer dicts: their tensors are in memo already
+        found = memo.get(id(v))
+        new[k] = found if found is not None else _copy_value(v, memo)
+    return new
 
 
 def _copy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
@@ -139,6 +144,9 @@ def _copy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
             state[key] = kind()  # hook dicts, _non_persistent_buffers_set
         elif kind is tuple and all(type(e) in _SHARED_TYPES for e in v):  # kernel sizes, strides, paddings:
             state[key] = v  # deepcopy returns a tuple of shared values itself
+        elif kind is dict or kind is OrderedDict:  # parameters, buffers, children: `_copy_value`'s dict case
+            found = memo.get(id(v))
+            state[key] = found if found is not None else _copy_dict(v, kind, memo)
         else:
             state[key] = _copy_value(v, memo)
     if _PLAIN_SETSTATE and type(new).__setstate__ is _MODULE_SETSTATE and _SETSTATE_KEYS <= state.keys():
