@@ -38,7 +38,7 @@ ENV_VAR = "OBAFX_MODELS"
 RECIPES: Dict[str, Dict[str, Any]] = {
     "resnet20": dict(epochs=9, optimizer="sgd", lr=0.1, weight_decay=5e-4, warmup=0.03, channels_last=True),
     "vgg_bn": dict(epochs=8, optimizer="sgd", lr=0.05, weight_decay=5e-4, warmup=0.03, channels_last=True),
-    "vit_tiny": dict(epochs=7, optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup=0.1),
+    "vit_tiny": dict(epochs=10, optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup=0.1),
 }
 BATCH_SIZE = 128
 PAD = 4
