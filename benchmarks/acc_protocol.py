@@ -27,20 +27,22 @@ from obafx.passes.macs import param_count, thop_macs
 
 import acc_tp
 
-# method -> (family, compile_prune keyword arguments; rank is explicit so that a row keeps its meaning when the
-# library's defaults change). The family decides which rows get fine-tuned when not every
+# method -> (family, compile_prune keyword arguments; rank and OBA's unit_sum are explicit so that a row keeps its
+# meaning when the library's defaults change). The family decides which rows get fine-tuned when not every
 # row can be (the best of each family per cell).
 METHODS: Dict[str, tuple] = {
     "oba_default": ("OBA", dict(importance="oba")),  # whatever the library's defaults are at the run's commit
-    "oba_residual": ("OBA", dict(importance="oba", mode="residual", rank="score")),
-    "oba_full": ("OBA", dict(importance="oba", mode="full", rank="score")),
-    "oba_residual_train": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score")),
+    "oba_residual": ("OBA", dict(importance="oba", mode="residual", rank="score", unit_sum="signed")),
+    "oba_full": ("OBA", dict(importance="oba", mode="full", rank="score", unit_sum="signed")),
+    "oba_residual_train": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score",
+                                       unit_sum="signed")),
     "oba_group": ("OBA", dict(importance="oba_group", mode="residual", rank="score")),
-    "oba_residual_permac": ("OBA", dict(importance="oba", mode="residual", rank="per_mac")),
+    "oba_residual_permac": ("OBA", dict(importance="oba", mode="residual", rank="per_mac", unit_sum="signed")),
     # within-group mean normalisation, as Torch-Pruning's criteria do (its Taylor ranks channels steadily)
-    "oba_residual_mean": ("OBA", dict(importance="oba", mode="residual", rank="score", normalizer="mean")),
+    "oba_residual_mean": ("OBA", dict(importance="oba", mode="residual", rank="score", normalizer="mean",
+                                      unit_sum="signed")),
     "oba_residual_train_mean": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score",
-                                            normalizer="mean")),
+                                            normalizer="mean", unit_sum="signed")),
     "magnitude": ("magnitude", dict(importance="magnitude")),
     "taylor": ("Taylor", dict(importance="taylor")),
     "taylor_permac": ("Taylor", dict(importance="taylor", rank="per_mac")),  # the control for OBA's per-MAC ranking

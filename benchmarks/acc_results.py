@@ -60,7 +60,7 @@ def best_per_family(summary: List[Dict[str, Any]], field: str = "acc_pruned") ->
     return {k: s["method"] for k, s in best.items()}
 
 
-DEFAULT_METHODS = ("oba_default", "oba_residual_permac")  # the library's default OBA configuration (same kwargs)
+DEFAULT_METHODS = ("oba_default", "oba_residual_permac_abs")  # the library's default OBA configuration (same kwargs)
 COLUMNS = ("acc_pruned", "acc_finetuned")
 
 

@@ -20,7 +20,7 @@ from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
 from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import criterion, needs_data, resolve_rank
+from obafx.passes.importance import criterion, needs_data, resolve_rank, resolve_unit_sum
 from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import unit_costs
@@ -42,7 +42,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: Optional[str] = None,
                   probes: int = 1, capture: str = "auto", counter: Optional[str] = None,
                   uniform: bool = False, keep_widths: Iterable[str] = (),
-                  keep_narrow: bool = False, unit_sum: str = "signed") -> fx.GraphModule:
+                  keep_narrow: bool = False, unit_sum: Optional[str] = None) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
 
     Budget: ``macs`` = fraction of the original MACs (``counter``, on ``example_input``) to keep, or ``channels`` =
@@ -68,14 +68,16 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
     None (raw scores comparable across groups: a unit's total over all its slices, in loss units for the
     data-driven criteria, e.g. |g_uᵀθ_u| for Taylor).
-    ``rank``: None (default) = "per_mac" for importance="oba", "score" for every other criterion; "score" ranks units by (normalised) score; "per_mac" by RAW score divided by what removing the
+    ``rank``: None (default) = "per_mac" for importance="oba", "score" for every other criterion; "score" ranks
+    units by (normalised) score; "per_mac" by RAW score divided by what removing the
     unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
     ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
-    over a unit's slices: "signed" (default, OBA.md section 3: |Σ s_i|, for Taylor the loss change |g_uᵀθ_u| of
-    removing the unit) or "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: no cancellation inside a unit, so less
-    noise from a small calibration set, but no longer the loss change of the unit as a whole).
+    over a unit's slices: "signed" (OBA.md section 3: |Σ s_i|, for Taylor the loss change |g_uᵀθ_u| of removing
+    the unit) or "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
+    calibration set ranks far more steadily; benchmarks/score_noise.py). None (default) = "abs" for
+    importance="oba", "signed" for the other criteria.
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
     (passes/capture.py). ``counter``: what counts MACs, "thop" (module hooks) or "flops" (torch's FlopCounterMode:
@@ -103,6 +105,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     steps, ignore, leaf_modules = check_args(steps, ignore, leaf_modules)
     rank = resolve_rank(rank, importance)
     check_options(normalizer, rank, probes, recalibrate, data)
+    unit_sum = resolve_unit_sum(unit_sum, importance)
     check_unit_sum(unit_sum, importance)
     if latency is None and latency_options is not None:
         raise ConfigError("latency_options= is given without latency=. What to do: ask for a latency budget, e.g. "

@@ -9,8 +9,10 @@ any score, then divide by the group's maximum so that all groups rank together u
 rank="per_mac"), so they are the unit's TOTAL: |Σ over all its slices|, not the mean over members (a member
 mean would make a unit with many members, e.g. a residual-stream channel read by many layers, look several
 times cheaper than it is). For the data-driven criteria that total is in the loss's units: for Taylor it is the
-first-order loss change of removing the unit, |g_uᵀθ_u|; for OBA |θ_uᵀ(Mθ)|; OBD and Fisher sum ½θ²·curvature.
-The group-exact "oba_group" score is a loss change per unit by construction. Magnitude scores are weight norms.
+first-order loss change of removing the unit, |g_uᵀθ_u|; for OBA |θ_uᵀ(Mθ)|; OBD and Fisher sum
+½θ²·curvature. The group-exact "oba_group" score is a loss change per unit by construction. Magnitude scores are
+weight norms. ``unit_sum="abs"`` (OBA's default) sums |s_i| instead of s_i: an upper bound of that loss change
+that does not cancel, so it does not swing with the calibration images (benchmarks/score_noise.py).
 """
 from __future__ import annotations
 
@@ -173,14 +175,16 @@ def _oba_group(model, coupling, ctx):
 class Criterion:
     """One importance criterion: ``units(model, coupling, ctx) -> {unit: score}``; ``parameters(model, batches,
     ctx, **kw) -> {name: tensor}`` its per-parameter scores (None: it has none, e.g. magnitude's are not
-    data-driven, oba_group's are per unit); ``needs_data``: scored on calibration batches; ``default_rank``: the
-    ranking compile_prune uses when the caller gives none (see ``resolve_rank``)."""
+    data-driven, oba_group's are per unit); ``needs_data``: scored on calibration batches; ``default_rank`` and
+    ``default_unit_sum``: the ranking and the unit sum compile_prune uses when the caller gives none (see
+    ``resolve_rank``, ``resolve_unit_sum``)."""
 
     name: str
     units: Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]
     parameters: Optional[Callable[..., Dict[str, torch.Tensor]]] = None
     needs_data: bool = False
     default_rank: str = "score"
+    default_unit_sum: str = "signed"
 
 
 def _data_criterion(name: str, parameters: Callable) -> Criterion:
@@ -191,9 +195,10 @@ def _data_criterion(name: str, parameters: Callable) -> Criterion:
 REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", _magnitude),
     Criterion("random", _random),
-    # OBA's scores are loss changes, comparable across groups: ranked per MAC saved by default (the configuration
-    # the accuracy benchmark supports; README, accuracy section).
-    replace(_data_criterion("oba", _oba_parameters), default_rank="per_mac"),
+    # OBA's defaults are the configuration the accuracy benchmark supports (README, accuracy section): per-parameter
+    # magnitudes summed per unit (the signed sum is mostly calibration noise at a converged model:
+    # benchmarks/score_noise.py), ranked per MAC saved.
+    replace(_data_criterion("oba", _oba_parameters), default_rank="per_mac", default_unit_sum="abs"),
     Criterion("oba_group", _oba_group, None, True),
     *(_data_criterion(name, _baseline_parameters(name)) for name in ("taylor", "obd", "fisher")),
 )}
@@ -225,6 +230,15 @@ def resolve_rank(rank: Optional[str], importance: Any) -> str:
         return rank
     entry = criterion(importance)
     return entry.default_rank if entry is not None else getattr(importance, "default_rank", "score")
+
+
+def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
+    """How unit scores add up: ``unit_sum`` when given, else the criterion's default ("abs" for "oba", "signed"
+    for the others, and for callables unless they carry a ``default_unit_sum`` attribute)."""
+    if unit_sum is not None:
+        return unit_sum
+    entry = criterion(importance)
+    return entry.default_unit_sum if entry is not None else getattr(importance, "default_unit_sum", "signed")
 
 
 def needs_data(importance: Any) -> bool:

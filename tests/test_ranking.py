@@ -141,7 +141,7 @@ def test_bad_ranking_options_are_config_errors(kw, words):
 
 
 @pytest.mark.parametrize("importance, explicit", [
-    ("oba", dict(mode="residual", rank="per_mac")),  # the library default the accuracy benchmark supports
+    ("oba", dict(mode="residual", rank="per_mac", unit_sum="abs")),  # the library default the benchmark supports
     ("taylor", dict(rank="score")),
     ("magnitude", dict(rank="score")),
 ])
@@ -159,3 +159,19 @@ def test_the_default_ranking_is_the_criterions_own(importance, explicit):
         other = obafx.report(obafx.compile_prune(model, x, **kw, **flipped)).plan
     assert default == same
     assert default != other
+
+
+@pytest.mark.parametrize("importance, default_sum", [("oba", "abs"), ("taylor", "signed")])
+def test_the_default_unit_sum_is_the_criterions_own(importance, default_sum):
+    """unit_sum=None resolves per criterion: OBA sums per-parameter magnitudes (the benchmark's default), the
+    others keep the signed sum. The default's plan equals the explicit one's and differs from the other rule's."""
+    model, x, _ = wide()
+    data = [(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))) for _ in range(2)]
+    kw = dict(macs=0.5, importance=importance, data=data, verify=False)
+    other_sum = "signed" if default_sum == "abs" else "abs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plans = {s: obafx.report(obafx.compile_prune(model, x, **kw, **({} if s is None else dict(unit_sum=s)))).plan
+                 for s in (None, default_sum, other_sum)}
+    assert plans[None] == plans[default_sum]
+    assert plans[None] != plans[other_sum]

@@ -60,7 +60,9 @@ def main(args) -> int:
     lat = interleaved({"dense": model, "pruned": pruned}, example)
     thr = interleaved({"dense": model, "pruned": pruned}, torch.zeros(64, 1, 32, 32), rounds=3, reps=3)
     result = {
-        "model": "resnet20 (Fashion-MNIST, 32x32)", "importance": "oba (library default: residual H - G, ranked per MAC saved)", "steps": cfg["steps"],
+        "model": "resnet20 (Fashion-MNIST, 32x32)",
+        "importance": "oba (library default: residual H - G, per-parameter magnitudes summed per unit, ranked per "
+                      "MAC saved)", "steps": cfg["steps"],
         "accuracy_dense": acc_dense, "accuracy_pruned_recalibrated": acc_pruned, "accuracy_finetuned": acc_tuned,
         "params_dense": rep.params_before, "params_pruned": rep.params_after,
         "macs_dense": rep.macs_before, "macs_pruned": rep.macs_after, "macs_ratio": rep.macs_ratio,
