@@ -1,23 +1,15 @@
 """Smoke run of benchmarks/score_noise.py on a tiny setting, and its agreement measure on known inputs."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from obafx.bench.data import default_root
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_benchmark
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("score_noise_bench", ROOT / "benchmarks" / "score_noise.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("score_noise")
 
 
 def test_agreement_is_one_for_the_same_order_and_minus_one_for_the_reverse():

@@ -15,7 +15,7 @@ from obafx.passes.latency_blocks import detect_block, group_blocks, padded, prob
 from obafx.passes.latency_cache import cache_key, load_tables, store_tables
 from obafx.passes.latency_model import LatencyModel, LayerSpec, LayerTable, grid_widths, layer_specs
 from obafx.passes.select import select
-from tests.test_latency_budget import MacTimer, Net
+from tests.test_latency_budget import MacTimer, Net, hooked_seconds
 from tests.test_latency_model import _analysed
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -92,26 +92,17 @@ def block_timer(block):
     leaves' output elements (unpadded), 1e-9 s each: a blocked-kernel machine in miniature."""
     pad = lambda c: math.ceil(c / block) * block  # noqa: E731
 
+    def count(m, out):
+        total = 0.0
+        if isinstance(m, nn.Conv2d):
+            per_pixel = pad(m.out_channels) * (1 if m.groups > 1 else pad(m.in_channels))
+            total += out.numel() / m.out_channels * per_pixel * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += out.numel() / m.out_features * pad(m.out_features) * pad(m.in_features)
+        return total + (out.numel() if not list(m.children()) else 0)
+
     def timer(module, args):
-        total = [0.0]
-
-        def hook(m, inputs, out):
-            if isinstance(m, nn.Conv2d):
-                per_pixel = pad(m.out_channels) * (1 if m.groups > 1 else pad(m.in_channels))
-                total[0] += out.numel() / m.out_channels * per_pixel * m.kernel_size[0] * m.kernel_size[1]
-            elif isinstance(m, nn.Linear):
-                total[0] += out.numel() / m.out_features * pad(m.out_features) * pad(m.in_features)
-            if not list(m.children()):
-                total[0] += out.numel()
-
-        handles = [m.register_forward_hook(hook) for m in module.modules()]
-        try:
-            with torch.no_grad():
-                module(*args)
-        finally:
-            for h in handles:
-                h.remove()
-        return 1e-9 * total[0]
+        return hooked_seconds(module, args, count)
 
     timer.__qualname__ = f"block_timer({block})"
     return timer

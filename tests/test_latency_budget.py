@@ -29,6 +29,23 @@ class Net(nn.Module):
         return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
 
 
+def hooked_seconds(module, args, count) -> float:
+    """1e-9 x the sum of ``count(m, out)`` over every module's forward on one no-grad run of ``module(*args)``."""
+    total = [0.0]
+
+    def hook(m, inputs, out):
+        total[0] += count(m, out)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return 1e-9 * total[0]
+
+
 class MacTimer:
     """Seconds = 1e-9 x (MACs of every conv / linear + elements of every leaf's output, the element-wise work),
     counted with forward hooks on one run. Counts its calls, and which modules it timed."""
@@ -40,23 +57,12 @@ class MacTimer:
     def __call__(self, module, args):
         self.calls += 1
         self.timed.append(type(module).__name__)
-        total = [0.0]
 
-        def hook(m, inputs, out):
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                total[0] += out.numel() * fan_in
-            if not list(m.children()):
-                total[0] += out.numel()
+        def count(m, out):
+            macs = out.numel() * m.weight[0].numel() if isinstance(m, (nn.Conv2d, nn.Linear)) else 0
+            return macs + (out.numel() if not list(m.children()) else 0)
 
-        handles = [m.register_forward_hook(hook) for m in module.modules()]
-        try:
-            with torch.no_grad():
-                module(*args)
-        finally:
-            for h in handles:
-                h.remove()
-        return 1e-9 * total[0]
+        return hooked_seconds(module, args, count)
 
 
 def _opts(timer, tmp_path, **kw):

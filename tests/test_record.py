@@ -180,21 +180,24 @@ def test_named_tensors_lists_what_named_parameters_and_buffers_list():
     assert "1.weight" in dict(named_tensors(net)) and "3.unset" not in dict(named_tensors(net))
 
 
+class OwnWalk(nn.Module):
+    """A module whose own named_modules hides a child (``hidden``): walks must go its way."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.shown = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        yield prefix, self
+        yield (f"{prefix}.shown" if prefix else "shown"), self.shown
+
+
 def test_named_tensors_walks_like_named_modules():
     """Nested containers, a module shared under two names (listed under both), a None child, and a class with
     its own named_modules (its walk is used): the same list as named_parameters + named_buffers."""
     import torchvision
 
     from obafx.passes.trace import named_tensors
-
-    class OwnWalk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hidden, self.shown = nn.Linear(2, 2), nn.Linear(2, 2)
-
-        def named_modules(self, memo=None, prefix="", remove_duplicate=True):
-            yield prefix, self
-            yield (f"{prefix}.shown" if prefix else "shown"), self.shown
 
     shared = nn.BatchNorm1d(3)
     net = nn.Sequential(nn.Sequential(nn.Linear(3, 3), shared), nn.ModuleDict({"a": shared, "b": OwnWalk()}))
@@ -224,15 +227,6 @@ def test_module_list_is_modules():
     import torchvision
 
     from obafx.passes.tensors import module_list
-
-    class OwnWalk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hidden, self.shown = nn.Linear(2, 2), nn.Linear(2, 2)
-
-        def named_modules(self, memo=None, prefix="", remove_duplicate=True):
-            yield prefix, self
-            yield (f"{prefix}.shown" if prefix else "shown"), self.shown
 
     shared = nn.Sequential(nn.ReLU(), nn.Linear(2, 2))
     net = nn.Sequential(nn.Sequential(shared, nn.Linear(2, 2)), shared)
