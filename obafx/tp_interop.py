@@ -31,7 +31,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as tpf
 
 from obafx.distributed import local_parameter_scores, reduced_parameter_scores
-from obafx.passes.importance import parameter_criteria
+from obafx.passes.importance import UNIT_SUMS, parameter_criteria, resolve_unit_sum, summands
 from obafx.passes.errors import ConfigError
 from obafx.passes.facts import ScoreContext
 from obafx.passes.hvp import DEFAULT_MODE
@@ -53,7 +53,8 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
     ``obafx.passes.hvp.parameter_scores``; ``seed``: OBD's Hutchinson probes; ``normalizer``: "max" (OBA's; a group of all-zero scores stays zero)
     or any Torch-Pruning normalizer; ``model``: the model to score (default: the group's dependency graph's
     model); ``distributed``: all-reduce the scores over torch.distributed ranks (each rank passes its shard);
-    ``criterion_kw``: extra keywords of the criterion function (e.g. ``diagonal="exact"`` for OBD).
+    ``criterion_kw``: extra keywords of the criterion function (e.g. ``diagonal="exact"`` for OBD);
+    ``unit_sum``: "signed" or "abs" (see compile_prune; None = the criterion's default: "abs" for OBA).
     Call: ``imp(group) -> Tensor`` (float64, one score per root channel) or None for a group without any
     scored layer. ``computations`` counts score recomputations; ``history`` holds each one's parameter shapes.
     """
@@ -62,7 +63,7 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
                  loss_fn: Optional[Callable] = None, *, mode: str = DEFAULT_MODE, delta: float = 0.0,
                  train: bool = False, normalizer: Any = "max", model: Optional[nn.Module] = None,
                  chunk_size: Optional[int] = None, progress: bool = False, seed: int = 0, distributed: bool = False,
-                 **criterion_kw):
+                 unit_sum: Optional[str] = None, **criterion_kw):
         if criterion not in parameter_criteria():
             raise ConfigError(f"criterion={criterion!r}. What to do: use one of {parameter_criteria()} (Torch-"
                               f"Pruning's own GroupMagnitudeImportance/RandomImportance cover the data-free ones)")
@@ -70,6 +71,9 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
             raise ConfigError(f"the {criterion} importance needs calibration data. What to do: pass batches=[(x, y), "
                               f"...] or a callable returning the batches of the next pruning step")
         self.criterion, self.batches, self.model = criterion, batches, model
+        self.unit_sum = resolve_unit_sum(unit_sum, criterion)
+        if self.unit_sum not in UNIT_SUMS:
+            raise ConfigError(f"unit_sum={unit_sum!r}. What to do: use one of {UNIT_SUMS}.")
         self.ctx = ScoreContext(loss_fn=loss_fn, mode=mode, delta=delta, train=train, seed=seed, progress=progress,
                                 chunk_size=chunk_size)
         self.normalizer, self.distributed, self.criterion_kw = normalizer, distributed, criterion_kw
@@ -98,7 +102,7 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
         params = list(model.named_parameters())
         key = tuple((n, id(p), tuple(p.shape), p.data_ptr(), p._version) for n, p in params)
         if key != self._key:
-            scores = self.parameter_scores(model)
+            scores = summands(self.parameter_scores(model), self.unit_sum)
             found = dict(params)
             self._by_param = {id(found[n]): s.detach().to(torch.float64) for n, s in scores.items()}
             self._key = key

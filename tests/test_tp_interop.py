@@ -13,7 +13,7 @@ from torch_pruning.pruner import function as tpf
 from obafx.passes.channel_graph import analyze
 from obafx.passes.coupling import couple
 from obafx.passes.hvp import parameter_scores
-from obafx.passes.importance import aggregate
+from obafx.passes.importance import aggregate, summands
 from obafx.passes.trace import trace
 from obafx.tp_interop import CriterionImportance, OBAImportance, member_vector
 
@@ -62,11 +62,12 @@ def scored():
     return model, batches, parameter_scores(model, batches)
 
 
-def test_group_scores_equal_obafx_aggregate(scored):
+@pytest.mark.parametrize("unit_sum", [None, "signed"])  # None: OBA's default, "abs"
+def test_group_scores_equal_obafx_aggregate(scored, unit_sum):
     model, batches, ps = scored
-    imp = OBAImportance(batches)
+    imp = OBAImportance(batches, unit_sum=unit_sum)
     coupling = couple(analyze(trace(model, batches[0][0])))
-    units = aggregate(coupling, ps)
+    units = aggregate(coupling, summands(ps, unit_sum or "abs"))
     roots = groups_by_root(model, batches[0][0])
     # each TP group's root channels, and the obafx parameter slot that names the same channels
     cases = [(model.conv1, "conv1.weight", 4), (model.bn1, "conv1.weight", 4), (model.conv2, "conv2.weight", 5),
@@ -123,6 +124,23 @@ def test_taylor_equals_torch_pruning_taylor_on_unflattened_groups():
     for root in (model.conv1, model.fc1):  # flatten groups differ by design: TP takes |.| per column
         got, want = ours(roots[root]), peer(roots[root])
         assert torch.allclose(got.float(), want, rtol=1e-4), (root, got, want)
+
+
+def test_abs_taylor_equals_torch_pruning_default_taylor():
+    """Differential against a peer: unit_sum="abs" is Torch-Pruning's default Taylor rule (Σ |θ·g| per member,
+    mean over members, mean-normalised); the signed sum is not."""
+    model, batches = setup(bias=False, n_batches=1)
+    x, y = batches[0]
+    roots = groups_by_root(model, x)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    peer = tp.importance.GroupTaylorImportance(multivariable=False, normalizer="mean")
+    ours = {s: CriterionImportance("taylor", batches, normalizer="mean", unit_sum=s) for s in ("abs", "signed")}
+    for root in (model.conv1, model.fc1):
+        want = peer(roots[root])
+        assert torch.allclose(ours["abs"](roots[root]).float(), want, rtol=1e-4), root
+        assert not torch.allclose(ours["signed"](roots[root]).float(), want, rtol=1e-4), root
+    assert CriterionImportance("oba", batches).unit_sum == "abs" and ours["signed"].unit_sum == "signed"
 
 
 def test_meta_pruner_rescores_each_step_and_reduces_macs():
