@@ -27,8 +27,8 @@ from obafx.passes.ranking import unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
 from obafx.passes.uniform import uniform_coupling, without_kept
 from obafx.report import attach
-from obafx.steps import (build_report, check_args, check_options, check_unit_sum, fit, fit_latency,
-                         measure_original, select_channels, unstructured)
+from obafx.steps import (build_report, check_args, check_options, fit, fit_latency, measure_original,
+                         select_channels, unstructured)
 
 
 def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float] = None,
@@ -106,7 +106,6 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     rank = resolve_rank(rank, importance)
     check_options(normalizer, rank, probes, recalibrate, data)
     unit_sum = resolve_unit_sum(unit_sum, importance)
-    check_unit_sum(unit_sum, importance)
     if latency is None and latency_options is not None:
         raise ConfigError("latency_options= is given without latency=. What to do: ask for a latency budget, e.g. "
                           "latency='2x', or drop latency_options=.")

@@ -256,7 +256,7 @@ def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tup
     """Each distinct layer's seconds on its grid of widths (signature -> table), one tqdm bar over all points.
     Each prunable dim is first probed for a kernel block (``opts.blocks``); its grid then sits on block edges."""
     jobs = {s.signature(): s for s in specs}
-    probes = sum(len(probe_widths(w, opts.blocks)) for s in jobs.values() for w, _ in _dims(s))
+    probes = sum(len(probe_widths(w, opts.blocks)) for s in jobs.values() for _, w, _ in s.prunable_dims())
     grid = sum(_count(s, opts.grid) for s in jobs.values())
     bar = tqdm(total=probes + grid, desc="obafx layer latency grid", disable=not opts.progress, leave=False)
     tables = {}
@@ -269,7 +269,8 @@ def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tup
 
     with threads(opts.threads), bar:
         for sig, spec in jobs.items():
-            blocks = {side: detect_block(w, opts.blocks, _along(seconds, spec, side)) for w, side in _dims(spec)}
+            blocks = {side: detect_block(w, opts.blocks, _along(seconds, spec, side))
+                      for side, w, _ in spec.prunable_dims()}
             in_block, out_block = blocks.get("in", 1), blocks.get("out", 1)
             ins, outs = _points(spec, opts.grid, in_block, out_block)
             bar.total += len(ins) * len(outs) - _count(spec, opts.grid)  # edges can merge grid points
@@ -281,12 +282,6 @@ def measure_tables(specs: Sequence[LayerSpec], opts: LatencyOptions, inputs: Tup
 def _count(spec: LayerSpec, grid: Sequence[float]) -> int:
     ins, outs = _points(spec, grid)
     return len(ins) * len(outs)
-
-
-def _dims(spec: LayerSpec) -> Tuple[Tuple[int, str], ...]:
-    """The prunable dims of a layer as (width, "in" / "out"); a tied (depthwise) layer has only its out dim."""
-    dims = ((spec.out_width, "out"),) if spec.out_slot is not None else ()
-    return dims + (((spec.in_width, "in"),) if spec.in_slot is not None and not spec.tied else ())
 
 
 def _along(seconds: Callable[[LayerSpec, int, int], float], spec: LayerSpec, side: str) -> Callable[[int], float]:

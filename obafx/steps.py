@@ -17,7 +17,7 @@ from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError, ObafxError
 from obafx.passes.facts import Budget, PrunePlan, Traced
 from obafx.passes.fit import TOLERANCE, fit_budget
-from obafx.passes.importance import NORMALIZERS, UNIT_SUMS, criterion
+from obafx.passes.importance import NORMALIZERS
 from obafx.passes.macs import param_count
 from obafx.report import Report, input_spec
 from obafx.stages import stage
@@ -47,16 +47,6 @@ def check_options(normalizer, rank, probes, recalibrate, data) -> None:
         raise ConfigError(f"recalibrate={recalibrate!r}. What to do: pass None (automatic), True or False.")
     if recalibrate and data is None:
         raise ConfigError("recalibrate=True needs calibration batches. What to do: pass data=<iterable of batches>.")
-
-
-def check_unit_sum(unit_sum, importance) -> None:
-    """unit_sum= is "signed" or "abs", and "abs" only for a criterion built from per-parameter scores."""
-    if unit_sum not in UNIT_SUMS:
-        raise ConfigError(f"unit_sum={unit_sum!r}. What to do: use one of {UNIT_SUMS}.")
-    entry = criterion(importance)  # None for a callable: it reads ctx.unit_sum itself if it cares
-    if unit_sum == "abs" and entry is not None and entry.parameters is None:
-        raise ConfigError(f"unit_sum='abs' sums per-parameter scores, and importance={importance!r} has none. What "
-                          "to do: use it with 'oba', 'taylor', 'obd' or 'fisher', or leave unit_sum='signed'.")
 
 
 def unstructured(model, example_input, sparsity, importance, data, loss_fn, mode, delta, train, leaf_modules,

@@ -31,7 +31,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as tpf
 
 from obafx.distributed import local_parameter_scores, reduced_parameter_scores
-from obafx.passes.importance import UNIT_SUMS, parameter_criteria, resolve_unit_sum, summands
+from obafx.passes.importance import parameter_criteria, resolve_unit_sum, summands
 from obafx.passes.errors import ConfigError
 from obafx.passes.facts import ScoreContext
 from obafx.passes.hvp import DEFAULT_MODE
@@ -72,8 +72,6 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
                               f"...] or a callable returning the batches of the next pruning step")
         self.criterion, self.batches, self.model = criterion, batches, model
         self.unit_sum = resolve_unit_sum(unit_sum, criterion)
-        if self.unit_sum not in UNIT_SUMS:
-            raise ConfigError(f"unit_sum={unit_sum!r}. What to do: use one of {UNIT_SUMS}.")
         self.ctx = ScoreContext(loss_fn=loss_fn, mode=mode, delta=delta, train=train, seed=seed, progress=progress,
                                 chunk_size=chunk_size)
         self.normalizer, self.distributed, self.criterion_kw = normalizer, distributed, criterion_kw

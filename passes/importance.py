@@ -234,11 +234,18 @@ def resolve_rank(rank: Optional[str], importance: Any) -> str:
 
 def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
     """How unit scores add up: ``unit_sum`` when given, else the criterion's default ("abs" for "oba", "signed"
-    for the others, and for callables unless they carry a ``default_unit_sum`` attribute)."""
-    if unit_sum is not None:
-        return unit_sum
+    for the others, and for callables unless they carry a ``default_unit_sum`` attribute). ConfigError for a
+    value that is not in UNIT_SUMS, or "abs" for a criterion without per-parameter scores (a callable reads
+    ctx.unit_sum itself if it cares)."""
     entry = criterion(importance)
-    return entry.default_unit_sum if entry is not None else getattr(importance, "default_unit_sum", "signed")
+    if unit_sum is None:
+        return entry.default_unit_sum if entry is not None else getattr(importance, "default_unit_sum", "signed")
+    if unit_sum not in UNIT_SUMS:
+        raise ConfigError(f"unit_sum={unit_sum!r}. What to do: use one of {UNIT_SUMS}.")
+    if unit_sum == "abs" and entry is not None and entry.parameters is None:
+        raise ConfigError(f"unit_sum='abs' sums per-parameter scores, and importance={importance!r} has none. What "
+                          "to do: use it with 'oba', 'taylor', 'obd' or 'fisher', or leave unit_sum='signed'.")
+    return unit_sum
 
 
 def needs_data(importance: Any) -> bool:

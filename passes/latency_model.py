@@ -45,6 +45,12 @@ class LayerSpec:
     out_slot: Optional[Slot]
     tied: bool = False
 
+    def prunable_dims(self) -> Tuple[Tuple[str, int, Slot], ...]:
+        """The dims whose width pruning changes, as ("out" / "in", dense width, slot); a tied (depthwise) layer's
+        in width follows its out width, so only its out dim counts."""
+        dims = (("out", self.out_width, self.out_slot),) if self.out_slot is not None else ()
+        return dims + ((("in", self.in_width, self.in_slot),) if self.in_slot is not None and not self.tied else ())
+
     def signature(self) -> str:
         """What the layer's latency depends on (not its name): the cache key of its table."""
         return (f"{self.kind}|in={self.in_width}|out={self.out_width}|x={list(self.input_shape)}"
@@ -216,10 +222,8 @@ class LatencyModel:
         dims = []
         for spec, table in zip(self.specs, self.tables):
             dense = table.at(spec.in_width, spec.out_width)
-            if spec.out_slot is not None:
-                dims.append((self._slots[spec.out_slot], table.out_block, dense))
-            if spec.in_slot is not None and not spec.tied:
-                dims.append((self._slots[spec.in_slot], table.in_block, dense))
+            for side, _, slot in spec.prunable_dims():
+                dims.append((self._slots[slot], table.out_block if side == "out" else table.in_block, dense))
         return group_blocks(unit_group, dims)
 
     def layer_seconds(self) -> float:
