@@ -54,6 +54,7 @@ METHODS: Dict[str, tuple] = {
                                      unit_sum="abs")),
     "oba_full_abs": ("OBA", dict(importance="oba", mode="full", rank="score", normalizer="mean", unit_sum="abs")),
     "oba_residual_permac_abs": ("OBA", dict(importance="oba", mode="residual", rank="per_mac", unit_sum="abs")),
+    "oba_residual_permac_member": ("OBA", dict(importance="oba", mode="residual", rank="per_mac", unit_sum="member")),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),

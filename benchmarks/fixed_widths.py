@@ -7,7 +7,8 @@ The accuracy table mixes two things a criterion decides: how many units each gro
 ones (selection). This benchmark fixes the allocation (every coupled group keeps the same fraction, rounded down,
 at least one unit) so that only the selection differs. Protocol, per (model, keep fraction, seed): the committed
 dense model; unit scores of each criterion from one set of 8 calibration batches of 64 training images (the
-accuracy benchmark's step-0 set for that seed: one pruning step's data), unnormalised; in every group the
+accuracy benchmark's step-0 set for that seed: one pruning step's data), unnormalised unless the criterion
+says (a per-group scale does not change which units of a group are lowest); in every group the
 lowest-scored units removed in one shot (obafx's rewrite, a physically smaller model); BatchNorm recalibrated
 (the accuracy benchmark's 20 batches of 128); accuracy on the whole test set. No fine-tuning. ``random`` draws
 the units with the seed.
@@ -45,6 +46,12 @@ CRITERIA = {
     "taylor abs": ("taylor", dict(unit_sum="abs")),
     "oba residual signed": ("oba", dict(mode="residual", unit_sum="signed")),
     "oba residual abs (default)": ("oba", dict(mode="residual", unit_sum="abs")),
+    # |unit sum| on each batch, averaged over the batches: E_b|θ_uᵀ g_u(b)| (Molchanov et al.'s order of abs and mean)
+    # the library's reduce under a per-group normaliser: mean over the unit's members of each member's |slice sum|
+    "taylor member-abs": ("taylor", dict(unit_sum="signed", normalizer="max")),
+    "oba residual member-abs": ("oba", dict(mode="residual", unit_sum="signed", normalizer="max")),
+    "taylor batch-abs": ("taylor", dict(unit_sum="signed", per_batch=True)),
+    "oba residual batch-abs": ("oba", dict(mode="residual", unit_sum="signed", per_batch=True)),
 }
 
 
@@ -54,7 +61,12 @@ def unit_scores(gm, coupling, criterion, batches, seed: int) -> Dict[int, float]
         rng = np.random.default_rng(seed)
         return {u: float(rng.random()) for g in coupling.groups for u in g.units}
     importance, options = criterion
-    return REGISTRY[importance].units(gm, coupling, ScoreContext(batches, normalizer=None, **options))
+    options = dict(options)
+    if options.pop("per_batch", False):  # the mean over batches of each batch's own |unit sum|
+        per_batch = [REGISTRY[importance].units(gm, coupling, ScoreContext([b], **{"normalizer": None, **options}))
+                     for b in batches]
+        return {u: float(np.mean([s[u] for s in per_batch])) for u in per_batch[0]}
+    return REGISTRY[importance].units(gm, coupling, ScoreContext(batches, **{"normalizer": None, **options}))
 
 
 def lowest_per_group(coupling, scores: Dict[int, float], keep: float) -> Set[int]:
@@ -106,10 +118,14 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="vgg_bn,resnet20")
     p.add_argument("--keep", default="0.7,0.5", help="fraction of every group's units to keep")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--criteria", default=None, help="comma-separated subset of CRITERIA (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fixed_widths.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.criteria:
+        global CRITERIA
+        CRITERIA = {k: CRITERIA[k] for k in args.criteria.split(",")}
     train_loader, test_loader = fmnist.loaders(batch_size=128)
     keeps = [float(k) for k in args.keep.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

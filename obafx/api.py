@@ -76,7 +76,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
     over a unit's slices: "signed" (OBA.md section 3: |Σ s_i|, for Taylor the loss change |g_uᵀθ_u| of removing
     the unit) or "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
-    calibration set ranks far more steadily; benchmarks/score_noise.py). None (default) = "abs" for
+    calibration set ranks far more steadily; benchmarks/score_noise.py) or "member" (each member's slice summed
+    with its signs, the members' magnitudes added: Σ_m |Σ_{i∈m} s_i|). None (default) = "abs" for
     importance="oba", "signed" for the other criteria.
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"

@@ -234,7 +234,7 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
             same_seed = dataclasses.replace(ctx, seed=_rank0_seed(ctx.seed, group))
             return REGISTRY["random"].units(model, coupling, same_seed)
         scores = reduced_parameter_scores(criterion, model, ctx.batches, ctx, group, **criterion_kw)
-        return aggregate(coupling, summands(scores, ctx.unit_sum), normalizer=ctx.normalizer)
+        return aggregate(coupling, summands(scores, ctx.unit_sum), normalizer=ctx.normalizer, unit_sum=ctx.unit_sum)
 
     importance.__name__ = f"{criterion} (distributed)"
     importance.needs_data = REGISTRY[criterion].needs_data  # for compile_prune's "no data" warning

@@ -54,7 +54,8 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
     or any Torch-Pruning normalizer; ``model``: the model to score (default: the group's dependency graph's
     model); ``distributed``: all-reduce the scores over torch.distributed ranks (each rank passes its shard);
     ``criterion_kw``: extra keywords of the criterion function (e.g. ``diagonal="exact"`` for OBD);
-    ``unit_sum``: "signed" or "abs" (see compile_prune; None = the criterion's default: "abs" for OBA).
+    ``unit_sum``: "signed", "abs" or "member" (see compile_prune; None = the criterion's default: "abs" for OBA;
+    Torch-Pruning's groups are always averaged over members of |member sum|, so "member" ranks as "signed" here).
     Call: ``imp(group) -> Tensor`` (float64, one score per root channel) or None for a group without any
     scored layer. ``computations`` counts score recomputations; ``history`` holds each one's parameter shapes.
     """

@@ -187,7 +187,7 @@ class ScoreContext:
     chunk_size: Optional[int] = None
     normalizer: Optional[str] = "max"
     probes: int = 1
-    unit_sum: str = "signed"  # how a unit's parameter scores add up: "signed" |Σ s_i| or "abs" Σ |s_i|
+    unit_sum: str = "signed"  # how a unit's parameter scores add up: "signed" |Σ s_i|, "abs" Σ |s_i|, "member"
 
 
 @dataclass(frozen=True)

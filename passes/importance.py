@@ -11,8 +11,14 @@ mean would make a unit with many members, e.g. a residual-stream channel read by
 times cheaper than it is). For the data-driven criteria that total is in the loss's units: for Taylor it is the
 first-order loss change of removing the unit, |g_uᵀθ_u|; for OBA |θ_uᵀ(Mθ)|; OBD and Fisher sum
 ½θ²·curvature. The group-exact "oba_group" score is a loss change per unit by construction. Magnitude scores are
-weight norms. ``unit_sum="abs"`` (OBA's default) sums |s_i| instead of s_i: an upper bound of that loss change
-that does not cancel, so it does not swing with the calibration images (benchmarks/score_noise.py).
+weight norms. ``unit_sum="abs"`` sums |s_i| instead of s_i: an upper bound of that loss change that does not
+cancel, so it does not swing with the calibration images (benchmarks/score_noise.py). ``unit_sum="member"`` sits
+between the two: each member's slice is summed with its signs (a layer's rows with its bias,
+a layer's columns, a norm's weight), and the members' magnitudes are added. Each member alone removes the unit
+(zeroing a conv's rows, or the next layer's columns, silences the channel), so its signed sum is a first-order
+estimate of that removal's loss change; adding magnitudes lets those estimates reinforce instead of cancel, while
+nothing inside a slice is taken apart (benchmarks/fixed_widths.py: it picks better channels than "abs" at equal
+widths). Under a normaliser every rule but "abs" is the member mean of |member sum|, as the paper writes it.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from .errors import ConfigError, ScoreError
 from .facts import DEFAULT_MODE, Coupling, ScoreContext  # noqa: F401 (DEFAULT_MODE re-exported)
 
 NORMALIZERS = ("max", "mean", "sum", None)
-UNIT_SUMS = ("signed", "abs")
+UNIT_SUMS = ("signed", "abs", "member")
 
 
 def _slot_vector(score: torch.Tensor, dim: int) -> np.ndarray:
@@ -83,17 +89,19 @@ def normalize_units(coupling: Coupling, scores: Dict[int, float], normalizer: Op
 
 
 def aggregate(coupling: Coupling, param_scores: Dict[str, torch.Tensor], reduce: str = "oba",
-              normalizer: Optional[str] = "max") -> Dict[int, float]:
+              normalizer: Optional[str] = "max", unit_sum: str = "signed") -> Dict[int, float]:
     """Unit -> score, normalised within its group by ``normalizer`` (see `normalized`; default: the group's
     maximum). ``reduce``: "oba" (mean over scored members of |sum|; with normalizer=None the raw total
-    |Σ over members|, see the module docstring) or "l2" (square root of the sum over members; for squared
-    magnitudes)."""
+    |Σ over members|, or Σ over members of |sum| for unit_sum="member", see the module docstring) or "l2" (square
+    root of the sum over members; for squared magnitudes). ``param_scores`` are `summands` already."""
     vectors = member_vectors(coupling, param_scores)
     scores: Dict[int, float] = {}
     for gi, g in enumerate(coupling.groups):
         members = list(vectors.get(gi, {}).values())
         if reduce == "l2":
             s = np.sqrt(np.maximum(sum(members), 0.0)) if members else np.zeros(g.width)
+        elif normalizer is None and unit_sum == "member":
+            s = sum(np.abs(v) for v in members) if members else np.zeros(g.width)
         elif normalizer is None:
             s = np.abs(sum(members)) if members else np.zeros(g.width)
         else:
@@ -146,8 +154,9 @@ def _baseline_parameters(name: str):
 
 
 def summands(param_scores: Dict[str, torch.Tensor], unit_sum: str) -> Dict[str, torch.Tensor]:
-    """What `aggregate` adds up per unit: the scores as they are ("signed": |Σ s_i| per slice, the unit's loss
-    change) or their magnitudes ("abs": Σ |s_i|, as Torch-Pruning's Taylor; nothing cancels inside a unit)."""
+    """What `aggregate` adds up per unit: the scores as they are ("signed": |Σ s_i| over the unit, its loss change;
+    "member": the same summands, whose member sums `aggregate` adds by magnitude) or their magnitudes ("abs":
+    Σ |s_i|, as Torch-Pruning's Taylor; nothing cancels inside a unit)."""
     return {k: v.abs() for k, v in param_scores.items()} if unit_sum == "abs" else param_scores
 
 
@@ -156,7 +165,7 @@ def _from_parameters(name: str, parameters: Callable):
 
     def score(model, coupling, ctx):
         return aggregate(coupling, summands(parameters(model, _needs_batches(ctx, name), ctx), ctx.unit_sum),
-                         normalizer=ctx.normalizer)
+                         normalizer=ctx.normalizer, unit_sum=ctx.unit_sum)
 
     score.__name__ = name
     return score
@@ -242,9 +251,9 @@ def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
         return entry.default_unit_sum if entry is not None else getattr(importance, "default_unit_sum", "signed")
     if unit_sum not in UNIT_SUMS:
         raise ConfigError(f"unit_sum={unit_sum!r}. What to do: use one of {UNIT_SUMS}.")
-    if unit_sum == "abs" and entry is not None and entry.parameters is None:
-        raise ConfigError(f"unit_sum='abs' sums per-parameter scores, and importance={importance!r} has none. What "
-                          "to do: use it with 'oba', 'taylor', 'obd' or 'fisher', or leave unit_sum='signed'.")
+    if unit_sum != "signed" and entry is not None and entry.parameters is None:
+        raise ConfigError(f"unit_sum={unit_sum!r} sums per-parameter scores, and importance={importance!r} has none. "
+                          "What to do: use it with 'oba', 'taylor', 'obd' or 'fisher', or leave unit_sum='signed'.")
     return unit_sum
 
 

@@ -14,7 +14,7 @@ from obafx.passes.hvp import parameter_scores
 from obafx.passes.criteria import taylor_scores
 from obafx.passes.group_scores import _UnitIndex
 from obafx.passes.facts import ScoreContext
-from obafx.passes.importance import REGISTRY, UNIT_SUMS, aggregate, member_vectors
+from obafx.passes.importance import REGISTRY, UNIT_SUMS, aggregate, member_vectors, summands
 from obafx.passes.macs import thop_macs
 from obafx.passes.ranking import mac_savings, param_savings
 from obafx.passes.rewrite import rewrite
@@ -81,6 +81,29 @@ def test_unit_sum_abs_adds_the_magnitudes_of_each_slice():
     np.testing.assert_allclose([got["abs"][u] for u in index.units], want_abs.numpy(), rtol=1e-12)
     np.testing.assert_allclose([got["signed"][u] for u in index.units], want_signed.numpy(), rtol=1e-12, atol=1e-15)
     assert np.all(want_abs.numpy() > want_signed.numpy() * (1 + 1e-9))  # cancellation in every unit
+
+
+def test_unit_sum_member_adds_the_magnitudes_of_each_members_signed_sum():
+    """unit_sum="member": Σ over members of |member sum| (raw), between "signed" (everything may cancel) and
+    "abs" (nothing may); under a normaliser it ranks as "signed" does (the member mean of |member sum|).
+    Per-parameter scores of random sign, so that members disagree in sign somewhere."""
+    model, x, traced = wide()
+    coupling = couple(analyze(traced))
+    gen = torch.Generator().manual_seed(3)
+    scores = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    got = {s: aggregate(coupling, summands(scores, s), normalizer=None, unit_sum=s) for s in UNIT_SUMS}
+    for gi, g in enumerate(coupling.groups):
+        rows = {"a": 0, "b": 1}[g.id]  # Wide: group "a" is a's rows (+ bias) and b's columns; "b" is b's and c's
+        own = scores[f"{'abc'[rows]}.weight"].sum(1) + scores[f"{'abc'[rows]}.bias"]
+        nxt = scores[f"{'abc'[rows + 1]}.weight"].sum(0)
+        assert len(g.units) == own.numel() == nxt.numel()
+        np.testing.assert_allclose([got["member"][u] for u in g.units], (own.abs() + nxt.abs()).numpy(), rtol=1e-12)
+        np.testing.assert_allclose([got["signed"][u] for u in g.units], (own + nxt).abs().numpy(), rtol=1e-12)
+    member, signed, absolute = (np.array([got[s][u] for u in sorted(got["abs"])]) for s in ("member", "signed", "abs"))
+    assert np.all(signed <= member * (1 + 1e-12)) and np.all(member <= absolute * (1 + 1e-12))
+    assert np.any(member > signed * (1 + 1e-6)) and np.any(member < absolute * (1 - 1e-6))
+    normed = {s: aggregate(coupling, summands(scores, s), normalizer="max", unit_sum=s) for s in ("member", "signed")}
+    assert normed["member"] == pytest.approx(normed["signed"], rel=1e-12)
 
 
 def test_mac_savings_match_thop_unit_by_unit():
