@@ -46,7 +46,7 @@ CRITERIA = {
     "taylor abs": ("taylor", dict(unit_sum="abs")),
     "oba residual signed": ("oba", dict(mode="residual", unit_sum="signed")),
     "oba residual abs (default)": ("oba", dict(mode="residual", unit_sum="abs")),
-    # |unit sum| on each batch, averaged over the batches: E_b|θ_uᵀ g_u(b)| (Molchanov et al.'s order of abs and mean)
+    # |unit sum| on each batch, averaged over the batches: E_b|θ_uᵀ g_u(b)| (Molchanov et al.'s order)
     # the library's reduce under a per-group normaliser: mean over the unit's members of each member's |slice sum|
     "taylor member-abs": ("taylor", dict(unit_sum="signed", normalizer="max")),
     "oba residual member-abs": ("oba", dict(mode="residual", unit_sum="signed", normalizer="max")),

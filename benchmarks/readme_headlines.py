@@ -242,3 +242,28 @@ def hf_scale(d: Dict) -> str:
             "tokens (timing only), 1 thread per process on a shared 2-core CPU (two ranks compete for it). "
             + _same_plan(d.get("torchrun_x2", {})) + "\n\n"
             + table(["run", "wall s", "score s", "peak RSS GB", "params", "FLOPs kept", "masked error"], rows))
+
+
+def fixed_widths(d: Dict) -> str:
+    """Selection alone: every criterion keeps the same count per group; accuracy per (model, keep fraction)."""
+    cols = sorted({(s["model"], s["keep"]) for s in d["summary"]}, key=lambda c: (c[0], -c[1]))
+    cell = {(s["model"], s["keep"], s["criterion"]): s for s in d["summary"]}
+    crits = list(dict.fromkeys(s["criterion"] for s in d["summary"]))
+    rows = [[c] + [(f"{cell[m, k, c]['acc']:.3f} ± {cell[m, k, c]['acc_std']:.3f} (n={cell[m, k, c]['n']})"
+                    if (m, k, c) in cell else "-") for m, k in cols] for c in crits]
+    return ("### Which channels a criterion keeps, at equal widths (`" + d["command"] + "`)\n\n"
+            + f"{d['protocol']}\n\n" + table(["criterion"] + [f"{m}, keep {k:g}" for m, k in cols], rows))
+
+
+def width_swap(d: Dict) -> str:
+    """Per budget and seed: A and B, and A with one layer's kept set taken from B (and the converse)."""
+    parts = []
+    for r in d["rows"]:
+        rows = [(name, r["widths_a"][name], r["widths_b"][name], f"{r['overlap'][name]:.2f}",
+                 f"{r['a_with_b'][name]['acc']:.3f} (MACs {r['a_with_b'][name]['macs']:.3f})",
+                 f"{r['b_with_a'][name]['acc']:.3f} (MACs {r['b_with_a'][name]['macs']:.3f})") for name in r["overlap"]]
+        parts.append(f"{r['factor']:g}x, seed {r['seed']}: A = {d['a']} {r['a']:.3f} (MACs {r['macs_a']:.3f}), "
+                     f"B = {d['b']} {r['b']:.3f} (MACs {r['macs_b']:.3f})\n\n"
+                     + table(["layer", "A width", "B width", "overlap", "A with B's layer", "B with A's layer"], rows))
+    return (f"### Swapping one layer's kept channels between two pruned {d['model']} models (`{d['command']}`)\n\n"
+            + f"{d['protocol']}\n\n" + "\n\n".join(parts))

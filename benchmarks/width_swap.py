@@ -152,7 +152,8 @@ def main(argv=None) -> int:
             pair = [torch.load(proto.snapshot_path(Path(args.snapshots), {"model": MODEL, "method": m,
                                "factor": factor, "seed": seed}), weights_only=False) for m in (args.a, args.b)]
             rows.append({"factor": factor, "seed": seed, **compare(dense, *pair, recal, test_loader)})
-            write_json(args.out, {"command": " ".join(sys.argv), "data_set": "Fashion-MNIST test set (10k)",
+            write_json(args.out, {"command": "python3 benchmarks/width_swap.py " + " ".join(sys.argv[1:]),
+                                  "data_set": "Fashion-MNIST test set (10k)",
                                   "model": f"{MODEL} (benchmarks/models/{MODEL}.safetensors)", "a": args.a,
                                   "b": args.b, "protocol": __doc__.split("\n\n", 2)[2].strip(),
                                   "machine": machine_info(), "rows": rows})
