@@ -74,11 +74,12 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
     ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
-    over a unit's slices: "signed" (OBA.md section 3: |Σ s_i|, for Taylor the loss change |g_uᵀθ_u| of removing
-    the unit) or "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
-    calibration set ranks far more steadily; benchmarks/score_noise.py) or "member" (each member's slice summed
-    with its signs, the members' magnitudes added: Σ_m |Σ_{i∈m} s_i|). None (default) = "abs" for
-    importance="oba", "signed" for the other criteria.
+    over a unit's slices: "signed" (|Σ s_i| over the whole unit, for Taylor the loss change |g_uᵀθ_u| of removing
+    the unit), "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
+    calibration set ranks far more steadily; benchmarks/score_noise.py) or "member" (OBA.md section 3's rule:
+    each member's slice summed with its signs, the members' magnitudes added, Σ_m |Σ_{i∈m} s_i|; better on plain
+    conv stacks such as VGG, README). None (default) = "abs" for importance="oba", "signed" for the other
+    criteria.
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
     (passes/capture.py). ``counter``: what counts MACs, "thop" (module hooks) or "flops" (torch's FlopCounterMode:

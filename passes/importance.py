@@ -13,12 +13,15 @@ first-order loss change of removing the unit, |g_uᵀθ_u|; for OBA |θ_uᵀ(Mθ
 ½θ²·curvature. The group-exact "oba_group" score is a loss change per unit by construction. Magnitude scores are
 weight norms. ``unit_sum="abs"`` sums |s_i| instead of s_i: an upper bound of that loss change that does not
 cancel, so it does not swing with the calibration images (benchmarks/score_noise.py). ``unit_sum="member"`` sits
-between the two: each member's slice is summed with its signs (a layer's rows with its bias,
-a layer's columns, a norm's weight), and the members' magnitudes are added. Each member alone removes the unit
-(zeroing a conv's rows, or the next layer's columns, silences the channel), so its signed sum is a first-order
-estimate of that removal's loss change; adding magnitudes lets those estimates reinforce instead of cancel, while
-nothing inside a slice is taken apart (benchmarks/fixed_widths.py: it picks better channels than "abs" at equal
-widths). Under a normaliser every rule but "abs" is the member mean of |member sum|, as the paper writes it.
+between the two: each member's slice is summed with its signs (a layer's rows with its bias, a layer's columns,
+a norm's weight), and the members' magnitudes are added. In a plain chain each member alone silences the unit
+(zeroing a conv's rows, or the next layer's columns), so its signed sum is a first-order estimate of that
+removal's loss change; adding magnitudes lets those estimates reinforce instead of cancel, while nothing inside a
+slice is taken apart. This is OBA.md section 3's per-member rule, summed instead of averaged so that groups
+compare. Under a normaliser every rule but "abs" is the member mean of |member sum|, as the paper writes it.
+Measured (README, "The method, in short"): at equal widths "member" keeps far better VGG-BN channels than "abs"
+(benchmarks/fixed_widths.py), and wins VGG-BN's pruning runs, but keeps residual streams near full width and
+loses on ResNet-20 and the ViT, which is why "abs" stays OBA's default.
 """
 from __future__ import annotations
 

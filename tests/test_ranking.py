@@ -106,6 +106,26 @@ def test_unit_sum_member_adds_the_magnitudes_of_each_members_signed_sum():
     assert normed["member"] == pytest.approx(normed["signed"], rel=1e-12)
 
 
+def test_criteria_hand_member_to_the_aggregation():
+    """The registry's criteria pass unit_sum on to `aggregate`: on a conv -> BatchNorm (eval) net, where a unit's
+    rows and next-layer columns disagree in sign, "member" gives Σ |member sum| and differs from "signed"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                          nn.Flatten(), nn.LazyLinear(4)).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].bias.uniform_(-0.5, 0.5)
+    model.eval()
+    coupling = couple(analyze(trace(model, x)))
+    batches = [(x, torch.randint(0, 4, (4,)))]
+    got = {s: REGISTRY["taylor"].units(model, coupling, ScoreContext(batches, normalizer=None, unit_sum=s))
+           for s in ("member", "signed")}
+    want = aggregate(coupling, taylor_scores(model, batches), normalizer=None, unit_sum="member")
+    assert got["member"] == pytest.approx(want, rel=1e-12)
+    assert any(got["member"][u] > got["signed"][u] * (1 + 1e-6) for u in want)
+
+
 def test_mac_savings_match_thop_unit_by_unit():
     torch.manual_seed(0)
     model, x = ConcatNet().double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -156,7 +176,8 @@ def test_per_mac_with_a_mac_budget_runs_on_real_scores():
     (dict(rank="per_mac", normalizer="mean"), "per_mac"), (dict(probes=0), "probes="),
     (dict(recalibrate="yes"), "recalibrate="), (dict(unit_sum="l1"), "unit_sum="),
     (dict(unit_sum="abs", importance="magnitude"), "unit_sum='abs'"),
-    (dict(unit_sum="abs", importance="oba_group"), "unit_sum='abs'")])
+    (dict(unit_sum="abs", importance="oba_group"), "unit_sum='abs'"),
+    (dict(unit_sum="member", importance="magnitude"), "unit_sum='member'")])
 def test_bad_ranking_options_are_config_errors(kw, words):
     model, x, _ = wide()
     with pytest.raises(ConfigError, match=words):
