@@ -44,14 +44,18 @@ def prunable_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return dict(list(layers.items())[:-1])
 
 
+def norm_after(modules: Dict[str, nn.Module], name: str):
+    """The BatchNorm right after layer ``name`` in its Sequential (VGG-BN's conv -> BN), else None."""
+    parent, _, index = name.rpartition(".")
+    follower = modules.get(f"{parent}.{int(index) + 1}")
+    return follower if isinstance(follower, nn.BatchNorm2d) else None
+
+
 def unit_signature(model: nn.Module, name: str) -> torch.Tensor:
     """Per-output-unit values that pruning copies unchanged: the next BatchNorm's weight, else the layer's bias."""
     modules = dict(model.named_modules())
-    parent, _, index = name.rpartition(".")
-    follower = modules.get(f"{parent}.{int(index) + 1}")
-    if isinstance(follower, nn.BatchNorm2d):
-        return follower.weight.detach()
-    return modules[name].bias.detach()
+    norm = norm_after(modules, name)
+    return (norm.weight if norm is not None else modules[name].bias).detach()
 
 
 def kept_units(dense: nn.Module, pruned: nn.Module) -> Dict[str, torch.Tensor]:
@@ -78,9 +82,8 @@ def masked(dense: nn.Module, kept: Dict[str, torch.Tensor]) -> nn.Module:
             layer.weight[drop] = 0
             if layer.bias is not None:
                 layer.bias[drop] = 0
-            parent, _, index = name.rpartition(".")
-            norm = modules.get(f"{parent}.{int(index) + 1}")
-            if isinstance(norm, nn.BatchNorm2d):
+            norm = norm_after(modules, name)
+            if norm is not None:
                 norm.weight[drop] = 0
                 norm.bias[drop] = 0
     return model
@@ -96,9 +99,9 @@ def layer_macs(dense: nn.Module, kept: Dict[str, torch.Tensor]) -> float:
         dense.eval()(proto.EXAMPLE)
     for h in hooks:
         h.remove()
-    names, total, prev_keep, prev_width = list(sizes), 0.0, 1.0, None
-    for name in names:
-        m = dict(dense.named_modules())[name]
+    modules, total, prev_keep = dict(dense.named_modules()), 0.0, 1.0
+    for name in sizes:
+        m = modules[name]
         out_keep = len(kept[name]) / m.weight.shape[0] if name in kept else 1.0
         spatial = sizes[name][2] * sizes[name][3] if m.weight.dim() == 4 else 1
         total += m.weight.numel() * spatial * out_keep * prev_keep
