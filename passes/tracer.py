@@ -48,10 +48,25 @@ class _Proxy(fx.Proxy):
                 or not _find_tracers(args, tracers) or not _find_tracers(kwargs, tracers) or len(tracers) != 1):
             return super().__torch_function__(orig_method, types, args, kwargs)
         tracer = next(iter(tracers))
-        if torch.overrides.is_tensor_method_or_property(orig_method):
+        if _is_tensor_method(orig_method):
             return tracer.create_proxy("call_method", orig_method.__name__, args, kwargs)
         return tracer.create_proxy("call_function", orig_method, args, kwargs,
                                    name=tracer.graph._target_to_str(orig_method.__name__))
+
+
+_TENSOR_METHOD: Dict[Any, bool] = {}
+
+
+def _is_tensor_method(func: Any) -> bool:
+    """torch.overrides.is_tensor_method_or_property, remembered per function: torch's wraps each call in a
+    warnings filter, which costs more than a DenseNet's whole cat node."""
+    try:
+        found = _TENSOR_METHOD.get(func)
+    except TypeError:  # an unhashable callable
+        return torch.overrides.is_tensor_method_or_property(func)
+    if found is None:
+        found = _TENSOR_METHOD[func] = torch.overrides.is_tensor_method_or_property(func)
+    return found
 
 
 def _find_tracers(value: Any, tracers: Dict[Any, None]) -> bool:
