@@ -59,6 +59,10 @@ METHODS: Dict[str, tuple] = {
                                                   unit_sum="abs")),
     "oba_residual_permac_member_train": ("OBA", dict(importance="oba", mode="residual", train=True,
                                                      rank="per_mac", unit_sum="member")),
+    # controls for the train-mode OBA rows: the baselines' scores with BatchNorm on batch statistics too
+    "taylor_train": ("Taylor", dict(importance="taylor", train=True)),
+    "taylor_abs_train": ("Taylor", dict(importance="taylor", rank="score", normalizer="mean", unit_sum="abs",
+                                        train=True)),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),
