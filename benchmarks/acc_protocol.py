@@ -57,6 +57,8 @@ METHODS: Dict[str, tuple] = {
     "oba_residual_permac_member": ("OBA", dict(importance="oba", mode="residual", rank="per_mac", unit_sum="member")),
     "oba_residual_permac_abs_train": ("OBA", dict(importance="oba", mode="residual", train=True, rank="per_mac",
                                                   unit_sum="abs")),
+    "oba_residual_abs_train": ("OBA", dict(importance="oba", mode="residual", train=True, rank="score",
+                                           normalizer="mean", unit_sum="abs")),
     "oba_residual_permac_member_train": ("OBA", dict(importance="oba", mode="residual", train=True,
                                                      rank="per_mac", unit_sum="member")),
     # controls for the train-mode OBA rows: the baselines' scores with BatchNorm on batch statistics too

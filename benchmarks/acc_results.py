@@ -60,7 +60,8 @@ def best_per_family(summary: List[Dict[str, Any]], field: str = "acc_pruned") ->
     return {k: s["method"] for k, s in best.items()}
 
 
-DEFAULT_METHODS = ("oba_default", "oba_residual_permac_abs")  # the library's default OBA configuration (same kwargs)
+# the library's default OBA configuration (same kwargs; the default before 2026-12-07 was oba_residual_permac_abs)
+DEFAULT_METHODS = ("oba_default", "oba_residual_permac_member_train")
 COLUMNS = ("acc_pruned", "acc_finetuned")
 
 

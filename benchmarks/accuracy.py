@@ -40,7 +40,8 @@ from obafx.bench import train as training  # noqa: E402
 from obafx.passes.macs import param_count, thop_macs  # noqa: E402
 
 DEFAULT_METHODS = ("oba_default,oba_residual,oba_full,oba_residual_train,oba_group,oba_residual_permac,"
-                   "oba_residual_permac_abs,magnitude,taylor,taylor_abs,random,tp_taylor,tp_hessian")
+                   "oba_residual_permac_abs,oba_residual_permac_member,oba_residual_permac_member_train,magnitude,"
+                   "taylor,taylor_train,taylor_abs,taylor_abs_train,random,tp_taylor,tp_hessian")
 DATA_SET = "Fashion-MNIST (60k train / 10k test, 28x28 zero-padded to 32x32, normalised)"
 WIDTHS_FACTOR = 3.0  # the budget whose per-layer widths are plotted
 

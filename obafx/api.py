@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from obafx import stages as S
-from obafx.batches import BatchSource, scored_with, warn_once
+from obafx.batches import BatchSource, scored_with, scoring_settings, warn_once
 from obafx.latency_budget import LatencyBudget, check_request
 from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
 from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import criterion, needs_data, resolve_rank, resolve_unit_sum
+from obafx.passes.importance import criterion, needs_data, resolve_rank, resolve_train, resolve_unit_sum
 from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import unit_costs
@@ -36,7 +36,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   loss_fn: Optional[Callable] = None, steps: int = 1, batches_per_step: Optional[int] = None,
                   ignore: Iterable[str] = (), round_to: int = 1, max_layer_ratio: float = 0.95,
                   leaf_modules: Iterable[Any] = (), mode: str = DEFAULT_MODE, delta: float = 0.0,
-                  train: bool = False, seed: int = 0, progress: bool = False, verify: bool = True,
+                  train: Optional[bool] = None, seed: int = 0, progress: bool = False, verify: bool = True,
                   structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: Optional[str] = None,
@@ -59,11 +59,13 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``structure="unstructured"`` with ``sparsity=`` zeroes that fraction of Conv/Linear weights instead (a traced
     copy of the same size; importance "oba" or "magnitude"); the report holds the sparsity per weight.
 
+    ``train``: score in train mode (BatchNorm on each batch's own statistics, dropout active) or eval mode (running
+    statistics). None (default) = True for importance="oba" (the paper's code scores so, and the accuracy
+    benchmark favours it: README), False for the other criteria.
     ``recalibrate``: after every step (and after the last) reset the BatchNorm running statistics and
-    re-estimate them on that step's calibration batches (train-mode forward, no gradients), so that the next
-    step scores the pruned network, not one with the unpruned network's statistics. None (default) = on when
-    ``data`` is given, the model has BatchNorm and scoring is in eval mode (``train=False``; in train mode the
-    scoring copy normalises with each batch's own statistics and needs no running statistics).
+    re-estimate them on that step's calibration batches (train-mode forward, no gradients), so that an eval-mode
+    step scores the pruned network, not one with the unpruned network's statistics, and the result carries
+    statistics of its own. None (default) = on when ``data`` is given and the model has BatchNorm.
     ``normalizer``: how unit scores are scaled within each coupled group before the global ranking: "max"
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
     None (raw scores comparable across groups: a unit's total over all its slices, in loss units for the
@@ -77,8 +79,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     over a unit's slices: "signed" (|Σ s_i| over the whole unit, for Taylor the loss change |g_uᵀθ_u| of removing
     the unit), "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
     calibration set ranks far more steadily; benchmarks/score_noise.py) or "member" (OBA.md section 3's rule:
-    each member's slice summed with its signs, the members' magnitudes added, Σ_m |Σ_{i∈m} s_i|; better on plain
-    conv stacks such as VGG, README). None (default) = "abs" for importance="oba", "signed" for the other
+    each member's slice summed with its signs, the members' magnitudes added, Σ_m |Σ_{i∈m} s_i|; README). None (default) = "member" for importance="oba", "signed" for the other
     criteria.
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
@@ -96,6 +97,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     runs) where the defaults give 1.31-1.41x (CPU time, 1 thread; in contiguous format both stay at ~1.3-1.5x;
     benchmarks/train_speed.py, benchmarks/kernel_widths.py).
     """
+    train = resolve_train(train, importance)
     if structure == "unstructured":
         if latency is not None:
             raise ConfigError("latency= is a budget for structured pruning (zeroed weights do not run faster). "
@@ -133,7 +135,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         for note in notes:
             warn_once(note)
         if recalibrate is None:
-            recalibrate = data is not None and not train and has_batchnorm(traced.gm)
+            recalibrate = data is not None and has_batchnorm(traced.gm)
         run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups),
                    verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate), count,
                    uniform, tuple([keep_widths] if isinstance(keep_widths, str) else keep_widths))
@@ -148,7 +150,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         macs1 = known.macs[0] if known.macs else S.measure(count, pruned, traced.inputs)[0]
         rep = S.report(build_report, traced, pruned, coupling0, plan, run.macs0, macs1, importance, steps,
                        max(errors) if verify and errors else None, list(notes), rec.seconds,
-                       scored_with(importance, loss_fn, source), counter,
+                       scored_with(importance, loss_fn, source)
+                       + scoring_settings(importance, mode, train, unit_sum, rank, normalizer), counter,
                        timing.report() if timing is not None else None)
     attach(pruned, rep)
     return pruned

@@ -75,5 +75,20 @@ def scored_with(importance: Any, loss_fn: Optional[Any], source: BatchSource) ->
     return f"{how}data= batches, loss {loss}, targets = the labels in the batches"
 
 
+def scoring_settings(importance: Any, mode: str, train: bool, unit_sum: str, rank: str,
+                     normalizer: Optional[str]) -> str:
+    """How a data-driven criterion's scores were computed and ranked, in words, for the report ("" for the others):
+    the scoring mode (train: BatchNorm on each batch's statistics), OBA's Hessian, the unit sum, the ranking."""
+    if not isinstance(importance, str) or importance in ("magnitude", "random"):
+        return ""
+    parts = ["train mode (BatchNorm on each batch's statistics)" if train else "eval mode (running statistics)"]
+    if importance in ("oba", "oba_group"):
+        parts.append(f"mode={mode}")
+    if importance != "oba_group":
+        parts.append(f"unit_sum={unit_sum}")
+    parts.append(f"rank={rank}" + (f", normalizer={normalizer}" if rank == "score" else ""))
+    return "; " + ", ".join(parts)
+
+
 def warn_once(message: str) -> None:
     warnings.warn(f"obafx: {message}", stacklevel=3)

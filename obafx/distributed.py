@@ -240,6 +240,7 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
     importance.needs_data = REGISTRY[criterion].needs_data  # for compile_prune's "no data" warning
     importance.default_rank = REGISTRY[criterion].default_rank  # rank as the named criterion does ("oba": per MAC)
     importance.default_unit_sum = REGISTRY[criterion].default_unit_sum  # and add up its units the same way
+    importance.default_train = REGISTRY[criterion].default_train  # and score in the same mode
     # compile_prune recalibrates BatchNorm between steps with this: on the union of the shards, so that every
     # rank keeps identical statistics (each rank's own shard would make the ranks' models drift apart)
     importance.recalibrated = lambda model, batches: recalibrated_across(model, batches, group)

@@ -31,7 +31,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as tpf
 
 from obafx.distributed import local_parameter_scores, reduced_parameter_scores
-from obafx.passes.importance import parameter_criteria, resolve_unit_sum, summands
+from obafx.passes.importance import parameter_criteria, resolve_train, resolve_unit_sum, summands
 from obafx.passes.errors import ConfigError
 from obafx.passes.facts import ScoreContext
 from obafx.passes.hvp import DEFAULT_MODE
@@ -49,12 +49,12 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
     In: ``criterion``: "oba" (θ ⊙ (Hθ)), "taylor" (θ ⊙ ḡ), "obd" (½θ²·diag H), "fisher" (½θ²·empirical Fisher);
     ``batches``: a sequence of (inputs, targets) batches reused at every recomputation, or a zero-argument
     callable returning the batches for the next one (fresh batches per pruning step); ``loss_fn`` (default
-    cross-entropy), ``mode``/``delta`` (OBA), ``train``, ``chunk_size``, ``progress``: as in
-    ``obafx.passes.hvp.parameter_scores``; ``seed``: OBD's Hutchinson probes; ``normalizer``: "max" (OBA's; a group of all-zero scores stays zero)
+    cross-entropy), ``mode``/``delta`` (OBA), ``train`` (None: the criterion's default, train mode for OBA),
+    ``chunk_size``, ``progress``: as in ``obafx.passes.hvp.parameter_scores``; ``seed``: OBD's Hutchinson probes; ``normalizer``: "max" (OBA's; a group of all-zero scores stays zero)
     or any Torch-Pruning normalizer; ``model``: the model to score (default: the group's dependency graph's
     model); ``distributed``: all-reduce the scores over torch.distributed ranks (each rank passes its shard);
     ``criterion_kw``: extra keywords of the criterion function (e.g. ``diagonal="exact"`` for OBD);
-    ``unit_sum``: "signed", "abs" or "member" (see compile_prune; None = the criterion's default: "abs" for OBA;
+    ``unit_sum``: "signed", "abs" or "member" (see compile_prune; None = the criterion's default: "member" for OBA;
     Torch-Pruning's groups are always averaged over members of |member sum|, so "member" ranks as "signed" here).
     Call: ``imp(group) -> Tensor`` (float64, one score per root channel) or None for a group without any
     scored layer. ``computations`` counts score recomputations; ``history`` holds each one's parameter shapes.
@@ -62,7 +62,7 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
 
     def __init__(self, criterion: str = "oba", batches: Union[Iterable, Callable[[], Iterable], None] = None,
                  loss_fn: Optional[Callable] = None, *, mode: str = DEFAULT_MODE, delta: float = 0.0,
-                 train: bool = False, normalizer: Any = "max", model: Optional[nn.Module] = None,
+                 train: Optional[bool] = None, normalizer: Any = "max", model: Optional[nn.Module] = None,
                  chunk_size: Optional[int] = None, progress: bool = False, seed: int = 0, distributed: bool = False,
                  unit_sum: Optional[str] = None, **criterion_kw):
         if criterion not in parameter_criteria():
@@ -73,7 +73,7 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
                               f"...] or a callable returning the batches of the next pruning step")
         self.criterion, self.batches, self.model = criterion, batches, model
         self.unit_sum = resolve_unit_sum(unit_sum, criterion)
-        self.ctx = ScoreContext(loss_fn=loss_fn, mode=mode, delta=delta, train=train, seed=seed, progress=progress,
+        self.ctx = ScoreContext(loss_fn=loss_fn, mode=mode, delta=delta, train=resolve_train(train, criterion), seed=seed, progress=progress,
                                 chunk_size=chunk_size)
         self.normalizer, self.distributed, self.criterion_kw = normalizer, distributed, criterion_kw
         self.group_reduction, self.target_types, self.bias = "mean", [nn.modules.conv._ConvNd, nn.Linear], True

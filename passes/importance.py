@@ -20,8 +20,8 @@ removal's loss change; adding magnitudes lets those estimates reinforce instead 
 slice is taken apart. This is OBA.md section 3's per-member rule, summed instead of averaged so that groups
 compare. Under a normaliser every rule but "abs" is the member mean of |member sum|, as the paper writes it.
 Measured (README, "The method, in short"): at equal widths "member" keeps far better VGG-BN channels than "abs"
-(benchmarks/fixed_widths.py), and wins VGG-BN's pruning runs, but keeps residual streams near full width and
-loses on ResNet-20 and the ViT, which is why "abs" stays OBA's default.
+(benchmarks/fixed_widths.py). Scored in eval mode it wins VGG-BN's pruning runs but loses ResNet-20's; scored in
+train mode (OBA's default) it wins both, and "abs" stays ahead on the small ViT (no BatchNorm there).
 """
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ class Criterion:
     ctx, **kw) -> {name: tensor}`` its per-parameter scores (None: it has none, e.g. magnitude's are not
     data-driven, oba_group's are per unit); ``needs_data``: scored on calibration batches; ``default_rank`` and
     ``default_unit_sum``: the ranking and the unit sum compile_prune uses when the caller gives none (see
-    ``resolve_rank``, ``resolve_unit_sum``)."""
+    ``resolve_rank``, ``resolve_unit_sum``); ``default_train``: whether it scores in train mode when the caller
+    does not say (``resolve_train``)."""
 
     name: str
     units: Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]
@@ -197,6 +198,7 @@ class Criterion:
     needs_data: bool = False
     default_rank: str = "score"
     default_unit_sum: str = "signed"
+    default_train: bool = False
 
 
 def _data_criterion(name: str, parameters: Callable) -> Criterion:
@@ -207,10 +209,11 @@ def _data_criterion(name: str, parameters: Callable) -> Criterion:
 REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", _magnitude),
     Criterion("random", _random),
-    # OBA's defaults are the configuration the accuracy benchmark supports (README, accuracy section): per-parameter
-    # magnitudes summed per unit (the signed sum is mostly calibration noise at a converged model:
-    # benchmarks/score_noise.py), ranked per MAC saved.
-    replace(_data_criterion("oba", _oba_parameters), default_rank="per_mac", default_unit_sum="abs"),
+    # OBA's defaults are the configuration the accuracy benchmark supports (README, accuracy section): scored in
+    # train mode (BatchNorm on each batch's own statistics, as the paper's code scores), each member's signed slice
+    # sum taken by magnitude and added per unit (OBA.md section 3's rule), ranked per MAC saved.
+    replace(_data_criterion("oba", _oba_parameters), default_rank="per_mac", default_unit_sum="member",
+            default_train=True),
     Criterion("oba_group", _oba_group, None, True),
     *(_data_criterion(name, _baseline_parameters(name)) for name in ("taylor", "obd", "fisher")),
 )}
@@ -245,7 +248,7 @@ def resolve_rank(rank: Optional[str], importance: Any) -> str:
 
 
 def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
-    """How unit scores add up: ``unit_sum`` when given, else the criterion's default ("abs" for "oba", "signed"
+    """How unit scores add up: ``unit_sum`` when given, else the criterion's default ("member" for "oba", "signed"
     for the others, and for callables unless they carry a ``default_unit_sum`` attribute). ConfigError for a
     value that is not in UNIT_SUMS, or "abs" for a criterion without per-parameter scores (a callable reads
     ctx.unit_sum itself if it cares)."""
@@ -258,6 +261,16 @@ def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
         raise ConfigError(f"unit_sum={unit_sum!r} sums per-parameter scores, and importance={importance!r} has none. "
                           "What to do: use it with 'oba', 'taylor', 'obd' or 'fisher', or leave unit_sum='signed'.")
     return unit_sum
+
+
+def resolve_train(train: Optional[bool], importance: Any) -> bool:
+    """Whether to score in train mode: ``train`` when given, else the criterion's default (True for "oba": BatchNorm
+    on each batch's own statistics; False for the others, and for callables unless they carry a
+    ``default_train`` attribute)."""
+    if train is not None:
+        return bool(train)
+    entry = criterion(importance)
+    return entry.default_train if entry is not None else bool(getattr(importance, "default_train", False))
 
 
 def needs_data(importance: Any) -> bool:

@@ -134,6 +134,22 @@ SCORED = {
 }
 
 
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(importance="oba"), "; train mode (BatchNorm on each batch's statistics), mode=residual, unit_sum=member, "
+                             "rank=per_mac"),
+    (dict(importance="oba", train=False, mode="full", rank="score", unit_sum="abs"),
+     "; eval mode (running statistics), mode=full, unit_sum=abs, rank=score, normalizer=max"),
+    (dict(importance="taylor"), "; eval mode (running statistics), unit_sum=signed, rank=score, normalizer=max"),
+])
+def test_report_says_how_the_scores_were_computed_and_ranked(kwargs, expected):
+    """The settings each default resolved to are in the report: the defaults differ per criterion."""
+    data = [(torch.randn(4, 4), torch.randint(0, 3, (4,)))] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = obafx.report(obafx.compile_prune(_mlp(), torch.randn(2, 4), channels=0.5, data=data, **kwargs))
+    assert rep.scored_with.endswith(expected)
+
+
 @pytest.mark.parametrize("case", sorted(SCORED))
 def test_report_says_what_the_scores_came_from(case):
     kwargs, expected = SCORED[case]

@@ -185,7 +185,7 @@ def test_bad_ranking_options_are_config_errors(kw, words):
 
 
 @pytest.mark.parametrize("importance, explicit", [
-    ("oba", dict(mode="residual", rank="per_mac", unit_sum="abs")),  # the library default the benchmark supports
+    ("oba", dict(mode="residual", rank="per_mac", unit_sum="member", train=True)),  # the default the benchmark supports
     ("taylor", dict(rank="score")),
     ("magnitude", dict(rank="score")),
 ])
@@ -205,17 +205,41 @@ def test_the_default_ranking_is_the_criterions_own(importance, explicit):
     assert default != other
 
 
-@pytest.mark.parametrize("importance, default_sum", [("oba", "abs"), ("taylor", "signed")])
+@pytest.mark.parametrize("importance, default_sum", [("oba", "member"), ("taylor", "signed")])
 def test_the_default_unit_sum_is_the_criterions_own(importance, default_sum):
-    """unit_sum=None resolves per criterion: OBA sums per-parameter magnitudes (the benchmark's default), the
+    """unit_sum=None resolves per criterion: OBA adds its members' magnitudes (the benchmark's default), the
     others keep the signed sum. The default's plan equals the explicit one's and differs from the other rule's."""
     model, x, _ = wide()
     data = [(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))) for _ in range(2)]
     kw = dict(macs=0.5, importance=importance, data=data, verify=False)
-    other_sum = "signed" if default_sum == "abs" else "abs"
+    other_sum = "abs"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plans = {s: obafx.report(obafx.compile_prune(model, x, **kw, **({} if s is None else dict(unit_sum=s)))).plan
                  for s in (None, default_sum, other_sum)}
     assert plans[None] == plans[default_sum]
     assert plans[None] != plans[other_sum]
+
+
+@pytest.mark.parametrize("importance, default_train", [("oba", True), ("taylor", False)])
+def test_the_default_scoring_mode_is_the_criterions_own(importance, default_train):
+    """train=None resolves per criterion: OBA scores with BatchNorm on each batch's statistics, the others in eval
+    mode. On a conv -> BatchNorm net (running statistics far from the batches') the default's plan equals the
+    explicit mode's and differs from the other mode's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 10, 3),
+                          nn.BatchNorm2d(10), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).double()
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-2, 2), bn.running_var.uniform_(0.2, 5)
+    model.eval()
+    data = [(torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (16,))) for _ in range(2)]
+    kw = dict(macs=0.5, importance=importance, data=data, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plans = {t: obafx.report(obafx.compile_prune(model, x, **kw, **({} if t is None else dict(train=t)))).plan
+                 for t in (None, default_train, not default_train)}
+    assert plans[None] == plans[default_train]
+    assert plans[None] != plans[not default_train]

@@ -59,15 +59,15 @@ def groups_by_root(model, x):
 @pytest.fixture(scope="module")
 def scored():
     model, batches = setup()
-    return model, batches, parameter_scores(model, batches)
+    return model, batches, parameter_scores(model, batches, train=True)  # OBA's default scoring mode
 
 
-@pytest.mark.parametrize("unit_sum", [None, "signed"])  # None: OBA's default, "abs"
+@pytest.mark.parametrize("unit_sum", [None, "signed"])  # None: OBA's default, "member"
 def test_group_scores_equal_obafx_aggregate(scored, unit_sum):
     model, batches, ps = scored
     imp = OBAImportance(batches, unit_sum=unit_sum)
     coupling = couple(analyze(trace(model, batches[0][0])))
-    units = aggregate(coupling, summands(ps, unit_sum or "abs"))
+    units = aggregate(coupling, summands(ps, unit_sum or "member"))
     roots = groups_by_root(model, batches[0][0])
     # each TP group's root channels, and the obafx parameter slot that names the same channels
     cases = [(model.conv1, "conv1.weight", 4), (model.bn1, "conv1.weight", 4), (model.conv2, "conv2.weight", 5),
@@ -140,7 +140,7 @@ def test_abs_taylor_equals_torch_pruning_default_taylor():
         want = peer(roots[root])
         assert torch.allclose(ours["abs"](roots[root]).float(), want, rtol=1e-4), root
         assert not torch.allclose(ours["signed"](roots[root]).float(), want, rtol=1e-4), root
-    assert CriterionImportance("oba", batches).unit_sum == "abs" and ours["signed"].unit_sum == "signed"
+    assert CriterionImportance("oba", batches).unit_sum == "member" and ours["signed"].unit_sum == "signed"
 
 
 def test_meta_pruner_rescores_each_step_and_reduces_macs():
