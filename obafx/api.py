@@ -79,8 +79,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     over a unit's slices: "signed" (|Σ s_i| over the whole unit, for Taylor the loss change |g_uᵀθ_u| of removing
     the unit), "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
     calibration set ranks far more steadily; benchmarks/score_noise.py) or "member" (OBA.md section 3's rule:
-    each member's slice summed with its signs, the members' magnitudes added, Σ_m |Σ_{i∈m} s_i|; README). None (default) = "member" for importance="oba", "signed" for the other
-    criteria.
+    each member's slice summed with its signs, the members' magnitudes added, Σ_m |Σ_{i∈m} s_i|; README).
+    None (default) = "member" for importance="oba", "signed" for the other criteria.
     ``max_layer_ratio`` caps what a layer loses over ALL steps, relative to its original width.
     ``capture``: "auto" (torch.fx's symbolic trace, torch.export where that fails), "fx" or "export"
     (passes/capture.py). ``counter``: what counts MACs, "thop" (module hooks) or "flops" (torch's FlopCounterMode:
