@@ -173,17 +173,35 @@ def _best_per_family(summary: List[Dict]) -> List[Dict]:
     return sorted(best.values(), key=lambda s: (s["model"], s["factor"], -s["acc_pruned"]))
 
 
+def _per_budget(rows: List[Dict], col: str) -> str:
+    """One family's means at each budget, "0.842 / 0.607 / 0.371" (std and seed counts are in RESULTS.md)."""
+    return " / ".join(f"{s[col]:.3f}" if col in s else "-" for s in rows)
+
+
 def accuracy(d: Dict) -> str:
-    """The headline: best row of each family per model and budget, both columns, and the plots."""
-    rows = [(s["model"], f"{s['factor']:g}x", s["family"], s["method"], f"{s['macs_ratio']:.3f}",
-             f"{s['params_ratio']:.2f}", _acc(s, "acc_pruned"), _acc(s, "acc_finetuned"))
-            for s in _best_per_family(d["summary"])]
+    """The headline: per model, the best row of each family at every budget (both columns), the verdict and the
+    plots; the protocol's scope note and every row go to RESULTS.md."""
+    best = _best_per_family(d["summary"])
+    factors = sorted({s["factor"] for s in best})
+    rows = []
+    for model in sorted({s["model"] for s in best}):
+        families = {s["family"] for s in best if s["model"] == model}
+        for fam in sorted(families, key=lambda f: -max(s["acc_pruned"] for s in best
+                                                         if s["model"] == model and s["family"] == f)):
+            mine = {s["factor"]: s for s in best if s["model"] == model and s["family"] == fam}
+            cells = [mine.get(f, {}) for f in factors]
+            methods = ", ".join(dict.fromkeys(s["method"] for s in cells if s))
+            seeds = "/".join(str(s.get("acc_pruned_n", "-")) if s else "-" for s in cells)
+            rows.append((model, fam, methods, seeds, _per_budget(cells, "acc_pruned"),
+                         _per_budget(cells, "acc_finetuned")))
     dense = {r["model"]: r.get("acc_dense", r.get("test_acc")) for r in d["rows"] if r.get("method") == "dense"}
+    budgets = " / ".join(f"{f:g}x" for f in factors)
     return ("### Accuracy after pruning on Fashion-MNIST (`python3 benchmarks/accuracy.py`)\n\n"
             f"Data: {d.get('data_set', 'Fashion-MNIST')}. Dense models (committed in benchmarks/models): {dense}. "
-            f"Protocol: {d.get('protocol', '')}\n\n" + (f"{d['scope_note']}\n\n" if d.get("scope_note") else "")
-            + table(["model", "MACs /", "family", "best method", "MACs kept", "params kept",
-                     "acc recalibrated, no fine-tune", "acc fine-tuned"], rows)
+            f"Best row of each family at {budgets} fewer MACs (thop), mean over seeds; the protocol, the scope of "
+            "each row and every method with its spread are in RESULTS.md.\n\n"
+            + table(["model", "family", "best method(s)", "seeds", f"acc recalibrated, no fine-tune ({budgets})",
+                     f"acc fine-tuned ({budgets})"], rows)
             + "\n\n" + _verdict(d.get("verdict"))
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")
 
@@ -213,7 +231,7 @@ def accuracy_full(d: Dict) -> str:
     how = "\n".join(f"`{c}`  " for c in (d.get("commands") or [d.get("command", "")]))
     notes = "".join(f" {d[k]}" for k in ("tp_hessian_note", "tp_vit_note") if d.get(k))
     return ("### Accuracy after pruning on Fashion-MNIST: every method\n\n" + how + "\n\n"
-            f"{d.get('protocol', '')}{notes}\n\n"
+            f"{d.get('protocol', '')}{notes}\n\n" + (f"{d['scope_note']}\n\n" if d.get("scope_note") else "")
             + table(["model", "MACs /", "method", "family", "MACs kept", "params kept", "acc recalibrated",
                      "acc fine-tuned", "prune s"], rows))
 
