@@ -50,9 +50,9 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
     ``batches``: a sequence of (inputs, targets) batches reused at every recomputation, or a zero-argument
     callable returning the batches for the next one (fresh batches per pruning step); ``loss_fn`` (default
     cross-entropy), ``mode``/``delta`` (OBA), ``train`` (None: the criterion's default, train mode for OBA),
-    ``chunk_size``, ``progress``: as in ``obafx.passes.hvp.parameter_scores``; ``seed``: OBD's Hutchinson probes; ``normalizer``: "max" (OBA's; a group of all-zero scores stays zero)
-    or any Torch-Pruning normalizer; ``model``: the model to score (default: the group's dependency graph's
-    model); ``distributed``: all-reduce the scores over torch.distributed ranks (each rank passes its shard);
+    ``chunk_size``, ``progress``: as in ``obafx.passes.hvp.parameter_scores``; ``seed``: OBD's Hutchinson probes;
+    ``normalizer``: "max" (OBA's; a group of all-zero scores stays zero) or any Torch-Pruning normalizer;
+    ``model``: the model to score (default: the group's dependency graph's model); ``distributed``: all-reduce the scores over torch.distributed ranks (each rank passes its shard);
     ``criterion_kw``: extra keywords of the criterion function (e.g. ``diagonal="exact"`` for OBD);
     ``unit_sum``: "signed", "abs" or "member" (see compile_prune; None = the criterion's default: "member" for OBA;
     Torch-Pruning's groups are always averaged over members of |member sum|, so "member" ranks as "signed" here).
@@ -73,8 +73,8 @@ class CriterionImportance(tp.importance.GroupMagnitudeImportance):
                               f"...] or a callable returning the batches of the next pruning step")
         self.criterion, self.batches, self.model = criterion, batches, model
         self.unit_sum = resolve_unit_sum(unit_sum, criterion)
-        self.ctx = ScoreContext(loss_fn=loss_fn, mode=mode, delta=delta, train=resolve_train(train, criterion), seed=seed, progress=progress,
-                                chunk_size=chunk_size)
+        self.ctx = ScoreContext(loss_fn=loss_fn, mode=mode, delta=delta, train=resolve_train(train, criterion),
+                                seed=seed, progress=progress, chunk_size=chunk_size)
         self.normalizer, self.distributed, self.criterion_kw = normalizer, distributed, criterion_kw
         self.group_reduction, self.target_types, self.bias = "mean", [nn.modules.conv._ConvNd, nn.Linear], True
         self.computations, self.history = 0, []

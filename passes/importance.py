@@ -20,8 +20,9 @@ removal's loss change; adding magnitudes lets those estimates reinforce instead 
 slice is taken apart. This is OBA.md section 3's per-member rule, summed instead of averaged so that groups
 compare. Under a normaliser every rule but "abs" is the member mean of |member sum|, as the paper writes it.
 Measured (README, "The method, in short"): at equal widths "member" keeps far better VGG-BN channels than "abs"
-(benchmarks/fixed_widths.py). Scored in eval mode it wins VGG-BN's pruning runs but loses ResNet-20's; scored in
-train mode (OBA's default) it wins both, and "abs" stays ahead on the small ViT (no BatchNorm there).
+(benchmarks/fixed_widths.py). Scored in eval mode it wins VGG-BN's pruning runs but loses ResNet-20's badly;
+scored in train mode (OBA's default) it keeps VGG-BN and recovers most of that loss, while "abs" stays ahead on the
+small ViT (no BatchNorm there). No rule wins every model (README, Known limits).
 """
 from __future__ import annotations
 

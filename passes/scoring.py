@@ -244,5 +244,5 @@ def check_chunking(model: nn.Module, train: bool, chunk_size: Optional[int]) -> 
         raise ConfigError(f"chunk_size={chunk_size!r}. What to do: pass a positive int or None")
     if train and any(isinstance(m, _NormBase) for m in model.modules()):
         raise ConfigError("chunk_size with train=True (OBA's default) on a model with BatchNorm would change "
-                          "the batch statistics, so chunked scores would not equal whole-batch ones. What to do: score in "
-                          "eval mode (train=False) or use smaller batches instead of chunk_size")
+                          "the batch statistics, so chunked scores would not equal whole-batch ones. What to do: "
+                          "score in eval mode (train=False) or use smaller batches instead of chunk_size")
