@@ -183,17 +183,16 @@ def accuracy(d: Dict) -> str:
     plots; the protocol's scope note and every row go to RESULTS.md."""
     best = _best_per_family(d["summary"])
     factors = sorted({s["factor"] for s in best})
+    by_family: Dict[tuple, Dict[float, Dict]] = {}  # (model, family) -> factor -> its best row
+    for s in best:
+        by_family.setdefault((s["model"], s["family"]), {})[s["factor"]] = s
+    order = sorted(by_family, key=lambda k: (k[0], -max(s["acc_pruned"] for s in by_family[k].values())))
     rows = []
-    for model in sorted({s["model"] for s in best}):
-        families = {s["family"] for s in best if s["model"] == model}
-        for fam in sorted(families, key=lambda f: -max(s["acc_pruned"] for s in best
-                                                         if s["model"] == model and s["family"] == f)):
-            mine = {s["factor"]: s for s in best if s["model"] == model and s["family"] == fam}
-            cells = [mine.get(f, {}) for f in factors]
-            methods = ", ".join(dict.fromkeys(s["method"] for s in cells if s))
-            seeds = "/".join(str(s.get("acc_pruned_n", "-")) if s else "-" for s in cells)
-            rows.append((model, fam, methods, seeds, _per_budget(cells, "acc_pruned"),
-                         _per_budget(cells, "acc_finetuned")))
+    for model, fam in order:
+        cells = [by_family[(model, fam)].get(f, {}) for f in factors]
+        methods = ", ".join(dict.fromkeys(s["method"] for s in cells if s))
+        seeds = "/".join(str(s.get("acc_pruned_n", "-")) if s else "-" for s in cells)
+        rows.append((model, fam, methods, seeds, _per_budget(cells, "acc_pruned"), _per_budget(cells, "acc_finetuned")))
     dense = {r["model"]: r.get("acc_dense", r.get("test_acc")) for r in d["rows"] if r.get("method") == "dense"}
     budgets = " / ".join(f"{f:g}x" for f in factors)
     return ("### Accuracy after pruning on Fashion-MNIST (`python3 benchmarks/accuracy.py`)\n\n"

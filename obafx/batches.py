@@ -5,6 +5,8 @@ import itertools
 import warnings
 from typing import Any, Iterator, List, Optional, Sequence
 
+from obafx.passes.importance import criterion
+
 
 class BatchSource:
     """Hands out the batches for each step. A sequence is split evenly over the steps (cycling if it is shorter
@@ -79,12 +81,13 @@ def scoring_settings(importance: Any, mode: str, train: bool, unit_sum: str, ran
                      normalizer: Optional[str]) -> str:
     """How a data-driven criterion's scores were computed and ranked, in words, for the report ("" for the others):
     the scoring mode (train: BatchNorm on each batch's statistics), OBA's Hessian, the unit sum, the ranking."""
-    if not isinstance(importance, str) or importance in ("magnitude", "random"):
+    entry = criterion(importance)
+    if entry is None or not entry.needs_data:
         return ""
     parts = ["train mode (BatchNorm on each batch's statistics)" if train else "eval mode (running statistics)"]
     if importance in ("oba", "oba_group"):
         parts.append(f"mode={mode}")
-    if importance != "oba_group":
+    if entry.parameters is not None:  # unit_sum adds up per-parameter scores
         parts.append(f"unit_sum={unit_sum}")
     parts.append(f"rank={rank}" + (f", normalizer={normalizer}" if rank == "score" else ""))
     return "; " + ", ".join(parts)

@@ -35,7 +35,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from obafx.passes.errors import ConfigError, ScoreError
 from obafx.passes.facts import Coupling, ScoreContext
-from obafx.passes.importance import PARAMETER_CRITERIA, REGISTRY, aggregate, parameter_criteria, summands
+from obafx.passes.importance import (CALLABLE_DEFAULTS, PARAMETER_CRITERIA, REGISTRY, aggregate, parameter_criteria,
+                                     summands)
 from obafx.passes.private_copy import private_copy
 from obafx.passes.recalibrate import recalibrated
 
@@ -237,10 +238,8 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
         return aggregate(coupling, summands(scores, ctx.unit_sum), normalizer=ctx.normalizer, unit_sum=ctx.unit_sum)
 
     importance.__name__ = f"{criterion} (distributed)"
-    importance.needs_data = REGISTRY[criterion].needs_data  # for compile_prune's "no data" warning
-    importance.default_rank = REGISTRY[criterion].default_rank  # rank as the named criterion does ("oba": per MAC)
-    importance.default_unit_sum = REGISTRY[criterion].default_unit_sum  # and add up its units the same way
-    importance.default_train = REGISTRY[criterion].default_train  # and score in the same mode
+    for field in CALLABLE_DEFAULTS:  # needs data, ranks, sums units and scores in the mode the named criterion does
+        setattr(importance, field, getattr(REGISTRY[criterion], field))
     # compile_prune recalibrates BatchNorm between steps with this: on the union of the shards, so that every
     # rank keeps identical statistics (each rank's own shard would make the ranks' models drift apart)
     importance.recalibrated = lambda model, batches: recalibrated_across(model, batches, group)

@@ -239,13 +239,20 @@ def criterion(importance: Any) -> Optional[Criterion]:
     return REGISTRY[importance]
 
 
+# What a callable importance may carry to act like a registry entry (obafx.distributed's callables copy all of them).
+CALLABLE_DEFAULTS = ("needs_data", "default_rank", "default_unit_sum", "default_train")
+
+
+def _default(importance: Any, field: str, fallback: Any) -> Any:
+    """The registry entry's ``field`` for a named criterion; for a callable its attribute of that name, if any."""
+    entry = criterion(importance)
+    return getattr(entry, field) if entry is not None else getattr(importance, field, fallback)
+
+
 def resolve_rank(rank: Optional[str], importance: Any) -> str:
     """The ranking rule: ``rank`` when given, else the criterion's default ("per_mac" for "oba", "score" for the
     other criteria, and for callables unless they carry a ``default_rank`` attribute, as obafx.distributed's do)."""
-    if rank is not None:
-        return rank
-    entry = criterion(importance)
-    return entry.default_rank if entry is not None else getattr(importance, "default_rank", "score")
+    return rank if rank is not None else _default(importance, "default_rank", "score")
 
 
 def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
@@ -253,9 +260,9 @@ def resolve_unit_sum(unit_sum: Optional[str], importance: Any) -> str:
     for the others, and for callables unless they carry a ``default_unit_sum`` attribute). ConfigError for a
     value that is not in UNIT_SUMS, or "abs" for a criterion without per-parameter scores (a callable reads
     ctx.unit_sum itself if it cares)."""
-    entry = criterion(importance)
     if unit_sum is None:
-        return entry.default_unit_sum if entry is not None else getattr(importance, "default_unit_sum", "signed")
+        return _default(importance, "default_unit_sum", "signed")
+    entry = criterion(importance)
     if unit_sum not in UNIT_SUMS:
         raise ConfigError(f"unit_sum={unit_sum!r}. What to do: use one of {UNIT_SUMS}.")
     if unit_sum != "signed" and entry is not None and entry.parameters is None:
@@ -268,17 +275,13 @@ def resolve_train(train: Optional[bool], importance: Any) -> bool:
     """Whether to score in train mode: ``train`` when given, else the criterion's default (True for "oba": BatchNorm
     on each batch's own statistics; False for the others, and for callables unless they carry a
     ``default_train`` attribute)."""
-    if train is not None:
-        return bool(train)
-    entry = criterion(importance)
-    return entry.default_train if entry is not None else bool(getattr(importance, "default_train", False))
+    return bool(train if train is not None else _default(importance, "default_train", False))
 
 
 def needs_data(importance: Any) -> bool:
     """Whether ``importance`` scores on calibration batches (a callable says so with a ``needs_data``
     attribute, as obafx.distributed's do; compile_prune hands a callable the batches whenever there are any)."""
-    entry = criterion(importance)
-    return entry.needs_data if entry is not None else bool(getattr(importance, "needs_data", False))
+    return bool(_default(importance, "needs_data", False))
 
 
 def _checked(scores: Any, coupling: Coupling, name: str) -> Dict[int, float]:
