@@ -3,7 +3,10 @@
 Selection ranks units with a fast per-layer estimate; the real cost (thop MACs today, torch's flop counter or a
 latency timer tomorrow) of the rewritten module can differ from it, above or below. ``fit_budget`` treats the
 estimate's aim as the knob: it re-selects with a corrected aim, keeps a bracket (an aim known to land too high,
-one known to land too low) and bisects inside it once the proportional correction would leave it. It stops when a
+one known to land too low) and bisects inside it once the proportional correction would leave it. An aim the
+selection cannot reach (BudgetError) is a floor: when the estimate underrates what the kept channels cost, the
+correction can jump below every reachable selection, and the loop then bisects between that floor and the lowest
+aim that landed above, down to the cheapest selection the caps allow. It stops when a
 candidate lands within the tolerance, or when no other selection is reachable; then it returns the closest
 candidate that does not exceed the target by more than the tolerance, with a note saying why it is not closer.
 """
@@ -40,13 +43,20 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
     """
     seen: Dict[FrozenSet[int], Fitted] = {}
     aim, low, high = target, None, None  # low: an aim that landed below the band; high: one that landed above
+    floor = None  # the highest aim the selection could not reach (its estimate cannot go that low)
     for _ in range(rounds):
         try:
             removed = frozenset(select_at(aim))
         except BudgetError:
             if not seen:
                 raise
-            break
+            # The correction overshot what the estimate can reach (it underrates what the kept channels cost):
+            # the cheapest reachable selection lies between this aim and the lowest aim that landed above.
+            floor = aim
+            if high is None or high - floor <= 1e-9 * max(abs(high), 1.0):
+                break
+            aim = (floor + high) / 2
+            continue
         if removed not in seen:
             module = build(set(removed))
             seen[removed] = Fitted(removed, module, float(measure(module)))
@@ -66,6 +76,10 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
                 break
             if not low < nxt < high:
                 nxt = (low + high) / 2
+        elif floor is not None and nxt <= floor:  # only a landing above lowers the aim, so ``high`` is set
+            if high - floor <= 1e-9 * max(abs(high), 1.0):
+                break
+            nxt = (floor + high) / 2
         aim = nxt
     return _closest(seen.values(), target, tolerance, what)
 

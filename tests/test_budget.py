@@ -94,6 +94,15 @@ def test_fit_out_of_reach_raises():
         fit_budget(50.0, select_at, build, measure)
 
 
+def test_fit_reaches_the_cheapest_selection_when_the_correction_overshoots_the_reachable():
+    # The estimate underrates the measured cost (20 aimed, 84 measured), so the proportional correction aims at
+    # 4.8, below every estimate (the cheapest is 10): the loop must still try that cheapest selection (cost 82)
+    # instead of stopping at the first candidate.
+    select_at, build, measure = _staircase([100, 98, 96, 94, 92, 90, 88, 86, 84, 82])
+    fitted = fit_budget(20.0, select_at, build, measure)
+    assert fitted.cost == 82 and MISSED in fitted.note and "no selection lowered the cost further" in fitted.note
+
+
 def test_fit_says_when_the_step_starts_below_its_target():
     fitted = fit_budget(70.0, lambda aim: set(), lambda removed: "module", lambda module: 50.0)
     assert fitted.cost == 50 and MISSED in fitted.note and "already costs less" in fitted.note
