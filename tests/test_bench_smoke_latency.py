@@ -58,6 +58,8 @@ def test_verdict_names_why_a_cell_misses():
     assert bench.verdict(1.25, row) == ("met", None)
     row["mac_ratio"] = 50.0
     assert bench.verdict(2.0, row)[1].startswith("overhead-bound: the result has 50.0x fewer MACs")
+    row["loop_speedup"] = 2.0  # the loop met it: however many MACs went, the re-check is the outlier
+    assert bench.verdict(2.0, row)[1].startswith("noise")
 
 
 def test_rejects_a_request_that_is_no_speedup():
