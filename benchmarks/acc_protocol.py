@@ -65,6 +65,12 @@ METHODS: Dict[str, tuple] = {
     "taylor_train": ("Taylor", dict(importance="taylor", train=True)),
     "taylor_abs_train": ("Taylor", dict(importance="taylor", rank="score", normalizer="mean", unit_sum="abs",
                                         train=True)),
+    # the group-exact score (ΔL_u = -g_u'θ_u + ½θ_u'Hθ_u per unit, Rademacher probes) with the full Hessian in train
+    # mode, ranked per MAC: the estimate closest to the true single-unit loss change (benchmarks/score_truth.py)
+    "oba_group_full_permac_train": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
+                                                probes=4)),
+    "oba_group_full_permac_train_p1": ("OBA", dict(importance="oba_group", mode="full", train=True,
+                                                   rank="per_mac", probes=1)),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),

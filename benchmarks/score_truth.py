@@ -44,6 +44,8 @@ CRITERIA = {
     "oba abs": ("oba", dict(mode="residual", train=True, unit_sum="abs")),
     "taylor abs (Torch-Pruning's rule)": ("taylor", dict(train=True, unit_sum="abs")),
     "taylor member": ("taylor", dict(train=True, unit_sum="member")),
+    "oba group, full H, 4 probes": ("oba_group", dict(mode="full", train=True, probes=4)),
+    "oba group, full H, 1 probe": ("oba_group", dict(mode="full", train=True, probes=1)),
 }
 EXAMPLE = torch.zeros(1, 1, 32, 32)
 
