@@ -5,7 +5,8 @@ benchmark's first calibration set: 8 batches of 64, BatchNorm on batch statistic
 alone (every slice it owns zeroed: a layer's rows and bias, the next layers' columns, a norm's weight and bias,
 which is what removing the channel does) to measure the true loss change on the same batches, in the same mode.
 Per criterion: the Spearman correlation of score per MAC saved with true loss change per MAC saved, over all
-units, over the residual-stream units (the 3 groups with most members) and over the rest; and the ratio of the
+units, over the residual-stream units (groups with at least twice the median number of members: read
+and written by many layers) and over the rest; and the ratio of the
 stream units' median score per MAC to the other units' median, next to the same ratio of the true loss change.
 That ratio is what decides how a per-MAC ranking splits a MAC budget between streams and the rest.
 
@@ -90,7 +91,8 @@ def measure(name: str, n_batches: int, size: int) -> Dict:
     gm = traced.gm
     coupling = couple(analyze(traced))
     units = [u for g in coupling.groups for u in g.units]
-    streams = sorted(coupling.groups, key=lambda g: -len(g.members))[:3]
+    members = np.array([len(g.members) for g in coupling.groups])
+    streams = [g for g, m in zip(coupling.groups, members) if m >= 2 * np.median(members)]  # read by many layers
     in_stream = np.isin(units, [u for g in streams for u in g.units])
     cost = mac_savings(coupling, thop_macs(gm, traced.inputs)[1])
     cost = np.array([cost.get(u, 0.0) for u in units])
@@ -118,6 +120,8 @@ def _agree(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 
 def _ratio(per_mac: np.ndarray, in_stream: np.ndarray, keep: np.ndarray) -> float:
     """Median over stream units / median over the other units (both per MAC saved)."""
+    if not (keep & in_stream).any() or not (keep & ~in_stream).any():
+        return float("nan")  # no streams (a plain chain such as VGG)
     rest = np.median(per_mac[keep & ~in_stream])
     return round(float(np.median(per_mac[keep & in_stream]) / rest), 3) if rest != 0 else float("nan")
 
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
               "protocol": f"committed dense models; {args.batches}x{args.size} calibration images (the accuracy "
                           "benchmark's step-0 set, seed 0); train mode (BatchNorm on batch statistics) for scores "
                           "and truth; truth = loss change of zeroing every slice of one unit; per MAC = divided by "
-                          "the MACs removing that unit alone saves; streams = the 3 groups with most members",
+                          "the MACs removing that unit alone saves; streams = groups with at least twice the median number of "
+                          "members",
               "machine": machine_info(),
               "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}}
     write_json(args.out, result)
