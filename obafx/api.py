@@ -19,8 +19,8 @@ from obafx.latency_budget import LatencyBudget, check_request
 from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
-from obafx.passes.hvp import DEFAULT_MODE
-from obafx.passes.importance import criterion, needs_data, resolve_rank, resolve_train, resolve_unit_sum
+from obafx.passes.importance import (criterion, needs_data, resolve_mode, resolve_probes, resolve_rank,
+                                     resolve_train, resolve_unit_sum)
 from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import unit_costs
@@ -35,12 +35,12 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   channels: Optional[float] = None, importance: Any = "magnitude", data: Optional[Iterable] = None,
                   loss_fn: Optional[Callable] = None, steps: int = 1, batches_per_step: Optional[int] = None,
                   ignore: Iterable[str] = (), round_to: int = 1, max_layer_ratio: float = 0.95,
-                  leaf_modules: Iterable[Any] = (), mode: str = DEFAULT_MODE, delta: float = 0.0,
+                  leaf_modules: Iterable[Any] = (), mode: Optional[str] = None, delta: float = 0.0,
                   train: Optional[bool] = None, seed: int = 0, progress: bool = False, verify: bool = True,
                   structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: Optional[str] = None,
-                  probes: int = 1, capture: str = "auto", counter: Optional[str] = None,
+                  probes: Optional[int] = None, capture: str = "auto", counter: Optional[str] = None,
                   uniform: bool = False, keep_widths: Iterable[str] = (),
                   keep_narrow: bool = False, unit_sum: Optional[str] = None) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
@@ -60,8 +60,11 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     copy of the same size; importance "oba" or "magnitude"); the report holds the sparsity per weight.
 
     ``train``: score in train mode (BatchNorm on each batch's own statistics, dropout active) or eval mode (running
-    statistics). None (default) = True for importance="oba" (the paper's code scores so, and the accuracy
-    benchmark favours it: README), False for the other criteria.
+    statistics). None (default) = True for importance="oba" and "oba_group" (the paper's code scores so, and the
+    accuracy benchmark favours it: README), False for the other criteria.
+    ``mode``: OBA's Hessian, "full" (the loss Hessian H) or "residual" (H − G, G its Gauss-Newton part); None
+    (default) = "residual" for importance="oba" (the paper's criterion), "full" for "oba_group" (its score is the
+    loss change of removing a unit, and H is what predicts it: benchmarks/score_truth.py).
     ``recalibrate``: after every step (and after the last) reset the BatchNorm running statistics and
     re-estimate them on that step's calibration batches (train-mode forward, no gradients), so that an eval-mode
     step scores the pruned network, not one with the unpruned network's statistics, and the result carries
@@ -70,11 +73,11 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
     None (raw scores comparable across groups: a unit's total over all its slices, in loss units for the
     data-driven criteria, e.g. |g_uᵀθ_u| for Taylor).
-    ``rank``: None (default) = "per_mac" for importance="oba", "score" for every other criterion; "score" ranks
+    ``rank``: None (default) = "per_mac" for "oba" and "oba_group", "score" for every other criterion; "score" ranks
     units by (normalised) score; "per_mac" by RAW score divided by what removing the
     unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
-    ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each).
+    ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each); None (default) = 4.
     ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
     over a unit's slices: "signed" (|Σ s_i| over the whole unit, for Taylor the loss change |g_uᵀθ_u| of removing
     the unit), "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
@@ -97,7 +100,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     runs) where the defaults give 1.31-1.41x (CPU time, 1 thread; in contiguous format both stay at ~1.3-1.5x;
     benchmarks/train_speed.py, benchmarks/kernel_widths.py).
     """
-    train = resolve_train(train, importance)
+    train, mode, probes = (resolve_train(train, importance), resolve_mode(mode, importance),
+                           resolve_probes(probes, importance))
     if structure == "unstructured":
         if latency is not None:
             raise ConfigError("latency= is a budget for structured pruning (zeroed weights do not run faster). "

@@ -138,7 +138,7 @@ def test_compile_prune_with_oba_group(train):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = obafx.compile_prune(model, data[0][0], macs=0.6, steps=2, importance="oba_group", mode="residual",
-                                     data=data, train=train, probes=2,
+                                     data=data, train=train, probes=2, rank="score",
                                      on_stage=lambda name, facts: seen.append(facts) if name == "score" else None)
     rep = obafx.report(pruned)
     assert rep.importance == "oba_group" and rep.macs_ratio <= 0.61 and rep.masked_error < 1e-9

@@ -19,7 +19,7 @@ from obafx.passes.macs import thop_macs
 from obafx.passes.ranking import mac_savings, param_savings
 from obafx.passes.rewrite import rewrite
 from obafx.passes.trace import trace
-from tests.small_nets import ConcatNet, Wide
+from tests.small_nets import ConcatNet, SmoothCNN, Wide
 
 
 def wide():
@@ -186,6 +186,7 @@ def test_bad_ranking_options_are_config_errors(kw, words):
 
 @pytest.mark.parametrize("importance, explicit", [
     ("oba", dict(mode="residual", rank="per_mac", unit_sum="member", train=True)),  # the default the benchmark supports
+    ("oba_group", dict(mode="full", rank="per_mac", train=True, probes=4)),
     ("taylor", dict(rank="score")),
     ("magnitude", dict(rank="score")),
 ])
@@ -203,6 +204,26 @@ def test_the_default_ranking_is_the_criterions_own(importance, explicit):
         other = obafx.report(obafx.compile_prune(model, x, **kw, **flipped)).plan
     assert default == same
     assert default != other
+
+
+@pytest.mark.parametrize("importance, option, default, other", [
+    ("oba", "mode", "residual", "full"), ("oba_group", "mode", "full", "residual"), ("oba_group", "probes", 4, 1)])
+def test_the_default_hessian_and_probes_are_the_criterions_own(importance, option, default, other):
+    """mode=None and probes=None resolve per criterion: OBA's per-parameter scores use H − G (the paper's),
+    the group-exact score uses H and 4 probes. The default's plan equals the explicit value's and differs from
+    the other value's."""
+    torch.manual_seed(0)
+    model = SmoothCNN().double().eval()  # smooth activations: H − G is far from H (not so on a small ReLU MLP)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (4,), generator=g))
+            for _ in range(2)]
+    kw = dict(macs=0.5, importance=importance, data=data, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plans = {v: obafx.report(obafx.compile_prune(model, data[0][0], **kw, **({} if v is None else {option: v}))
+                                 ).plan for v in (None, default, other)}
+    assert plans[None] == plans[default]
+    assert plans[None] != plans[other]
 
 
 @pytest.mark.parametrize("importance, default_sum", [("oba", "member"), ("taylor", "signed")])
