@@ -138,6 +138,24 @@ def _train_section(d: Dict, rows: List[Sequence], which: str) -> str:
             + table(TRAIN_HEADER, rows))
 
 
+def score_truth(d: Dict) -> str:
+    """Per criterion and model: rank agreement of score per MAC with the true single-unit loss change per MAC, and
+    the stream-to-rest price ratio next to the truth's."""
+    models = list(d["models"])
+    crits = list(d["models"][models[0]]["criteria"])
+    rows = [("true loss change", *(f"- / {_num(d['models'][m]['truth_stream_to_rest'])}" for m in models))]
+    rows += [(c, *(f"{r['spearman_all']:.2f} / {_num(r['stream_to_rest'])}"
+                   for r in (d["models"][m]["criteria"][c] for m in models))) for c in crits]
+    return (f"### Do the scores predict the loss change? (`{d['command']}`)\n\n"
+            f"{d['protocol']}. Cell: Spearman correlation with the truth, per MAC saved, over all units / median "
+            "price of a residual-stream unit over the other units' (per MAC; - where a model has no stream).\n\n"
+            + table(["criterion", *models], rows))
+
+
+def _num(x) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}"
+
+
 def hvp_cost_group(d: Dict) -> str:
     """The group-exact score's cost beside OBA's of the same mode (CPU time and peak memory)."""
     rows = []
