@@ -69,8 +69,6 @@ METHODS: Dict[str, tuple] = {
     # mode, ranked per MAC: the estimate closest to the true single-unit loss change (benchmarks/score_truth.py)
     "oba_group_full_permac_train": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
                                                 probes=4)),
-    "oba_group_full_permac_train_p1": ("OBA", dict(importance="oba_group", mode="full", train=True,
-                                                   rank="per_mac", probes=1)),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),

@@ -138,7 +138,8 @@ HEADLINES = (("accuracy", head.accuracy), ("throughput", head.throughput), ("lat
 FULL = (("accuracy", head.accuracy_full), ("fixed_widths", head.fixed_widths), ("width_swap", head.width_swap),
         ("throughput", throughput), ("latency", head.latency),
         ("train_speed", head.train_speed_full), ("hvp_cost", hvp_cost), ("hvp_cost_group", head.hvp_cost_group),
-        ("score_truth", head.score_truth), ("hf_scale", head.hf_scale), ("zoo", zoo), ("analysis_speed", analysis_speed), ("fuzz", fuzz))
+        ("score_truth", head.score_truth), ("hf_scale", head.hf_scale), ("zoo", zoo), ("analysis_speed", analysis_speed),
+        ("fuzz", fuzz))
 
 
 def render_full() -> str:

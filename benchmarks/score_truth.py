@@ -5,10 +5,10 @@ benchmark's first calibration set: 8 batches of 64, BatchNorm on batch statistic
 alone (every slice it owns zeroed: a layer's rows and bias, the next layers' columns, a norm's weight and bias,
 which is what removing the channel does) to measure the true loss change on the same batches, in the same mode.
 Per criterion: the Spearman correlation of score per MAC saved with true loss change per MAC saved, over all
-units, over the residual-stream units (groups with at least twice the median number of members: read
-and written by many layers) and over the rest; and the ratio of the
-stream units' median score per MAC to the other units' median, next to the same ratio of the true loss change.
-That ratio is what decides how a per-MAC ranking splits a MAC budget between streams and the rest.
+units, over the residual-stream units (groups with at least twice the median number of members: read and
+written by many layers) and over the rest; and the ratio of the stream units' median score per MAC to the other
+units' median, next to the same ratio of the true loss change. That ratio is what decides how a per-MAC ranking
+splits a MAC budget between streams and the rest.
 
     python3 benchmarks/score_truth.py                      # resnet20 -> results/score_truth.json
     python3 benchmarks/score_truth.py --models resnet20,vgg_bn,vit_tiny

@@ -6,9 +6,9 @@ estimate's aim as the knob: it re-selects with a corrected aim, keeps a bracket 
 one known to land too low) and bisects inside it once the proportional correction would leave it. An aim the
 selection cannot reach (BudgetError) is a floor: when the estimate underrates what the kept channels cost, the
 correction can jump below every reachable selection, and the loop then bisects between that floor and the lowest
-aim that landed above, down to the cheapest selection the caps allow. It stops when a
-candidate lands within the tolerance, or when no other selection is reachable; then it returns the closest
-candidate that does not exceed the target by more than the tolerance, with a note saying why it is not closer.
+aim that landed above, down to the cheapest selection the caps allow. It stops when a candidate lands within the
+tolerance, or when no other selection is reachable; then it returns the closest candidate that does not exceed
+the target by more than the tolerance, with a note saying why it is not closer.
 """
 from __future__ import annotations
 

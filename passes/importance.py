@@ -220,8 +220,8 @@ REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
             default_train=True),
     # The group-exact score's defaults are the configuration benchmarks/score_truth.py and the accuracy benchmark
     # support: the full Hessian in train mode is the estimate closest to the true loss change of removing a unit
-    # (rank correlation 0.53 on ResNet-20, against 0.20-0.27 for OBA's and Taylor's sums), 4 probes halve the
-    # probe noise of 1 (0.28), and per-MAC ranking compares the estimates, which are in loss units, across groups.
+    # (rank correlation 0.53 on ResNet-20, against 0.20-0.27 for OBA's and Taylor's sums; 0.28 with 1 probe
+    # instead of 4), and per-MAC ranking compares the estimates, which are in loss units, across groups.
     replace(Criterion("oba_group", _oba_group, None, True), default_rank="per_mac", default_train=True,
             default_mode="full", default_probes=4),
     *(_data_criterion(name, _baseline_parameters(name)) for name in ("taylor", "obd", "fisher")),
