@@ -91,18 +91,29 @@ def measure(name: str, splits: int, n_batches: int, size: int) -> Dict:
             "stream_units": int(len(stream_units)), "criteria": rows}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+DATA_SET = "Fashion-MNIST train split (28x28 zero-padded to 32x32, normalised)"
+
+
+def calibration_parser(name: str, description: str, batches_help: str) -> argparse.ArgumentParser:
+    """The options every unit-score study on the committed dense models shares (score_noise, score_truth): the
+    models, the calibration batches and their size, threads, and the JSON written to results/<name>.json."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--models", default="resnet20")
-    p.add_argument("--splits", type=int, default=4, help="disjoint calibration sets")
-    p.add_argument("--batches", type=int, default=8, help="batches per set (the accuracy benchmark's per step)")
+    p.add_argument("--batches", type=int, default=8, help=batches_help)
     p.add_argument("--size", type=int, default=64, help="images per batch")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "score_noise.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / f"{name}.json"))
+    return p
+
+
+def main(argv=None) -> int:
+    p = calibration_parser("score_noise", __doc__.splitlines()[0],
+                           "batches per set (the accuracy benchmark's per step)")
+    p.add_argument("--splits", type=int, default=4, help="disjoint calibration sets")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"command": "python3 benchmarks/score_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "data_set": "Fashion-MNIST train split (28x28 zero-padded to 32x32, normalised)",
+              "data_set": DATA_SET,
               "protocol": f"{args.splits} disjoint calibration sets of {args.batches}x{args.size} images (the "
                           "accuracy benchmark's sets of steps 0..n-1, seed 0); unit scores unnormalised; mean "
                           "pairwise Spearman correlation over all units and over the 3 groups with most members "

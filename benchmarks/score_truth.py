@@ -15,7 +15,6 @@ splits a MAC budget between streams and the rest.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
-from score_noise import spearman  # noqa: E402
+from score_noise import DATA_SET, calibration_parser, spearman  # noqa: E402
 
 from obafx.bench import data as fmnist  # noqa: E402
 from obafx.bench import dense  # noqa: E402
@@ -127,21 +126,17 @@ def _ratio(per_mac: np.ndarray, in_stream: np.ndarray, keep: np.ndarray) -> floa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet20")
-    p.add_argument("--batches", type=int, default=8, help="calibration batches (the accuracy benchmark's per step)")
-    p.add_argument("--size", type=int, default=64, help="images per batch")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "score_truth.json"))
+    p = calibration_parser("score_truth", __doc__.splitlines()[0],
+                           "calibration batches (the accuracy benchmark's per step)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"command": "python3 benchmarks/score_truth.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "data_set": "Fashion-MNIST train split (28x28 zero-padded to 32x32, normalised)",
+              "data_set": DATA_SET,
               "protocol": f"committed dense models; {args.batches}x{args.size} calibration images (the accuracy "
                           "benchmark's step-0 set, seed 0); train mode (BatchNorm on batch statistics) for scores "
                           "and truth; truth = loss change of zeroing every slice of one unit; per MAC = divided by "
-                          "the MACs removing that unit alone saves; streams = groups with at least twice the median number of "
-                          "members",
+                          "the MACs removing that unit alone saves; streams = groups with at least twice the median "
+                          "number of members",
               "machine": machine_info(),
               "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}}
     write_json(args.out, result)
