@@ -136,10 +136,13 @@ def test_every_default_mode_is_the_one_constant():
     from obafx.passes.facts import DEFAULT_MODE, ScoreContext
     from obafx.passes.group_scores import group_scores
     from obafx.passes.hvp import parameter_scores
+    from obafx.passes.importance import Criterion, resolve_mode
     from obafx.tp_interop import CriterionImportance, OBAImportance
-    for fn in (obafx.compile_prune, parameter_scores, group_scores, CriterionImportance.__init__,
-               OBAImportance.__init__, ScoreContext):
+    for fn in (parameter_scores, group_scores, CriterionImportance.__init__, OBAImportance.__init__, ScoreContext,
+               Criterion):
         source = inspect.getsource(fn)
-        head = source if fn is ScoreContext else source.split('"""')[0]
+        head = source if fn in (ScoreContext, Criterion) else source.split('"""')[0]
         assert "mode: str = DEFAULT_MODE" in head, fn
-    assert ScoreContext().mode == DEFAULT_MODE == inspect.signature(obafx.compile_prune).parameters["mode"].default
+    # compile_prune's mode=None resolves per criterion: OBA's (and every criterion's without one of its own) is it
+    assert inspect.signature(obafx.compile_prune).parameters["mode"].default is None
+    assert ScoreContext().mode == DEFAULT_MODE == resolve_mode(None, "oba") == resolve_mode(None, "taylor")
