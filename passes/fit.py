@@ -53,7 +53,7 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
             # The correction overshot what the estimate can reach (it underrates what the kept channels cost):
             # the cheapest reachable selection lies between this aim and the lowest aim that landed above.
             floor = aim
-            if high is None or high - floor <= 1e-9 * max(abs(high), 1.0):
+            if high is None or _collapsed(floor, high):
                 break
             aim = (floor + high) / 2
             continue
@@ -71,17 +71,19 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
         else:
             low = aim if low is None else max(low, aim)
         nxt = aim * target / cost if cost > 0 else aim * 2
-        if low is not None and high is not None:
-            if high - low <= 1e-9 * max(abs(high), 1.0):
+        lower = low if low is not None else floor  # the bracket's lower end: landed below, else unreachable
+        if lower is not None and high is not None:
+            if _collapsed(lower, high):
                 break
-            if not low < nxt < high:
-                nxt = (low + high) / 2
-        elif floor is not None and nxt <= floor:  # only a landing above lowers the aim, so ``high`` is set
-            if high - floor <= 1e-9 * max(abs(high), 1.0):
-                break
-            nxt = (floor + high) / 2
+            if not lower < nxt < high:
+                nxt = (lower + high) / 2
         aim = nxt
     return _closest(seen.values(), target, tolerance, what)
+
+
+def _collapsed(lower: float, upper: float) -> bool:
+    """Whether a bracket of aims has shrunk to nothing (relative to its upper end)."""
+    return upper - lower <= 1e-9 * max(abs(upper), 1.0)
 
 
 def _closest(candidates, target: float, tolerance: float, what: str, why: Optional[str] = None) -> Fitted:

@@ -293,9 +293,9 @@ def resolve_probes(probes: Optional[int], importance: Any) -> int:
 
 
 def resolve_train(train: Optional[bool], importance: Any) -> bool:
-    """Whether to score in train mode: ``train`` when given, else the criterion's default (True for "oba": BatchNorm
-    on each batch's own statistics; False for the others, and for callables unless they carry a
-    ``default_train`` attribute)."""
+    """Whether to score in train mode: ``train`` when given, else the criterion's default (True for "oba" and
+    "oba_group": BatchNorm on each batch's own statistics; False for the others, and for callables unless they
+    carry a ``default_train`` attribute)."""
     return bool(train if train is not None else _default(importance, "default_train", False))
 
 
