@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -210,23 +210,30 @@ class Sampler:
 
 
 def alternate(dense: nn.Module, candidate: nn.Module, inputs: Tuple[Any, ...], opts: LatencyOptions,
-              desc: str = "obafx timing", dense_placed: Optional[Tuple[Any, Tuple[Any, ...]]] = None
-              ) -> Dict[str, Any]:
+              desc: str = "obafx timing", dense_placed: Optional[Tuple[Any, Tuple[Any, ...]]] = None,
+              candidate_placed: Optional[Tuple[Any, Tuple[Any, ...]]] = None,
+              earlier: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Dense and candidate timed in alternation (order swapped every round). Out: their medians over rounds,
-    the ratio candidate / dense, the per-round spread (min, max) of each, and the protocol. ``dense_placed``:
-    placed(dense, ...) made earlier (a compiled dense module is compiled once, not per candidate)."""
+    the ratio candidate / dense, the per-round values and spread (min, max) of each, and the protocol.
+    ``dense_placed`` / ``candidate_placed``: placed(...) made earlier (a compiled module is compiled once);
+    ``earlier``: a previous result for the same pair, whose rounds are pooled with these (a second look at a
+    candidate is measured on twice the rounds, not replaced by one more noisy draw)."""
     with threads(opts.threads):
         pair = {"dense": Sampler(*(dense_placed or placed(dense, inputs, opts)), opts),
-                "pruned": Sampler(*placed(candidate, inputs, opts), opts)}
+                "pruned": Sampler(*(candidate_placed or placed(candidate, inputs, opts)), opts)}
         per: Dict[str, list] = {"dense": [], "pruned": []}
         for r in tqdm(range(opts.rounds), desc=desc, disable=not opts.progress, leave=False):
             for name in (("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")):
                 per[name].append(pair[name].median())  # the first round also warms up
+    if earlier is not None:
+        per = {name: list(earlier[f"{name}_rounds_s"]) + values for name, values in per.items()}
     dense_s, pruned_s = statistics.median(per["dense"]), statistics.median(per["pruned"])
     return {"dense_s": dense_s, "pruned_s": pruned_s, "ratio": pruned_s / dense_s if dense_s > 0 else 1.0,
             "speedup": dense_s / pruned_s if pruned_s > 0 else float("inf"),
             "dense_spread_s": [min(per["dense"]), max(per["dense"])],
-            "pruned_spread_s": [min(per["pruned"]), max(per["pruned"])], **protocol(opts, inputs)}
+            "pruned_spread_s": [min(per["pruned"]), max(per["pruned"])],
+            "dense_rounds_s": per["dense"], "pruned_rounds_s": per["pruned"],
+            **protocol(replace(opts, rounds=len(per["dense"])), inputs)}
 
 
 def protocol(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> Dict[str, Any]:
@@ -300,6 +307,4 @@ def _points(spec: LayerSpec, grid: Sequence[float], in_block: int = 1,
 
 def _like(opts: LatencyOptions, inputs: Tuple[Any, ...]) -> LatencyOptions:
     """The options with the dtype fixed to the model's timing dtype (layers are built in float32)."""
-    from dataclasses import replace
-
     return replace(opts, dtype=_dtype(opts, inputs))

@@ -91,15 +91,17 @@ def select_channels(coupling, scores, budget: Budget, step: int, steps: int, uni
 
 
 def fit(coupling, scores, budget: Budget, target: float, estimate, build, measure, what="MAC",
-        tolerance: float = TOLERANCE, widths0=None, rounds: int = 12, last: bool = True, blocks=None):
+        tolerance: float = TOLERANCE, widths0=None, rounds: int = 12, last: bool = True, blocks=None,
+        confirm=None):
     """Select toward an absolute ``target`` of a measured cost: the per-layer ``estimate(removed)`` ranks and picks
     the units, ``build(removed) -> module`` and ``measure(module) -> cost`` check the candidate, and fit_budget
     corrects the aim until the cost is within the tolerance on both sides. A miss is warned about and noted (the
     closest feasible candidate is kept); ``rounds`` caps the candidates built. A step before the ``last`` one
     says nothing: step targets are fractions of the ORIGINAL cost, so the next step corrects its miss. Returns
-    (removed units, module, notes: a tuple). ``blocks``: a latency cost model's per-group kernel blocks."""
+    (removed units, module, notes: a tuple). ``blocks``: a latency cost model's per-group kernel blocks;
+    ``confirm``: a noisy cost's second, pooled measurement (passes/fit.py)."""
     fitted = fit_budget(target, lambda aim: S.select(coupling, scores, budget, estimate, aim, widths0, blocks),
-                        build, measure, what=what, tolerance=tolerance, rounds=rounds)
+                        build, measure, what=what, tolerance=tolerance, rounds=rounds, confirm=confirm)
     if not (fitted.note and last):
         return set(fitted.removed), fitted.module, ()
     warn_once(fitted.note)
@@ -117,7 +119,8 @@ def fit_latency(lat: LatencyBudget, budget: Budget, widths0, steps: int, current
         removed, gm, notes = fit(coupling, scores, budget, target, estimate, build,
                                  lambda gm: _latency_measure(lat, gm), what="latency",
                                  tolerance=lat.options.tolerance, widths0=widths0, rounds=lat.options.candidates,
-                                 last=step == steps, blocks=blocks)
+                                 last=step == steps, blocks=blocks,
+                                 confirm=lambda gm: _latency_measure(lat, gm, again=True))
     except BudgetError:
         every = Budget(channels=1.0, max_layer_ratio=budget.max_layer_ratio, round_to=budget.round_to,
                        keep_narrow=budget.keep_narrow)
@@ -140,8 +143,8 @@ def _latency_model(lat: LatencyBudget, current: Traced, facts, coupling):
 
 
 @stage("latency measure")
-def _latency_measure(lat: LatencyBudget, module) -> float:
-    return lat.measure(module)
+def _latency_measure(lat: LatencyBudget, module, again: bool = False) -> float:
+    return lat.confirm(module) if again else lat.measure(module)
 
 
 def build_report(traced, pruned, coupling0, plan, macs0, macs1, importance, steps, error, notes, seconds,

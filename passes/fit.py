@@ -9,10 +9,15 @@ correction can jump below every reachable selection, and the loop then bisects b
 aim that landed above, down to the cheapest selection the caps allow. It stops when a candidate lands within the
 tolerance, or when no other selection is reachable; then it returns the closest candidate that does not exceed
 the target by more than the tolerance, with a note saying why it is not closer.
+
+A noisy cost (a latency timed on a busy machine) gets a second look: with ``confirm``, a candidate that lands
+within the tolerance is measured again (pooled with its first measurement) before it is accepted. Without it,
+the loop keeps whichever of several candidates happened to draw a measurement inside the band, and a later,
+independent measurement of that candidate lands outside it more often than not (the winner's curse).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, FrozenSet, Optional, Set
 
 from .errors import BudgetError
@@ -34,14 +39,17 @@ class Fitted:
 
 def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Callable[[Set[int]], Any],
                measure: Callable[[Any], float], *, tolerance: float = TOLERANCE, rounds: int = 12,
-               what: str = "MAC") -> Fitted:
+               what: str = "MAC", confirm: Optional[Callable[[Any], float]] = None) -> Fitted:
     """Find removed units whose built module's measured cost is within ``tolerance`` (relative) of ``target``.
 
     ``select_at(aim) -> removed units`` selects toward an aim of the estimate (monotone: a lower aim removes at
     least as much); ``build(removed) -> module``; ``measure(module) -> cost``. ``what`` names the cost in notes.
+    ``confirm(module) -> cost``: a second, pooled measurement of a candidate that landed within the tolerance,
+    taken once per candidate before it is accepted (None: costs are exact, as thop's are).
     A BudgetError from the first selection propagates (the target is out of reach); a later one ends the search.
     """
     seen: Dict[FrozenSet[int], Fitted] = {}
+    confirmed: Set[FrozenSet[int]] = set()
     aim, low, high = target, None, None  # low: an aim that landed below the band; high: one that landed above
     floor = None  # the highest aim the selection could not reach (its estimate cannot go that low)
     for _ in range(rounds):
@@ -60,8 +68,11 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
         if removed not in seen:
             module = build(set(removed))
             seen[removed] = Fitted(removed, module, float(measure(module)))
+        if confirm is not None and _within(seen[removed].cost, target, tolerance) and removed not in confirmed:
+            confirmed.add(removed)
+            seen[removed] = replace(seen[removed], cost=float(confirm(seen[removed].module)))
         cost = seen[removed].cost
-        if abs(cost - target) <= tolerance * target:
+        if _within(cost, target, tolerance):
             return seen[removed]
         if cost < target and not removed:  # already below before removing anything: an earlier step overshot
             return _closest(seen.values(), target, tolerance, what, "the module this step starts from already "
@@ -79,6 +90,10 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
                 nxt = (lower + high) / 2
         aim = nxt
     return _closest(seen.values(), target, tolerance, what)
+
+
+def _within(cost: float, target: float, tolerance: float) -> bool:
+    return abs(cost - target) <= tolerance * target
 
 
 def _collapsed(lower: float, upper: float) -> bool:

@@ -106,3 +106,19 @@ def test_fit_reaches_the_cheapest_selection_when_the_correction_overshoots_the_r
 def test_fit_says_when_the_step_starts_below_its_target():
     fitted = fit_budget(70.0, lambda aim: set(), lambda removed: "module", lambda module: 50.0)
     assert fitted.cost == 50 and MISSED in fitted.note and "already costs less" in fitted.note
+
+
+def test_fit_confirms_a_candidate_that_lands_in_the_band_before_accepting_it():
+    # k=4's first measurement (70) is a lucky draw: measured again it is 76, outside 70 ± 2%. Without a second
+    # look the loop would accept it; with one it goes on and accepts k=5, whose second look confirms it.
+    select_at, build, measure = _staircase([100, 92, 85, 79, 70, 69.5, 50, 40, 30, 20])
+    second = {4: 76.0, 5: 70.5}
+    looked = []
+
+    def confirm(k):
+        looked.append(k)
+        return second[k]
+
+    assert fit_budget(70.0, select_at, build, measure).cost == 70  # no confirm: the lucky draw wins
+    fitted = fit_budget(70.0, select_at, build, measure, confirm=confirm)
+    assert looked == [4, 5] and fitted.module == 5 and fitted.cost == 70.5 and fitted.note is None

@@ -88,7 +88,8 @@ def test_measured_latency_lands_within_tolerance(tmp_path, x, latency, steps):
     m = rep.latency["measured"]
     assert m["ratio"] == pytest.approx(truth, rel=1e-9) and m["speedup"] == pytest.approx(1 / truth, rel=1e-9)
     assert rep.latency["requested_fraction"] == pytest.approx(want)
-    assert m["timer"] == "custom timer" and m["batch"] == 2 and m["mode"] == "eager" and m["rounds"] == 1
+    assert m["timer"] == "custom timer" and m["batch"] == 2 and m["mode"] == "eager"
+    assert m["rounds"] == 2  # rounds=1: the accepted candidate was measured twice (pooled) before it was kept
     assert "latency: asked for" in rep.summary() and rep.masked_error < 1e-4
     assert not any("missed" in n for n in rep.notes)
 

@@ -91,3 +91,18 @@ def test_sampler_warms_up_once_then_only_samples(monkeypatch):
     assert sampler.median() >= 0 and Counting.calls == 3 + 1 + 2  # warm-up, calibration, samples
     sampler.median()
     assert Counting.calls == 3 + 1 + 2 + 2 and sampler.calls == 1
+
+
+def test_a_second_look_pools_its_rounds_with_the_first():
+    draws = iter([1.0, 0.5, 0.5, 1.0, 3.0, 0.9, 0.9, 3.0])  # rounds alternate the order: d p, p d, d p, p d
+
+    def timer(module, args):
+        return next(draws)
+
+    opts = LatencyOptions(timer=timer, reps=1, rounds=2, threads=1, progress=False, cache="")
+    dense, small = nn.Linear(8, 8), nn.Linear(8, 2)
+    first = alternate(dense, small, (torch.randn(5, 8),), opts)
+    assert first["dense_rounds_s"] == [1.0, 1.0] and first["pruned_rounds_s"] == [0.5, 0.5]
+    again = alternate(dense, small, (torch.randn(5, 8),), opts, earlier=first)
+    assert again["dense_rounds_s"] == [1.0, 1.0, 3.0, 3.0] and again["pruned_rounds_s"] == [0.5, 0.5, 0.9, 0.9]
+    assert again["ratio"] == pytest.approx(0.7 / 2.0) and again["rounds"] == 4  # medians of the pooled rounds
