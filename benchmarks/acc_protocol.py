@@ -68,7 +68,11 @@ METHODS: Dict[str, tuple] = {
     # the group-exact score (ΔL_u = -g_u'θ_u + ½θ_u'Hθ_u per unit, Rademacher probes) with the full Hessian in train
     # mode, ranked per MAC: the estimate closest to the true single-unit loss change (benchmarks/score_truth.py)
     "oba_group_full_permac_train": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
-                                                probes=4)),
+                                                probes=4, confidence=0.0)),
+    # ... ranked by an upper confidence bound, mean + 1 standard error over the batch x probe samples (oba_group's
+    # defaults since confidence= exists): a unit goes early only when its loss change is low with confidence
+    "oba_group_ucb": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
+                                  confidence=1.0)),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),

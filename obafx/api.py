@@ -19,7 +19,8 @@ from obafx.latency_budget import LatencyBudget, check_request
 from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError
 from obafx.passes.facts import Budget, ChannelFacts, Coupling, PrunePlan, ScoreContext, Traced
-from obafx.passes.importance import (criterion, needs_data, resolve_mode, resolve_probes, resolve_rank,
+from obafx.passes.importance import (criterion, needs_data, resolve_confidence, resolve_mode, resolve_probes,
+                                     resolve_rank,
                                      resolve_train, resolve_unit_sum)
 from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
@@ -40,7 +41,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
                   structure: str = "structured", sparsity: Optional[float] = None, latency: Any = None,
                   latency_options: Any = None, on_stage: Optional[Callable[[str, Any], None]] = None,
                   recalibrate: Optional[bool] = None, normalizer: Optional[str] = "max", rank: Optional[str] = None,
-                  probes: Optional[int] = None, capture: str = "auto", counter: Optional[str] = None,
+                  probes: Optional[int] = None, confidence: Optional[float] = None, capture: str = "auto",
+                  counter: Optional[str] = None,
                   uniform: bool = False, keep_widths: Iterable[str] = (),
                   keep_narrow: bool = False, unit_sum: Optional[str] = None) -> fx.GraphModule:
     """Prune ``model`` structurally and return a new, physically smaller GraphModule (``model`` is untouched).
@@ -78,6 +80,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     unit saves (MACs for macs=/latency= budgets, parameters for channels=; the normalizer is not applied, and
     "mean"/"sum" are refused: a per-group scale would undo the cross-group comparison per_mac rests on).
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each); None (default) = 4.
+    ``confidence``: for importance="oba_group", rank each unit by its mean loss change plus this many standard
+    errors of the mean over the batch x probe samples (an upper confidence bound: a unit goes early only when it
+    is cheap with confidence); None (default) = 1.0 for "oba_group"; 0 = the plain mean.
     ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
     over a unit's slices: "signed" (|Σ s_i| over the whole unit, for Taylor the loss change |g_uᵀθ_u| of removing
     the unit), "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small
@@ -102,6 +107,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     """
     train, mode, probes = (resolve_train(train, importance), resolve_mode(mode, importance),
                            resolve_probes(probes, importance))
+    confidence = resolve_confidence(confidence, importance)
     if structure == "unstructured":
         if latency is not None:
             raise ConfigError("latency= is a budget for structured pruning (zeroed weights do not run faster). "
@@ -112,7 +118,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         raise ConfigError(f"structure={structure!r}. What to do: use 'structured' or 'unstructured'.")
     steps, ignore, leaf_modules = check_args(steps, ignore, leaf_modules)
     rank = resolve_rank(rank, importance)
-    check_options(normalizer, rank, probes, recalibrate, data)
+    check_options(normalizer, rank, probes, recalibrate, data, confidence)
     unit_sum = resolve_unit_sum(unit_sum, importance)
     if latency is None and latency_options is not None:
         raise ConfigError("latency_options= is given without latency=. What to do: ask for a latency budget, e.g. "
@@ -147,7 +153,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         for step in tqdm(range(1, steps + 1), desc="obafx pruning steps", disable=not progress or steps < 2):
             ctx = ScoreContext(None, loss_fn, mode, delta, train, seed + step, progress,
                                normalizer=None if rank == "per_mac" else normalizer, probes=probes,
-                               unit_sum=unit_sum)
+                               unit_sum=unit_sum, confidence=confidence)
             current, known, step_plan, error, step_notes = _prune_step(run, current, known, step, ctx)
             plan, errors, notes = plan.compose(step_plan), errors + [error], notes + step_notes
         pruned = current.gm
@@ -155,7 +161,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         rep = S.report(build_report, traced, pruned, coupling0, plan, run.macs0, macs1, importance, steps,
                        max(errors) if verify and errors else None, list(notes), rec.seconds,
                        scored_with(importance, loss_fn, source)
-                       + scoring_settings(importance, mode, train, unit_sum, rank, normalizer), counter,
+                       + scoring_settings(importance, mode, train, unit_sum, rank, normalizer, probes, confidence),
+                       counter,
                        timing.report() if timing is not None else None)
     attach(pruned, rep)
     return pruned

@@ -78,7 +78,7 @@ def scored_with(importance: Any, loss_fn: Optional[Any], source: BatchSource) ->
 
 
 def scoring_settings(importance: Any, mode: str, train: bool, unit_sum: str, rank: str,
-                     normalizer: Optional[str]) -> str:
+                     normalizer: Optional[str], probes: int = 1, confidence: float = 0.0) -> str:
     """How a data-driven criterion's scores were computed and ranked, in words, for the report ("" for the others):
     the scoring mode (train: BatchNorm on each batch's statistics), OBA's Hessian, the unit sum, the ranking."""
     entry = criterion(importance)
@@ -87,6 +87,8 @@ def scoring_settings(importance: Any, mode: str, train: bool, unit_sum: str, ran
     parts = ["train mode (BatchNorm on each batch's statistics)" if train else "eval mode (running statistics)"]
     if importance in ("oba", "oba_group"):
         parts.append(f"mode={mode}")
+    if importance == "oba_group":
+        parts.append(f"probes={probes}, confidence={confidence:g}")
     if entry.parameters is not None:  # unit_sum adds up per-parameter scores
         parts.append(f"unit_sum={unit_sum}")
     parts.append(f"rank={rank}" + (f", normalizer={normalizer}" if rank == "score" else ""))

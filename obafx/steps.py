@@ -17,6 +17,7 @@ from obafx.passes.capture import capture_kind
 from obafx.passes.errors import BudgetError, ConfigError, ObafxError
 from obafx.passes.facts import Budget, PrunePlan, Traced
 from obafx.passes.fit import TOLERANCE, fit_budget
+from obafx.passes.group_scores import check_confidence
 from obafx.passes.importance import NORMALIZERS
 from obafx.passes.macs import param_count
 from obafx.report import Report, input_spec
@@ -32,7 +33,7 @@ def check_args(steps, ignore, leaf_modules):
     return steps, ignore, leaf_modules
 
 
-def check_options(normalizer, rank, probes, recalibrate, data) -> None:
+def check_options(normalizer, rank, probes, recalibrate, data, confidence=0.0) -> None:
     """The scoring and ranking options of compile_prune, with what to pass instead."""
     if normalizer not in NORMALIZERS:
         raise ConfigError(f"normalizer={normalizer!r}. What to do: use one of {NORMALIZERS}.")
@@ -43,6 +44,7 @@ def check_options(normalizer, rank, probes, recalibrate, data) -> None:
                           "each group and undo that. What to do: leave normalizer at its default or pass None.")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ConfigError(f"probes={probes!r}. What to do: pass a positive integer (Rademacher probes per batch).")
+    check_confidence(confidence)
     if recalibrate not in (None, True, False):
         raise ConfigError(f"recalibrate={recalibrate!r}. What to do: pass None (automatic), True or False.")
     if recalibrate and data is None:

@@ -187,6 +187,7 @@ class ScoreContext:
     chunk_size: Optional[int] = None
     normalizer: Optional[str] = "max"
     probes: int = 1
+    confidence: float = 0.0  # oba_group: standard errors added to each unit's mean (an upper confidence bound)
     unit_sum: str = "signed"  # how a unit's parameter scores add up: "signed" |Σ s_i|, "abs" Σ |s_i|, "member"
 
 

@@ -21,6 +21,13 @@ few pruning steps the model is far from one).
 The score is ΔL_u itself, signed (a loss increase; lower is removed first), not |ΔL_u|: a unit whose removal
 lowers the estimated loss (ΔL_u < 0) is the cheapest one to remove, and |ΔL_u| would rank it among the most
 important and keep it. Normalisers divide by a positive per-group scale (max |ΔL|), which keeps that order.
+
+``confidence`` = z ranks by an upper confidence bound instead, mean + z · (standard error of the mean over the
+batch x probe samples): a unit is removed early only when its loss change is low with confidence. Why: the
+cross terms a probe picks up, Σ_{w≠u} s_u s_w θ_(u)ᵀMθ_(w), make a unit's estimate noisier the more it
+interacts, and the most interacting units are the ones that matter most (a residual stream's channels, read by
+every block). With the plain mean, a noisy draw below zero makes such a unit look like the cheapest of all; the
+bound keeps it until the samples agree that it is cheap (benchmarks/accuracy.py: README).
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from .facts import DEFAULT_MODE, Coupling
 from .hvp_kernels import grad_and_hvp
 from .scoring import check_batch, chunked, progress_bar, scoring, split_batch
 
-__all__ = ["group_scores", "unit_order"]
+__all__ = ["check_confidence", "group_scores", "unit_order"]
 
 
 def unit_order(coupling: Coupling) -> List[int]:
@@ -103,7 +110,7 @@ def _rademacher(n: int, probes: int, generator: torch.Generator) -> Tensor:
 def group_scores(model: nn.Module, coupling: Coupling, batches: Iterable, loss_fn: Optional[Callable] = None,
                  mode: str = DEFAULT_MODE, train: bool = False, probes: int = 1, seed: int = 0,
                  chunk_size: Optional[int] = None, progress: bool = False,
-                 signs: Optional[Tensor] = None) -> Dict[int, float]:
+                 signs: Optional[Tensor] = None, confidence: float = 0.0) -> Dict[int, float]:
     """Unit -> ΔL_u = −g_uᵀθ_u + ½ θ_uᵀM_uuθ_u (see the module docstring), the mean over ``batches``.
 
     In: ``model`` (never modified), its ``coupling`` (the units and the parameter slices each removes),
@@ -111,42 +118,74 @@ def group_scores(model: nn.Module, coupling: Coupling, batches: Iterable, loss_f
     "full" (M = H) or "residual" (M = H − G); ``probes`` Rademacher sign vectors per batch (one HVP each),
     drawn from a CPU generator seeded with ``seed``. ``signs``: a (P, n) tensor of ±1 rows used for every
     batch instead of random draws (n = len(unit_order(coupling)); all 2^n rows give the exact quadratic forms).
+    ``confidence`` = z: each unit's score is the mean plus z standard errors of the mean over the (batch, probe)
+    samples (0: the mean; with a single sample there is no spread to add).
     Out: {unit: float}, signed; the first-order term uses the gradient of the first probe's pass.
     """
     if mode not in ("full", "residual"):
         raise ConfigError(f"mode={mode!r}. What to do: use mode='full' (loss Hessian) or 'residual' (H - G)")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ConfigError(f"probes={probes!r}. What to do: pass a positive integer")
+    check_confidence(confidence)
     params = dict(model.named_parameters())
     names = [n for n in params if any(slot == n for slot, _ in coupling.slot_units)]
     index = _UnitIndex(coupling, {n: params[n] for n in names})
     if not index.n or not index.ids:
         return {u: 0.0 for u in index.units}
     generator = torch.Generator().manual_seed(seed)
-    total, count = torch.zeros(index.n, dtype=torch.float64), 0
+    moments = _Moments(index.n)
     with scoring(model, list(index.ids), loss_fn, train, chunk_size) as setup:
         for batch in progress_bar(batches, progress, f"OBA group-exact ({mode}) scores"):
             args, targets = split_batch(batch)
             check_batch(setup, args, targets)
             rows = signs.double() if signs is not None else _rademacher(index.n, probes, generator)
-            total += _batch_delta(setup, index, args, targets, rows, mode, chunk_size)
-            count += 1
-    if not count:
+            moments.add(_batch_delta(setup, index, args, targets, rows, mode, chunk_size))
+    if not moments.count:
         raise ScoreError("batches was empty. What to do: pass at least one (inputs, targets) batch")
-    delta = (total / count).numpy()
+    delta = moments.bound(confidence).numpy()
     if not np.all(np.isfinite(delta)):
         raise ScoreError("the group-exact scores contain NaN or inf. What to do: check the inputs and loss for "
                          "NaN/inf and the weights for overflow; score in float64")
     return dict(zip(index.units, delta.tolist()))
 
 
+def check_confidence(confidence) -> None:
+    """ConfigError unless ``confidence`` is a finite number >= 0 (standard errors added to a unit's mean)."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence < float("inf"):
+        raise ConfigError(f"confidence={confidence!r}. What to do: pass a number >= 0 (standard errors added to "
+                          "each unit's mean loss change; 0 = the mean)")
+
+
+class _Moments:
+    """Running per-unit sums of the (batch, probe) samples and of their squares: the mean and its standard error.
+    Every batch has the same number of probes, so the mean over samples is the mean over batches."""
+
+    def __init__(self, n: int):
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.squares = torch.zeros(n, dtype=torch.float64)
+        self.count = self.samples = 0
+
+    def add(self, rows: Tensor) -> None:
+        self.sum += rows.sum(0)
+        self.squares += (rows ** 2).sum(0)
+        self.samples += rows.shape[0]
+        self.count += 1
+
+    def bound(self, z: float) -> Tensor:
+        mean = self.sum / self.samples
+        if not z or self.samples < 2:
+            return mean
+        variance = (self.squares / self.samples - mean ** 2).clamp_min(0) * self.samples / (self.samples - 1)
+        return mean + z * (variance / self.samples).sqrt()
+
+
 def _batch_delta(setup, index: _UnitIndex, args, targets, rows: Tensor, mode: str, chunk_size) -> Tensor:
-    """ΔL per unit on one batch: −g_uᵀθ_u + ½ mean over sign rows of s_u θ_(u)ᵀ(M v(s))."""
-    first, quad = None, torch.zeros(index.n, dtype=torch.float64)
+    """ΔL per unit on one batch, one sample per sign row: (rows, n) of −g_uᵀθ_u + ½ s_u θ_(u)ᵀ(M v(s))."""
+    first, quads = None, []
     for row in rows:
         v = index.vector(row.to(setup.dtype), setup.theta)
         g, mv = chunked(setup, args, targets, chunk_size, lambda a, t: grad_and_hvp(setup, a, t, v, mode))
         if first is None:
             first = index.per_unit({n: th * g[n] for n, th in setup.theta.items()})
-        quad += row * index.per_unit({n: th * mv[n] for n, th in setup.theta.items()})
-    return -first + 0.5 * quad / len(rows)
+        quads.append(row * index.per_unit({n: th * mv[n] for n, th in setup.theta.items()}))
+    return -first + 0.5 * torch.stack(quads)

@@ -180,7 +180,7 @@ def _oba_group(model, coupling, ctx):
     from .group_scores import group_scores
     raw = group_scores(model, coupling, _needs_batches(ctx, "oba_group"), loss_fn=ctx.loss_fn, mode=ctx.mode,
                        train=ctx.train, probes=ctx.probes, seed=ctx.seed, chunk_size=ctx.chunk_size,
-                       progress=ctx.progress)
+                       progress=ctx.progress, confidence=ctx.confidence)
     return normalize_units(coupling, raw, ctx.normalizer)
 
 
@@ -192,7 +192,8 @@ class Criterion:
     ``default_unit_sum``: the ranking and the unit sum compile_prune uses when the caller gives none (see
     ``resolve_rank``, ``resolve_unit_sum``); ``default_train``: whether it scores in train mode when the caller
     does not say (``resolve_train``); ``default_mode`` and ``default_probes``: the Hessian ("full" H or "residual"
-    H - G) and the Rademacher probes per batch (``resolve_mode``, ``resolve_probes``)."""
+    H - G) and the Rademacher probes per batch (``resolve_mode``, ``resolve_probes``); ``default_confidence``: the
+    standard errors oba_group adds to each unit's mean (``resolve_confidence``)."""
 
     name: str
     units: Callable[[nn.Module, Coupling, ScoreContext], Dict[int, float]]
@@ -203,6 +204,7 @@ class Criterion:
     default_train: bool = False
     default_mode: str = DEFAULT_MODE
     default_probes: int = 1
+    default_confidence: float = 0.0
 
 
 def _data_criterion(name: str, parameters: Callable) -> Criterion:
@@ -221,9 +223,11 @@ REGISTRY: Dict[str, Criterion] = {c.name: c for c in (
     # The group-exact score's defaults are the configuration benchmarks/score_truth.py and the accuracy benchmark
     # support: the full Hessian in train mode is the estimate closest to the true loss change of removing a unit
     # (rank correlation 0.53 on ResNet-20, against 0.20-0.27 for OBA's and Taylor's sums; 0.28 with 1 probe
-    # instead of 4), and per-MAC ranking compares the estimates, which are in loss units, across groups.
+    # instead of 4), and per-MAC ranking compares the estimates, which are in loss units, across groups. Ranked by
+    # an upper confidence bound (mean + 1 standard error): with the plain mean, noisy draws below zero sent the
+    # most interacting units first (accuracy benchmark: README).
     replace(Criterion("oba_group", _oba_group, None, True), default_rank="per_mac", default_train=True,
-            default_mode="full", default_probes=4),
+            default_mode="full", default_probes=4, default_confidence=1.0),
     *(_data_criterion(name, _baseline_parameters(name)) for name in ("taylor", "obd", "fisher")),
 )}
 CRITERIA = {name: c.units for name, c in REGISTRY.items()}  # name -> unit scorer (the older view of REGISTRY)
@@ -249,7 +253,7 @@ def criterion(importance: Any) -> Optional[Criterion]:
 
 # What a callable importance may carry to act like a registry entry (obafx.distributed's callables copy all of them).
 CALLABLE_DEFAULTS = ("needs_data", "default_rank", "default_unit_sum", "default_train", "default_mode",
-                     "default_probes")
+                     "default_probes", "default_confidence")
 
 
 def _default(importance: Any, field: str, fallback: Any) -> Any:
@@ -290,6 +294,12 @@ def resolve_probes(probes: Optional[int], importance: Any) -> int:
     """Rademacher probes per batch: ``probes`` when given, else the criterion's default (4 for "oba_group", 1
     otherwise)."""
     return probes if probes is not None else _default(importance, "default_probes", 1)
+
+
+def resolve_confidence(confidence: Optional[float], importance: Any) -> float:
+    """Standard errors oba_group adds to each unit's mean loss change: ``confidence`` when given, else the
+    criterion's default (1.0 for "oba_group", 0 otherwise: the other criteria do not read it)."""
+    return confidence if confidence is not None else _default(importance, "default_confidence", 0.0)
 
 
 def resolve_train(train: Optional[bool], importance: Any) -> bool:

@@ -143,3 +143,36 @@ def test_compile_prune_with_oba_group(train):
     rep = obafx.report(pruned)
     assert rep.importance == "oba_group" and rep.macs_ratio <= 0.61 and rep.masked_error < 1e-9
     assert len(seen) == 2 and all(max(abs(v) for v in s.values()) == pytest.approx(1.0) for s in seen)
+
+
+@pytest.mark.parametrize("z", [1.0, 2.5])
+def test_confidence_adds_z_standard_errors_of_the_batch_probe_samples(z):
+    """Each (batch, probe) sample is −g_uᵀθ_u + ½ s_u Σ_w s_w C_uw, with g and C from explicit float64 Hessians of
+    that batch; the score with ``confidence=z`` is their mean plus z standard errors (n−1 variance)."""
+    model, coupling, x, y = setup()
+    x2, y2 = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    n = len(unit_order(coupling))
+    signs = (torch.randint(0, 2, (5, n), generator=torch.Generator().manual_seed(7)) * 2 - 1).double()
+    samples = []
+    for xb, yb in ((x, y), (x2, y2)):
+        want, cross = explicit(model, coupling, xb, yb, "full")
+        first = want - 0.5 * torch.diagonal(cross)
+        samples += [first + 0.5 * s * (cross @ s) for s in signs]
+    samples = torch.stack(samples)
+    bound = samples.mean(0) + z * samples.std(0, unbiased=True) / len(samples) ** 0.5
+    got = group_scores(model, coupling, [(x, y), (x2, y2)], mode="full", signs=signs, confidence=z)
+    plain = group_scores(model, coupling, [(x, y), (x2, y2)], mode="full", signs=signs)
+    got = torch.tensor([got[u] for u in unit_order(coupling)], dtype=torch.float64)
+    plain = torch.tensor([plain[u] for u in unit_order(coupling)], dtype=torch.float64)
+    assert (got - bound).abs().max() < 1e-10, (got, bound)
+    assert (plain - samples.mean(0)).abs().max() < 1e-10
+    assert (got - plain).min() > 1e-6  # the samples disagree: the bound sits above every mean
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1", True])
+def test_a_bad_confidence_is_a_config_error(bad):
+    model, coupling, x, y = setup()
+    with pytest.raises(obafx.ConfigError, match="confidence="):
+        group_scores(model, coupling, [(x, y)], confidence=bad)
+    with pytest.raises(obafx.ConfigError, match="confidence="):
+        obafx.compile_prune(model, x, macs=0.5, importance="oba_group", data=[(x, y)], confidence=bad)
