@@ -69,13 +69,15 @@ def _has_tensor(value: Any) -> bool:
 class LatencyBudget:
     """One compile_prune call's latency budget: the dense module, the options, and every measurement made.
 
-    ``estimator(current, facts, coupling)`` gives a step's ``estimate(removed) -> cost``; ``measure(gm) -> cost``
-    times a candidate against the dense module; ``accept(gm)`` records which candidate the step kept."""
+    ``dense``: the module the user passed (only private copies of it are timed), the reference every cost is a
+    fraction of. ``estimator(current, facts, coupling)`` gives a step's ``estimate(removed) -> cost``;
+    ``measure(gm) -> cost`` times a candidate against the dense module; ``accept(gm)`` records which candidate the
+    step kept."""
 
-    def __init__(self, fraction: float, options: LatencyOptions, dense_gm, inputs: Tuple[Any, ...]):
+    def __init__(self, fraction: float, options: LatencyOptions, dense, inputs: Tuple[Any, ...]):
         self.fraction = fraction
         self.options = options
-        self.dense = dense_gm
+        self.dense = dense
         self.inputs = tuple(inputs)
         self.measured: Dict[int, Dict[str, Any]] = {}  # id(module) -> its alternating measurement
         self.current: Dict[str, Any] = {"ratio": 1.0}  # the measurement of the module the next step starts from
