@@ -62,11 +62,14 @@ def best_per_family(summary: List[Dict[str, Any]], field: str = "acc_pruned") ->
 
 # the library's default OBA configuration (same kwargs; the default before 2026-12-07 was oba_residual_permac_abs)
 DEFAULT_METHODS = ("oba_default", "oba_residual_permac_member_train")
+# importance="oba_group" with its defaults (full H, train mode, 4 probes, per MAC, confidence 1.0 since 8909172)
+GROUP_METHODS = ("oba_group_ucb",)
 COLUMNS = ("acc_pruned", "acc_finetuned")
 
 
-def verdicts(summary: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The issue's test, per (model, factor, column): the library's default OBA against the best baseline.
+def verdicts(summary: List[Dict[str, Any]], methods=DEFAULT_METHODS, name: str = "default OBA") -> Dict[str, Any]:
+    """The issue's test, per (model, factor, column): the library's default OBA (rows of ``methods``; ``name`` says
+    which configuration that is) against the best baseline.
 
     Baselines are the rows of every family but OBA. A cell is ``within_one_std`` when the default's mean is at
     least the best baseline's mean minus the pooled std of the two rows (sqrt of the mean of the two variances, over
@@ -78,7 +81,7 @@ def verdicts(summary: List[Dict[str, Any]]) -> Dict[str, Any]:
     for (model, factor) in sorted({(s["model"], s["factor"]) for s in summary}):
         here = [s for s in summary if s["model"] == model and s["factor"] == factor]
         for col in COLUMNS:
-            default = max((s for s in here if s["method"] in DEFAULT_METHODS and col in s),
+            default = max((s for s in here if s["method"] in methods and col in s),
                           key=lambda s: s[col + "_n"], default=None)
             base = [s for s in here if s.get("family") != "OBA" and col in s]
             if default is None or not base:
@@ -94,8 +97,8 @@ def verdicts(summary: List[Dict[str, Any]]) -> Dict[str, Any]:
                           "one_seed": min(default[col + "_n"], best[col + "_n"]) < 2})
     mean = {col: statistics.fmean(c["margin"] for c in cells if c["column"] == col)
             for col in COLUMNS if any(c["column"] == col for c in cells)}
-    return {"rule": "default OBA mean >= best baseline mean - pooled std (per cell); margin = default - best",
-            "cells": cells, "mean_margin": mean,
+    return {"rule": f"{name} mean >= best baseline mean - pooled std (per cell); margin = {name} - best",
+            "name": name, "cells": cells, "mean_margin": mean,
             "mean_margin_all": statistics.fmean(c["margin"] for c in cells) if cells else None,
             "all_within_one_std": bool(cells) and all(c["within_one_std"] for c in cells)}
 

@@ -150,7 +150,8 @@ def merge(paths: List[str], out: Path, note: str = "") -> int:
                           "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
                           "config": configs, "machine": parts[0]["machine"], "scope_note": note,
-                          "rows": rows, "summary": summary, "verdict": res.verdicts(summary)})
+                          "rows": rows, "summary": summary, "verdict": res.verdicts(summary),
+                          "verdict_oba_group": res.verdicts(summary, res.GROUP_METHODS, "oba_group")})
     _plots(rows, out)
     return 0
 
@@ -186,7 +187,8 @@ def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
     summary = res.summarise(rows)
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **_header(cfg),
                           "config": cfg, "machine": machine_info(), "rows": rows, "summary": summary,
-                          "verdict": res.verdicts(summary)})
+                          "verdict": res.verdicts(summary),
+                          "verdict_oba_group": res.verdicts(summary, res.GROUP_METHODS, "oba_group")})
 
 
 def main(argv=None) -> int:

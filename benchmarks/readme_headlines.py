@@ -219,7 +219,7 @@ def accuracy(d: Dict) -> str:
             "each row and every method with its spread are in RESULTS.md.\n\n"
             + table(["model", "family", "best method(s)", "seeds", f"acc recalibrated, no fine-tune ({budgets})",
                      f"acc fine-tuned ({budgets})"], rows)
-            + "\n\n" + _verdict(d.get("verdict"))
+            + "\n\n" + _verdict(d.get("verdict")) + _verdict_compact(d.get("verdict_oba_group"))
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")
 
 
@@ -237,6 +237,25 @@ def _verdict(v) -> str:
     return (f"Default OBA against the best baseline in each cell ({v['rule']}). Mean margin: {means}; "
             f"all cells within one std: {'yes' if v['all_within_one_std'] else 'no'}.\n\n"
             + table(["model", "MACs /", "column", "default OBA", "best baseline", "margin", "within one std"], rows))
+
+
+def _verdict_compact(v) -> str:
+    """The same test for another configuration, one line per model and column: margins at each budget."""
+    if not v or not v.get("cells"):
+        return ""
+    col = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}
+    lines: Dict[tuple, list] = {}
+    for c in v["cells"]:
+        mark = "" if c["within_one_std"] else " **no**"
+        lines.setdefault((c["model"], col[c["column"]]), []).append(
+            f"{c['factor']:g}x {c['default']:.3f} (n={c['default_n']}) vs {c['best_baseline']} {c['best']:.3f}: "
+            f"{c['margin']:+.3f}{mark}")
+    means = ", ".join(f"{col[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
+    within = sum(c["within_one_std"] for c in v["cells"])
+    return (f"\n\nThe same test for `importance=\"{v.get('name', 'oba_group')}\"` with its defaults: {within} of "
+            f"{len(v['cells'])} cells within one std; mean margin: {means}.\n\n"
+            + table(["model", "column", "per budget: mean (seeds) vs best baseline: margin"],
+                    [(m, c, "; ".join(parts)) for (m, c), parts in lines.items()]))
 
 
 def accuracy_full(d: Dict) -> str:

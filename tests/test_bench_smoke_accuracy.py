@@ -83,3 +83,21 @@ def test_verdict_rule():
         assert c["best_baseline"] == "taylor" and abs(c["margin"] - margin) < 1e-12
         assert abs(c["pooled_std"] - pooled) < 1e-12 and c["within_one_std"] is within and not c["one_seed"]
     assert abs(v["mean_margin"]["acc_pruned"] - (-0.075)) < 1e-12 and v["all_within_one_std"] is False
+
+
+def test_the_verdict_of_another_configuration_reads_its_own_rows():
+    """verdicts(methods=...) judges the named rows (here oba_group's) against the same baselines, and the README
+    line names it and marks a lost cell."""
+    bench = _bench()
+    rows = [{"model": "m", "method": meth, "family": fam, "factor": 2.0, "seed": s, "acc_pruned": acc}
+            for meth, fam, s, acc in [("oba_default", "OBA", 0, 0.5), ("oba_default", "OBA", 1, 0.5),
+                                      ("oba_group_ucb", "OBA", 0, 0.9), ("oba_group_ucb", "OBA", 1, 0.9),
+                                      ("taylor", "Taylor", 0, 0.7), ("taylor", "Taylor", 1, 0.7)]]
+    summary = bench.res.summarise(rows)
+    default, group = bench.res.verdicts(summary), bench.res.verdicts(summary, bench.res.GROUP_METHODS, "oba_group")
+    assert abs(default["cells"][0]["margin"] + 0.2) < 1e-12 and abs(group["cells"][0]["margin"] - 0.2) < 1e-12
+    assert group["all_within_one_std"] and not default["all_within_one_std"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import readme_headlines
+    assert "oba_group" in readme_headlines._verdict_compact(group) and "**no**" not in readme_headlines._verdict_compact(group)
+    assert "**no**" in readme_headlines._verdict_compact(bench.res.verdicts(summary, ("oba_default",), "oba"))
