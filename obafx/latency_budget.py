@@ -84,7 +84,7 @@ class LatencyBudget:
         self.cache_hits = self.cache_misses = 0
         self.blocks: Dict[str, int] = {}  # layer signature -> the largest kernel block of its dims (1: none)
         self._dense_placed = None  # (module, inputs) of the dense module on the timing device, made once
-        self._candidates: Dict[int, Any] = {}  # id(candidate) -> its placed copy (compiled once per candidate)
+        self._candidates: Dict[int, Any] = {}  # id(newest candidate) -> its placed copy (compiled once)
 
     def target(self, step: int, steps: int) -> float:
         return self.fraction ** (step / steps)
@@ -129,7 +129,9 @@ class LatencyBudget:
 
     def measure(self, gm) -> float:
         """``gm``'s latency as a fraction of the dense module's, timed in alternation with it."""
-        self._candidates[id(gm)] = placed(gm, self.inputs, self.options)
+        # only the newest candidate's placed copy is kept (a confirm follows its measurement; a copy that is gone
+        # is placed again): eight copies of a large model would hold memory the user's device may not have
+        self._candidates = {id(gm): placed(gm, self.inputs, self.options)}
         return self._alternate(gm, None)
 
     def confirm(self, gm) -> float:
