@@ -223,11 +223,14 @@ def accuracy(d: Dict) -> str:
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")
 
 
+COLUMN_NAMES = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}  # the verdict tables' words
+
+
 def _verdict(v) -> str:
     """The issue's test per cell: the library default against the best baseline, both columns."""
     if not v or not v.get("cells"):
         return ""
-    col = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}
+    col = COLUMN_NAMES
     rows = [(c["model"], f"{c['factor']:g}x", col[c["column"]], f"{c['default']:.3f} ± {c['default_std']:.3f} "
              f"(n={c['default_n']}, MACs {c.get('default_macs_kept') or 0:.3f})",
              f"{c['best_baseline']} {c['best']:.3f} ± {c['best_std']:.3f} (n={c['best_n']}, MACs "
@@ -243,7 +246,7 @@ def _verdict_compact(v) -> str:
     """The same test for another configuration, one line per model and column: margins at each budget."""
     if not v or not v.get("cells"):
         return ""
-    col = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}
+    col = COLUMN_NAMES
     lines: Dict[tuple, list] = {}
     for c in v["cells"]:
         mark = "" if c["within_one_std"] else " **no**"

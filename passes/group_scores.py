@@ -140,7 +140,7 @@ def group_scores(model: nn.Module, coupling: Coupling, batches: Iterable, loss_f
             check_batch(setup, args, targets)
             rows = signs.double() if signs is not None else _rademacher(index.n, probes, generator)
             moments.add(_batch_delta(setup, index, args, targets, rows, mode, chunk_size))
-    if not moments.count:
+    if not moments.samples:
         raise ScoreError("batches was empty. What to do: pass at least one (inputs, targets) batch")
     delta = moments.bound(confidence).numpy()
     if not np.all(np.isfinite(delta)):
@@ -163,13 +163,12 @@ class _Moments:
     def __init__(self, n: int):
         self.sum = torch.zeros(n, dtype=torch.float64)
         self.squares = torch.zeros(n, dtype=torch.float64)
-        self.count = self.samples = 0
+        self.samples = 0
 
     def add(self, rows: Tensor) -> None:
         self.sum += rows.sum(0)
         self.squares += (rows ** 2).sum(0)
         self.samples += rows.shape[0]
-        self.count += 1
 
     def bound(self, z: float) -> Tensor:
         mean = self.sum / self.samples
