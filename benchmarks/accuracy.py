@@ -8,7 +8,8 @@
 Protocol, the same for every method (acc_protocol.py): the committed dense model (benchmarks/models, see
 obafx.bench.dense), pruned on the exponential MAC schedule with ``--steps-per-halving`` steps per halving of the
 MACs (20: 2x after 20 steps, 3x after 32, 4x after 40), ``--calib-batches`` fresh batches of ``--calib-size``
-training images scored before every step, BatchNorm recalibrated between steps (by obafx) and after pruning
+training images scored before every step, BatchNorm recalibrated (and LayerNorms that lost channels refit)
+between steps by obafx, and BatchNorm again after pruning
 (``--recal-batches`` batches of 128, no gradients). Column 1, ``acc_pruned``: test accuracy (whole 10k test set)
 after that recalibration, without fine-tuning. Column 2, ``acc_finetuned``: after ``--finetune-epochs`` epochs of
 the same fine-tune for every method (SGD 0.01 or AdamW 1e-4, cosine, crop+flip), for every row (``--finetune all``)
@@ -67,7 +68,8 @@ def protocol_text(cfg: Dict[str, Any]) -> str:
     return (f"exponential MAC schedule, {cfg['steps_per_halving']} steps per halving (cumulative steps to "
             f"{', '.join(f'{f:g}x' for f in cfg['factors'])}: {', '.join(str(sum(steps[:i + 1])) for i in range(len(steps)))}); "
             f"{cfg['calib_batches']} calibration batches of {cfg['calib_size']} per step (fresh each step); BatchNorm "
-            f"recalibrated between steps (obafx; Torch-Pruning rows: on the step's batches) and after pruning "
+            f"recalibrated between steps (obafx, which also refits LayerNorms that lost channels; Torch-Pruning "
+            f"rows: on the step's batches) and after pruning "
             f"({cfg['recal_batches']} batches of {cfg['recal_size']}); acc_pruned = after that recalibration, no "
             f"fine-tune; acc_finetuned = after {ft} of the same fine-tune (SGD lr 0.01 wd 1e-4 / AdamW 1e-4, cosine, "
             f"crop+flip) for every method; accuracy on the whole test set")

@@ -26,6 +26,7 @@ from obafx.passes.macs import MacModel, counter_name, flop_macs, thop_macs
 from obafx.passes.plan import plan_from_removed
 from obafx.passes.ranking import unit_costs
 from obafx.passes.recalibrate import has_batchnorm, recalibrated
+from obafx.passes.renormalize import norm_widths
 from obafx.passes.uniform import uniform_coupling, without_kept
 from obafx.report import attach
 from obafx.steps import (build_report, check_args, check_options, fit, fit_latency, measure_original,
@@ -55,8 +56,9 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
     OBA, re-scoring on fresh batches from ``data`` before each step. ``ignore``: module names whose widths stay.
     ``on_stage(name, result)`` is called after every stage run with its result (the place for dumps): "trace",
-    "analyze", "couple", "measure", "score", "rank", "select", "rewrite", "verify", "recalibrate", "latency model",
-    "latency measure" and, last, "report" (select, rewrite and measure once per candidate a budget tries).
+    "analyze", "couple", "measure", "score", "rank", "select", "rewrite", "verify", "renormalize", "recalibrate",
+    "latency model", "latency measure" and, last, "report" (select, rewrite and measure once per candidate a
+    budget tries).
     See obafx.report(pruned).
     ``structure="unstructured"`` with ``sparsity=`` zeroes that fraction of Conv/Linear weights instead (a traced
     copy of the same size; importance "oba" or "magnitude"); the report holds the sparsity per weight.
@@ -70,7 +72,10 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``recalibrate``: after every step (and after the last) reset the BatchNorm running statistics and
     re-estimate them on that step's calibration batches (train-mode forward, no gradients), so that an eval-mode
     step scores the pruned network, not one with the unpruned network's statistics, and the result carries
-    statistics of its own. None (default) = on when ``data`` is given and the model has BatchNorm.
+    statistics of its own; and refit every LayerNorm/RMSNorm whose normalised dim lost channels so that it acts
+    as the zeroed network's norm (which divides by the old width: passes/renormalize.py; without it the kept
+    outputs grow by ~sqrt(old/new width) and the pruned network is not the one the scores judged). None
+    (default) = on when ``data`` is given and the model has BatchNorm, LayerNorm or RMSNorm.
     ``normalizer``: how unit scores are scaled within each coupled group before the global ranking: "max"
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),
     None (raw scores comparable across groups: a unit's total over all its slices, in loss units for the
@@ -147,7 +152,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
         for note in notes:
             warn_once(note)
         if recalibrate is None:
-            recalibrate = data is not None and has_batchnorm(traced.gm)
+            recalibrate = data is not None and (has_batchnorm(traced.gm) or bool(norm_widths(traced.gm)))
         run = _Run(budget, steps, macs[0], importance, source, ignore, sum(g.width for g in coupling0.groups),
                    verify, timing, {g.id: g.width for g in coupling0.groups}, rank, bool(recalibrate), count,
                    uniform, tuple([keep_widths] if isinstance(keep_widths, str) else keep_widths))
@@ -248,6 +253,8 @@ def _prune_step(run: _Run, current: Traced, known: _Known, step: int, ctx: Score
     plan = plan_from_removed(coupling, removed)
     error = S.verify(current, coupling, removed, plan, gm) if run.verify else None
     if run.recalibrate:  # after the oracle: it compares against the current module's statistics
-        how = getattr(run.importance, "recalibrated", recalibrated)  # distributed_importance brings its own
-        gm = S.recalibrate(how, gm, batches if batches is not None else run.source.for_step())
+        batches = batches if batches is not None else run.source.for_step()
+        # distributed_importance brings its own: every rank fits / re-estimates on the union of the shards
+        gm = S.renormalize(gm, norm_widths(current.gm), batches, getattr(run.importance, "summed_across", None))
+        gm = S.recalibrate(getattr(run.importance, "recalibrated", recalibrated), gm, batches)
     return Traced(gm, current.inputs), _Known(macs=macs), plan, error, notes

@@ -41,7 +41,8 @@ from obafx.passes.private_copy import private_copy
 from obafx.passes.recalibrate import recalibrated
 
 __all__ = ["init_distributed", "shard", "all_reduce_scores", "distributed_importance", "local_parameter_scores",
-           "reduced_parameter_scores", "rank_and_world", "DATA_CRITERIA", "recalibrated_across"]
+           "reduced_parameter_scores", "rank_and_world", "DATA_CRITERIA", "recalibrated_across",
+           "summed_across"]
 
 DATA_CRITERIA = PARAMETER_CRITERIA  # criteria with per-parameter scores from calibration batches (the registry's)
 _OBD_SEED_STRIDE = 1_000_003  # Hutchinson probes differ per rank (independent estimates), reproducibly
@@ -243,7 +244,18 @@ def distributed_importance(criterion: str = "oba", *, group=None, check_model: b
     # compile_prune recalibrates BatchNorm between steps with this: on the union of the shards, so that every
     # rank keeps identical statistics (each rank's own shard would make the ranks' models drift apart)
     importance.recalibrated = lambda model, batches: recalibrated_across(model, batches, group)
+    # and refits LayerNorms that lost channels from sums over the union of the shards, for the same reason
+    importance.summed_across = lambda sums: summed_across(sums, group)
     return importance
+
+
+def summed_across(sums: Tensor, group=None) -> Tensor:
+    """``sums`` added over all ranks (one all-reduce, on the CPU on return); ``sums`` itself when not distributed."""
+    if rank_and_world(group)[1] == 1:
+        return sums
+    out = sums.to(_comm_device(group))
+    dist.all_reduce(out, group=group)
+    return out.cpu()
 
 
 def recalibrated_across(model: nn.Module, batches: Iterable, group=None) -> nn.Module:

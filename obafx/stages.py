@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from obafx.passes.capture import capture as _capture
+from obafx.passes.renormalize import refit_norms
 from obafx.passes.channel_graph import analyze as _analyze
 from obafx.passes.coupling import couple as _couple
 from obafx.passes.importance import unit_scores as _unit_scores
@@ -103,6 +104,13 @@ def verify(current, coupling, removed, plan, pruned) -> float:
 def recalibrate(how: Callable, module, batches):
     """``how(module, batches)``: BatchNorm statistics re-estimated on ``batches`` (a new module)."""
     return how(module, batches)
+
+
+@stage("renormalize")
+def renormalize(module, widths_before, batches, summed=None):
+    """LayerNorms/RMSNorms that lost channels refit on ``batches`` to act as the zeroed network's (a new module;
+    ``module`` itself when none lost channels): passes/renormalize.py."""
+    return refit_norms(module, widths_before, batches, summed)
 
 
 @stage("report")
