@@ -19,6 +19,7 @@ which). Seeds change the calibration batches, random scores and the fine-tune's 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -142,13 +143,20 @@ def finetune_best(args, out: Path) -> int:
     return 0
 
 
-def merge(paths: List[str], out: Path, note: str = "") -> int:
-    """Combine per-process files (prune runs, fine-tune runs) into ``out``, its summary and plots."""
+def merge(paths: List[str], out: Path, note: str = "", drop: str = "") -> int:
+    """Combine per-process files (prune runs, fine-tune runs) into ``out``, its summary and plots.
+
+    ``drop``: comma-separated ``FILE_GLOB:MODEL:METHOD_GLOB`` rules; a row of a part whose file name matches
+    FILE_GLOB, of MODEL, with a method matching METHOD_GLOB is left out (rows a later run of changed code
+    supersedes: merged field by field, an old fine-tuned accuracy would sit beside a new recalibrated one)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    rows = res.merge_rows([p["rows"] for p in parts])
+    rules = [tuple(r.split(":")) for r in drop.split(",") if r]
+    rows = res.merge_rows([[r for r in part["rows"] if not _dropped(Path(path).name, r, rules)]
+                           for path, part in zip(paths, parts)])
     summary = res.summarise(rows)
     configs = [c for p in parts for c in (p["config"] if isinstance(p["config"], list) else [p["config"]])]
-    write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}",
+    dropping = f" --drop {drop}" if drop else ""
+    write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}{dropping}",
                           "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
                           "config": configs, "machine": parts[0]["machine"], "scope_note": note,
@@ -156,6 +164,11 @@ def merge(paths: List[str], out: Path, note: str = "") -> int:
                           "verdict_oba_group": res.verdicts(summary, res.GROUP_METHODS, "oba_group")})
     _plots(rows, out)
     return 0
+
+
+def _dropped(file_name: str, row: Dict[str, Any], rules) -> bool:
+    return any(fnmatch.fnmatch(file_name, f) and row.get("model") == m and fnmatch.fnmatch(row.get("method", ""), meth)
+               for f, m, meth in rules)
 
 
 def _commit() -> str:
@@ -212,12 +225,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 when several jobs share the cores)")
     p.add_argument("--merge", default=None, help="comma-separated result files to combine into --out (runs nothing)")
     p.add_argument("--note", default="", help="with --merge: what the merged grid covers and leaves out")
+    p.add_argument("--drop", default="", help="with --merge: FILE_GLOB:MODEL:METHOD_GLOB rules (comma-separated) "
+                   "naming superseded rows to leave out")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.merge:
-        return merge(args.merge.split(","), out, args.note)
+        return merge(args.merge.split(","), out, args.note, args.drop)
     training.set_threads(args.threads)
     if args.finetune_best:
         return finetune_best(args, out)

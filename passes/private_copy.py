@@ -157,10 +157,18 @@ def _copy_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
 
 
 def _lazy_ok(t: torch.Tensor) -> bool:
-    """Plain strided CPU tensors only (no subclasses, shared memory, quantised data or Python attributes)."""
+    """Plain strided CPU tensors in storage of torch's own allocator only (no subclasses, shared memory,
+    quantised data or Python attributes).
+
+    Why resizable: a storage torch did not allocate itself (torch.load's records, torch.from_numpy,
+    torch.frombuffer, safetensors, mmap) is not resizable, and torch 2.14's lazy clone of it either raises
+    ("Expected storage != nullptr") or, for torch.load's, returns a clone whose first write on EITHER side (the
+    user's own optimizer step included) is a segmentation fault. Those are copied eagerly."""
     plain = type(t) is nn.Parameter or (type(t) is torch.Tensor and not t.__dict__ and not t.requires_grad)
-    return (plain and t.is_cpu and t.layout == torch.strided and not t.is_quantized
-            and not t.untyped_storage().is_shared())  # Tensor.is_shared() goes through slow TypedStorage
+    if not (plain and t.is_cpu and t.layout == torch.strided and not t.is_quantized):
+        return False
+    storage = t.untyped_storage()
+    return storage.resizable() and not storage.is_shared()  # Tensor.is_shared() goes through slow TypedStorage
 
 
 # nn.Module.__setstate__ of torch 2.14: it updates the instance dict, then fills in each of the attributes named by

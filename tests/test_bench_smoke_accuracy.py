@@ -63,6 +63,14 @@ def test_accuracy_quick(tmp_path, monkeypatch):
     assert len(both["rows"]) == len(data["rows"]) + len(rows)
     assert {s["factor"] for s in both["summary"]} == {2.0, 3.0}
     assert merged.with_suffix(".png").exists() and (tmp_path / "merged_widths.png").exists()
+    # --drop leaves out the named rows of the named parts only (superseded by a later run)
+    gone = sorted(r["method"] for r in rows)[0]
+    assert bench.main(["--merge", f"{out},{tmp_path / 'b.json'}", "--out", str(merged),
+                       "--drop", f"b.json:{rows[0]['model']}:{gone}"]) == 0
+    fewer = json.loads(merged.read_text())
+    kept = [(r["method"], r.get("factor")) for r in fewer["rows"]]
+    assert (gone, 3.0) not in kept and (gone, 2.0) in kept and len(kept) == len(both["rows"]) - 1
+    assert fewer["command"].endswith(f"--drop b.json:{rows[0]['model']}:{gone}")
 
 
 def test_verdict_rule():

@@ -107,6 +107,42 @@ def test_copies_lazily_says_whether_every_tensor_is_shared_copy_on_write():
     assert not pc.copies_lazily(model)
 
 
+LOADED = {  # a module whose tensors live in storage torch did not allocate itself, by how it came to be
+    "torch.load": "torch.save(nn.Linear(4, 4), path); m = torch.load(path, weights_only=False)",
+    "torch.load mmap": "torch.save(nn.Linear(4, 4), path); m = torch.load(path, weights_only=False, mmap=True)",
+    "from_numpy": "m = nn.Linear(4, 4); m.weight = nn.Parameter(torch.from_numpy(np.ones((4, 4), np.float32)))",
+    "frombuffer": "m = nn.Linear(1, 4); m.weight = nn.Parameter(torch.frombuffer(bytearray(16), "
+                  "dtype=torch.float32).reshape(4, 1))",
+}
+
+
+def test_loaded_tensors_are_copied_eagerly_and_both_sides_stay_writable(tmp_path):
+    """torch 2.14's lazy clone of such storage raises, or (torch.load) returns a clone whose first write on either
+    side kills the process; one subprocess for all origins (an import of torch each), so that a crash is a
+    failure naming the origin, not the end of the test run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    per_origin = "".join(textwrap.dedent(f"""
+        {LOADED[origin]}
+        assert not copies_lazily(m), {origin!r}
+        before = m.weight.detach().clone()
+        c = private_copy(m)
+        with torch.no_grad():
+            c.weight.add_(1.0)
+            m.weight.mul_(3.0)
+        assert torch.equal(c.weight, before + 1.0) and torch.equal(m.weight, before * 3.0), {origin!r}
+        print("writable:", {origin!r}, flush=True)
+    """) for origin in sorted(LOADED))
+    script = ("import numpy as np, torch\nfrom torch import nn\n"
+              "from obafx.passes.private_copy import private_copy, copies_lazily\n"
+              f"path = {str(tmp_path / 'm.pt')!r}\n" + per_origin)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    ok = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("writable: ")]
+    assert done.returncode == 0 and ok == sorted(LOADED), (done.returncode, ok, done.stderr[-2000:])
+
+
 class PairState(nn.Module):
     """Like transformers 5's kernel wrappers (kernels.use_kernelized_func): a module class with its own
     __deepcopy__ and __reduce__, whose __setstate__ takes a (state, forward) pair instead of a dict."""

@@ -149,3 +149,24 @@ def test_compile_prune_refits_the_norms_when_it_recalibrates(recalibrate):
     else:
         assert "renormalize" not in seen
         assert torch.equal(pruned.norm.weight, plain.norm.weight)
+
+
+def test_sums_over_shards_fit_the_union_of_the_shards():
+    """What a distributed run does: each rank's sums all-reduced before the fit = the fit on every rank's data."""
+    m = make("layer")
+    pruned, shard_a, shard_b = physically_pruned(m, KEEP), batches(3, seed=3), batches(3, seed=4)
+    captured = []
+    refit_norms(pruned, {"norm": D}, shard_b, summed=lambda sums: captured.append(sums) or sums)
+    across = refit_norms(pruned, {"norm": D}, shard_a, summed=lambda sums: sums + captured[0])
+    union = refit_norms(pruned, {"norm": D}, shard_a + shard_b)
+    torch.testing.assert_close(across.norm.weight, union.norm.weight, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(across.norm.bias, union.norm.bias, rtol=1e-12, atol=1e-14)
+    alone = refit_norms(pruned, {"norm": D}, shard_a)
+    assert not torch.allclose(alone.norm.weight, union.norm.weight, rtol=1e-9, atol=0)
+
+
+def test_distributed_importance_brings_the_all_reduce_for_the_refit():
+    from obafx.distributed import distributed_importance
+
+    sums = torch.arange(6, dtype=torch.float64)
+    assert torch.equal(distributed_importance("taylor").summed_across(sums), sums)  # one process: as they are
