@@ -1,0 +1,110 @@
+"""Do units' loss changes add up? Removing k units of one group together against the sum of removing each alone.
+
+Every per-unit criterion (OBA's, the group-exact score, Taylor, magnitude) prices a unit as if it were removed
+alone and ranks the sum. On the committed dense model, per group (each residual stream: groups with at least twice
+the median number of members; and the widest other group), the units are ordered by their true single-removal
+loss change (every slice a unit owns zeroed, as in score_truth.py; no criterion involved), and the k cheapest are
+removed together for k = 1/24, 1/12, 1/6, 1/4, 1/3 of the group: the joint loss change against the sum of the
+singles, and their difference (the interaction: the cross terms no per-unit score sees). An interaction near 0 is a
+group whose units' costs add up; a large positive one, a group whose joint removal costs more than any per-unit
+score can see. (The ratio joint / sum is given where the sum is positive; the cheapest units' single changes are
+often below zero.)
+
+    python3 benchmarks/joint_removal.py                   # resnet20,vit_tiny -> results/joint_removal.json
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_json  # noqa: E402
+from score_noise import DATA_SET, calibration_parser  # noqa: E402
+from score_truth import EXAMPLE, train_loss, true_changes, unit_slices  # noqa: E402
+
+from obafx.bench import data as fmnist  # noqa: E402
+from obafx.bench import dense  # noqa: E402
+from obafx.passes.channel_graph import analyze  # noqa: E402
+from obafx.passes.coupling import couple  # noqa: E402
+from obafx.passes.trace import trace  # noqa: E402
+
+FRACTIONS = (1 / 24, 1 / 12, 1 / 6, 1 / 4, 1 / 3)
+
+
+def joint_change(gm, units: List[int], slices: Dict[int, list], batches, base: float) -> float:
+    """Loss change of zeroing every slice of all ``units`` at once (the model restored after)."""
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    for u in units:
+        for p, dim, idx in slices.get(u, []):
+            p.data.index_fill_(dim, idx, 0.0)
+    out = train_loss(gm, batches) - base
+    gm.load_state_dict(state)
+    return out
+
+
+def group_rows(gm, group, kind: str, slices, batches, base: float) -> Dict:
+    """One group: its k cheapest units (by true single change) removed together, per fraction."""
+    units = list(group.units)
+    single = true_changes(gm, units, slices, batches)
+    order = np.argsort(single)
+    rows = []
+    for fraction in FRACTIONS:
+        k = max(1, int(round(fraction * len(units))))
+        chosen = [units[i] for i in order[:k]]
+        joint, summed = joint_change(gm, chosen, slices, batches, base), float(single[order[:k]].sum())
+        rows.append({"k": k, "fraction": round(fraction, 4), "sum_of_singles": round(summed, 5),
+                     "joint": round(joint, 5), "interaction": round(joint - summed, 5),
+                     "ratio": round(joint / summed, 2) if summed > 0 else None})
+    return {"group": group.id, "kind": kind, "units": len(units), "members": len(group.members), "removals": rows}
+
+
+def measure(name: str, n_batches: int, size: int) -> Dict:
+    """One model: the joint-vs-summed table of each stream group and of the widest other group."""
+    traced = trace(dense.load(name), EXAMPLE)
+    gm = traced.gm
+    coupling = couple(analyze(traced))
+    members = np.array([len(g.members) for g in coupling.groups])
+    streams = [g for g, m in zip(coupling.groups, members) if m >= 2 * np.median(members)]
+    rest = [g for g in coupling.groups if g not in streams]
+    chosen = [(g, "stream") for g in streams] + ([(max(rest, key=lambda g: len(g.units)), "widest other")]
+                                                 if rest else [])
+    batches = fmnist.calibration_batches(fmnist.fashion_mnist("train"), n_batches, size, seed=0, step=0)
+    slices = unit_slices(gm, coupling)
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    base = train_loss(gm, batches)
+    gm.load_state_dict(state)
+    start = time.process_time()
+    groups = [group_rows(gm, g, kind, slices, batches, base) for g, kind in chosen]
+    for g in groups:
+        print(name, g["kind"], g["group"], [(r["k"], r["sum_of_singles"], r["joint"]) for r in g["removals"]], flush=True)
+    return {"base_loss": round(base, 5), "groups": groups, "cpu_seconds": round(time.process_time() - start, 1)}
+
+
+def main(argv=None) -> int:
+    p = calibration_parser("joint_removal", __doc__.splitlines()[0],
+                           "calibration batches (the accuracy benchmark's per step)")
+    p.set_defaults(models="resnet20,vit_tiny")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = {"command": "python3 benchmarks/joint_removal.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "data_set": DATA_SET,
+              "protocol": f"committed dense models; {args.batches}x{args.size} calibration images (the accuracy "
+                          "benchmark's step-0 set, seed 0); train mode (BatchNorm on batch statistics); a unit's "
+                          "removal = every slice it owns zeroed; per group the k units with the smallest single "
+                          "loss change removed together, k = "
+                          + ", ".join(f"1/{round(1 / f)}" for f in FRACTIONS) + " of the group's units; ratio = "
+                          "joint loss change / sum of the singles; interaction = joint - sum; streams = groups "
+                          "with at least twice the median number of members",
+              "machine": machine_info(),
+              "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}}
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
