@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_json  # noqa: E402
-from score_noise import DATA_SET, calibration_parser  # noqa: E402
-from score_truth import EXAMPLE, train_loss, true_changes, unit_slices  # noqa: E402
+from score_noise import calibration_parser  # noqa: E402
+from score_truth import EXAMPLE, stream_groups, train_loss, true_changes, unit_slices, write_study  # noqa: E402
 
 from obafx.bench import data as fmnist  # noqa: E402
 from obafx.bench import dense  # noqa: E402
@@ -68,8 +67,7 @@ def measure(name: str, n_batches: int, size: int) -> Dict:
     traced = trace(dense.load(name), EXAMPLE)
     gm = traced.gm
     coupling = couple(analyze(traced))
-    members = np.array([len(g.members) for g in coupling.groups])
-    streams = [g for g, m in zip(coupling.groups, members) if m >= 2 * np.median(members)]
+    streams = stream_groups(coupling)
     rest = [g for g in coupling.groups if g not in streams]
     chosen = [(g, "stream") for g in streams] + ([(max(rest, key=lambda g: len(g.units)), "widest other")]
                                                  if rest else [])
@@ -91,20 +89,11 @@ def main(argv=None) -> int:
     p.set_defaults(models="resnet20,vit_tiny")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"command": "python3 benchmarks/joint_removal.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "data_set": DATA_SET,
-              "protocol": f"committed dense models; {args.batches}x{args.size} calibration images (the accuracy "
-                          "benchmark's step-0 set, seed 0); train mode (BatchNorm on batch statistics); a unit's "
-                          "removal = every slice it owns zeroed; per group the k units with the smallest single "
-                          "loss change removed together, k = "
-                          + ", ".join(f"1/{round(1 / f)}" for f in FRACTIONS) + " of the group's units; ratio = "
-                          "joint loss change / sum of the singles; interaction = joint - sum; streams = groups "
-                          "with at least twice the median number of members",
-              "machine": machine_info(),
-              "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}}
-    write_json(args.out, result)
-    return 0
-
+    return write_study("joint_removal", argv, args,
+                       "a unit's removal = every slice it owns zeroed; per group the k units with the smallest "
+                       "single loss change removed together, k = " + ", ".join(f"1/{round(1 / f)}" for f in FRACTIONS)
+                       + " of the group's units; ratio = joint loss change / sum of the singles; interaction = "
+                       "joint - sum; streams = groups with at least twice the median number of members", measure)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,6 +62,27 @@ def unit_slices(gm, coupling) -> Dict[int, list]:
     return out
 
 
+def stream_groups(coupling) -> list:
+    """The residual streams: groups with at least twice the median number of members (read by many layers)."""
+    members = np.array([len(g.members) for g in coupling.groups])
+    return [g for g, m in zip(coupling.groups, members) if m >= 2 * np.median(members)]
+
+
+STEP0 = ("committed dense models; {batches}x{size} calibration images (the accuracy benchmark's step-0 set, seed "
+         "0); train mode (BatchNorm on batch statistics)")
+
+
+def write_study(name: str, argv, args, protocol: str, measure) -> int:
+    """results JSON of a unit study: command, data set, protocol, machine, and ``measure(model, batches, size)``
+    per model of ``args.models``."""
+    write_json(args.out, {
+        "command": f"python3 benchmarks/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "data_set": DATA_SET, "protocol": STEP0.format(batches=args.batches, size=args.size) + "; " + protocol,
+        "machine": machine_info(),
+        "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}})
+    return 0
+
+
 def train_loss(gm, batches) -> float:
     """Mean cross-entropy over ``batches`` in train mode (BatchNorm on batch statistics), no gradients; the
     running statistics it moves are restored by the caller."""
@@ -90,8 +111,7 @@ def measure(name: str, n_batches: int, size: int) -> Dict:
     gm = traced.gm
     coupling = couple(analyze(traced))
     units = [u for g in coupling.groups for u in g.units]
-    members = np.array([len(g.members) for g in coupling.groups])
-    streams = [g for g, m in zip(coupling.groups, members) if m >= 2 * np.median(members)]  # read by many layers
+    streams = stream_groups(coupling)
     in_stream = np.isin(units, [u for g in streams for u in g.units])
     cost = mac_savings(coupling, thop_macs(gm, traced.inputs)[1])
     cost = np.array([cost.get(u, 0.0) for u in units])
@@ -130,18 +150,10 @@ def main(argv=None) -> int:
                            "calibration batches (the accuracy benchmark's per step)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"command": "python3 benchmarks/score_truth.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "data_set": DATA_SET,
-              "protocol": f"committed dense models; {args.batches}x{args.size} calibration images (the accuracy "
-                          "benchmark's step-0 set, seed 0); train mode (BatchNorm on batch statistics) for scores "
-                          "and truth; truth = loss change of zeroing every slice of one unit; per MAC = divided by "
-                          "the MACs removing that unit alone saves; streams = groups with at least twice the median "
-                          "number of members",
-              "machine": machine_info(),
-              "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}}
-    write_json(args.out, result)
-    return 0
-
+    return write_study("score_truth", argv, args,
+                       "for scores and truth; truth = loss change of zeroing every slice of one unit; per MAC = "
+                       "divided by the MACs removing that unit alone saves; streams = groups with at least twice the "
+                       "median number of members", measure)
 
 if __name__ == "__main__":
     sys.exit(main())
