@@ -152,6 +152,17 @@ def score_truth(d: Dict) -> str:
             + table(["criterion", *models], rows))
 
 
+def joint_removal(d: Dict) -> str:
+    """Per model and group: the k cheapest units' joint loss change against the sum of their single changes."""
+    rows = [(m, f"{g['kind']} `{g['group']}` ({g['units']} units)",
+             "; ".join(f"{x['k']}: {x['joint']:+.3f} vs {x['sum_of_singles']:+.3f}" for x in g["removals"]))
+            for m, r in d["models"].items() for g in r["groups"]]
+    return (f"### Do units' loss changes add up? (`{d['command']}`)\n\n"
+            f"{d['protocol']}. Cell, per k: the loss change of removing the group's k cheapest units together vs "
+            "the sum of removing each alone (their difference is what no per-unit score sees).\n\n"
+            + table(["model", "group", "k: joint vs sum of singles"], rows))
+
+
 def _num(x) -> str:
     return "-" if x is None or x != x else f"{x:.2f}"
 
