@@ -75,8 +75,8 @@ class _Sums:
         else:  # no bias to absorb an intercept: the fit through zero
             a = torch.where(s_nn > 1e-12, s_nd / s_nn.clamp_min(1e-12), torch.ones_like(s_nn))
             b = None
-        # new storage, not in-place writes: the copy's tensors share storage with the user's until written
-        # (private_copy's lazy clone), and an in-place write into a loaded model's lazy clone crashes torch 2.14
+        # new tensors, not in-place writes: nothing is ever written into storage the copy may still share with
+        # the user's model (private_copy clones lazily)
         w = self.module.weight
         with torch.no_grad():
             if b is not None:
