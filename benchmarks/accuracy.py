@@ -22,6 +22,7 @@ import argparse
 import fnmatch
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -155,7 +156,7 @@ def merge(paths: List[str], out: Path, note: str = "", drop: str = "") -> int:
                            for path, part in zip(paths, parts)])
     summary = res.summarise(rows)
     configs = [c for p in parts for c in (p["config"] if isinstance(p["config"], list) else [p["config"]])]
-    dropping = f" --drop {drop}" if drop else ""
+    dropping = f" --drop {shlex.quote(drop)}" if drop else ""  # quoted: the globs must reach the script
     write_json(str(out), {"command": f"python3 benchmarks/accuracy.py --merge {','.join(paths)} --out {out}{dropping}",
                           "commands": [c for p in parts for c in (p.get("commands") or [p["command"]])],
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
