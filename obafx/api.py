@@ -74,7 +74,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     step scores the pruned network, not one with the unpruned network's statistics, and the result carries
     statistics of its own; and refit every LayerNorm/RMSNorm whose normalised dim lost channels so that it acts
     as the zeroed network's norm (which divides by the old width: passes/renormalize.py; without it the kept
-    outputs grow by ~sqrt(old/new width) and the pruned network is not the one the scores judged). None
+    outputs shrink by ~sqrt(new/old width) and the pruned network is not the one the scores judged). None
     (default) = on when ``data`` is given and the model has BatchNorm, LayerNorm or RMSNorm.
     ``normalizer``: how unit scores are scaled within each coupled group before the global ranking: "max"
     (divide by the group's largest |score|, OBA's rule), "mean", "sum" (by the group's mean / sum of |score|),

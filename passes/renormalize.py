@@ -4,7 +4,7 @@ calibration batches in, a copy whose norms that lost channels were refit to act 
 Why: every score (OBA's, Taylor's, magnitude's) judges a unit by what zeroing it does. Zeroing a channel of a
 LayerNorm'd stream (a transformer's residual stream) leaves the norm's mean and variance over all d positions,
 the zero included; the physically pruned norm divides by the n = d - k kept ones instead. With the removed
-channels near zero, every kept output grows by about sqrt(d/n) (1.29x when a 96-wide stream keeps 58): the
+channels near zero, every kept output shrinks by about sqrt(n/d) (to 0.78 when a 96-wide stream keeps 58): the
 pruned network is not the one the score judged, and the error compounds over steps. Measured on the benchmark's
 ViT (oba_group, seed 1, no fine-tune): rescaling the norms by sqrt(d/n) alone moves accuracy from 0.313 to 0.456
 at 4x fewer MACs and from 0.682 to 0.736 at 2x.
