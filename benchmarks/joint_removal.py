@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_noise import calibration_parser  # noqa: E402
-from score_truth import EXAMPLE, stream_groups, train_loss, true_changes, unit_slices, write_study  # noqa: E402
+from score_truth import (EXAMPLE, stream_groups, train_loss, true_changes, unit_slices, write_study,  # noqa: E402
+                         zero_units)
 
 from obafx.bench import data as fmnist  # noqa: E402
 from obafx.bench import dense  # noqa: E402
@@ -38,9 +39,7 @@ FRACTIONS = (1 / 24, 1 / 12, 1 / 6, 1 / 4, 1 / 3)
 def joint_change(gm, units: List[int], slices: Dict[int, list], batches, base: float) -> float:
     """Loss change of zeroing every slice of all ``units`` at once (the model restored after)."""
     state = {k: v.clone() for k, v in gm.state_dict().items()}
-    for u in units:
-        for p, dim, idx in slices.get(u, []):
-            p.data.index_fill_(dim, idx, 0.0)
+    zero_units(units, slices)
     out = train_loss(gm, batches) - base
     gm.load_state_dict(state)
     return out

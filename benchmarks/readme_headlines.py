@@ -241,13 +241,12 @@ def _verdict(v) -> str:
     """The issue's test per cell: the library default against the best baseline, both columns."""
     if not v or not v.get("cells"):
         return ""
-    col = COLUMN_NAMES
-    rows = [(c["model"], f"{c['factor']:g}x", col[c["column"]], f"{c['default']:.3f} ± {c['default_std']:.3f} "
+    rows = [(c["model"], f"{c['factor']:g}x", COLUMN_NAMES[c["column"]], f"{c['default']:.3f} ± {c['default_std']:.3f} "
              f"(n={c['default_n']}, MACs {c.get('default_macs_kept') or 0:.3f})",
              f"{c['best_baseline']} {c['best']:.3f} ± {c['best_std']:.3f} (n={c['best_n']}, MACs "
              f"{c.get('best_macs_kept') or 0:.3f})",
              f"{c['margin']:+.3f}", "yes" if c["within_one_std"] else "**no**") for c in v["cells"]]
-    means = ", ".join(f"{col[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
+    means = ", ".join(f"{COLUMN_NAMES[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
     return (f"Default OBA against the best baseline in each cell ({v['rule']}). Mean margin: {means}; "
             f"all cells within one std: {'yes' if v['all_within_one_std'] else 'no'}.\n\n"
             + table(["model", "MACs /", "column", "default OBA", "best baseline", "margin", "within one std"], rows))
@@ -257,14 +256,13 @@ def _verdict_compact(v) -> str:
     """The same test for another configuration, one line per model and column: margins at each budget."""
     if not v or not v.get("cells"):
         return ""
-    col = COLUMN_NAMES
     lines: Dict[tuple, list] = {}
     for c in v["cells"]:
         mark = "" if c["within_one_std"] else " **no**"
-        lines.setdefault((c["model"], col[c["column"]]), []).append(
+        lines.setdefault((c["model"], COLUMN_NAMES[c["column"]]), []).append(
             f"{c['factor']:g}x {c['default']:.3f} (n={c['default_n']}) vs {c['best_baseline']} {c['best']:.3f}: "
             f"{c['margin']:+.3f}{mark}")
-    means = ", ".join(f"{col[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
+    means = ", ".join(f"{COLUMN_NAMES[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
     within = sum(c["within_one_std"] for c in v["cells"])
     return (f"\n\nThe same test for `importance=\"{v.get('name', 'oba_group')}\"` with its defaults: {within} of "
             f"{len(v['cells'])} cells within one std; mean margin: {means}.\n\n"

@@ -91,6 +91,13 @@ def train_loss(gm, batches) -> float:
         return float(np.mean([F.cross_entropy(gm(x), y).item() for x, y in batches]))
 
 
+def zero_units(units, slices: Dict[int, list]) -> None:
+    """Zero every slice of ``units`` in place (what removing them does); the caller restores the model."""
+    for u in units:
+        for p, dim, idx in slices.get(u, []):
+            p.data.index_fill_(dim, idx, 0.0)
+
+
 def true_changes(gm, units: List[int], slices: Dict[int, list], batches) -> np.ndarray:
     """Loss change of removing each unit alone (its slices zeroed), the model restored after each."""
     state = {k: v.clone() for k, v in gm.state_dict().items()}
@@ -98,8 +105,7 @@ def true_changes(gm, units: List[int], slices: Dict[int, list], batches) -> np.n
     gm.load_state_dict(state)
     out = []
     for u in units:
-        for p, dim, idx in slices.get(u, []):
-            p.data.index_fill_(dim, idx, 0.0)
+        zero_units([u], slices)
         out.append(train_loss(gm, batches) - base)
         gm.load_state_dict(state)
     return np.array(out)

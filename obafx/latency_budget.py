@@ -84,7 +84,7 @@ class LatencyBudget:
         self.cache_hits = self.cache_misses = 0
         self.blocks: Dict[str, int] = {}  # layer signature -> the largest kernel block of its dims (1: none)
         self._dense_placed = None  # (module, inputs) of the dense module on the timing device, made once
-        self._candidates: Dict[int, Any] = {}  # id(newest candidate) -> its placed copy (compiled once)
+        self._newest: Optional[Tuple[Any, Any]] = None  # (newest candidate, its placed copy: compiled once)
 
     def target(self, step: int, steps: int) -> float:
         return self.fraction ** (step / steps)
@@ -131,7 +131,7 @@ class LatencyBudget:
         """``gm``'s latency as a fraction of the dense module's, timed in alternation with it."""
         # only the newest candidate's placed copy is kept (a confirm follows its measurement; a copy that is gone
         # is placed again): eight copies of a large model would hold memory the user's device may not have
-        self._candidates = {id(gm): placed(gm, self.inputs, self.options)}
+        self._newest = (gm, placed(gm, self.inputs, self.options))
         return self._alternate(gm, None)
 
     def confirm(self, gm) -> float:
@@ -143,7 +143,8 @@ class LatencyBudget:
 
     def _alternate(self, gm, earlier: Optional[Dict[str, Any]]) -> float:
         result = alternate(self.dense, gm, self.inputs, self.options, desc="obafx latency: dense vs candidate",
-                           dense_placed=self._placed(self.dense), candidate_placed=self._candidates.get(id(gm)),
+                           dense_placed=self._placed(self.dense),
+                           candidate_placed=self._newest[1] if self._newest and self._newest[0] is gm else None,
                            earlier=earlier)
         self.measured[id(gm)] = result
         return result["ratio"]
@@ -152,7 +153,7 @@ class LatencyBudget:
         """The step kept ``gm``: the next step starts from its measurement. Returns a note when ``gm`` is slower
         than ``target`` beyond the tolerance (what bounds the speed-up, and what may lower it)."""
         self.current = self.measured.get(id(gm), self.current)
-        self.measured, self._candidates = {}, {}  # the other candidates are gone: their ids may be reused
+        self.measured, self._newest = {}, None  # the other candidates are gone: their ids may be reused
         if self.current["ratio"] <= target * (1 + self.options.tolerance):
             return None
         return (f"latency: the fastest candidate runs {1 / self.current['ratio']:.2f}x faster than the dense "
