@@ -73,6 +73,11 @@ METHODS: Dict[str, tuple] = {
     # defaults since confidence= exists): a unit goes early only when its loss change is low with confidence
     "oba_group_ucb": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
                                   confidence=1.0)),
+    # ... with the ViT's residual stream kept at full width (keep_widths on the rows that write it; only the ViT has
+    # attn.proj): what trimming the stream costs oba_group there (benchmarks/joint_removal.py: its units' costs do
+    # not add up)
+    "oba_group_ucb_keepstream": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
+                                             probes=4, confidence=1.0, keep_widths=("*attn.proj.weight:0",))),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),
