@@ -8,16 +8,20 @@ removed together for k = 1/24, 1/12, 1/6, 1/4, 1/3 of the group: the joint loss 
 singles, and their difference (the interaction: the cross terms no per-unit score sees). An interaction near 0 is a
 group whose units' costs add up; a large positive one, a group whose joint removal costs more than any per-unit
 score can see. (The ratio joint / sum is given where the sum is positive; the cheapest units' single changes are
-often below zero.)
+often below zero.) ``--groups`` names more groups to measure (shell patterns on group ids, e.g. the ViT's
+attention head dims, '*.attn.qkv'); a pattern no group of a model matches is recorded for that model, not an error
+(the models differ).
 
     python3 benchmarks/joint_removal.py                   # resnet20,vit_tiny -> results/joint_removal.json
+    python3 benchmarks/joint_removal.py --groups '*.attn.qkv'
 """
 from __future__ import annotations
 
+import fnmatch
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -61,15 +65,25 @@ def group_rows(gm, group, kind: str, slices, batches, base: float) -> Dict:
     return {"group": group.id, "kind": kind, "units": len(units), "members": len(group.members), "removals": rows}
 
 
-def measure(name: str, n_batches: int, size: int) -> Dict:
-    """One model: the joint-vs-summed table of each stream group and of the widest other group."""
-    traced = trace(dense.load(name), EXAMPLE)
-    gm = traced.gm
-    coupling = couple(analyze(traced))
+def chosen_groups(coupling, patterns: Sequence[str] = ()) -> List[tuple]:
+    """(group, kind) to measure: every stream, the widest other group, then every other group whose id matches
+    one of ``patterns`` (fnmatch), in the coupling's order."""
     streams = stream_groups(coupling)
     rest = [g for g in coupling.groups if g not in streams]
     chosen = [(g, "stream") for g in streams] + ([(max(rest, key=lambda g: len(g.units)), "widest other")]
                                                  if rest else [])
+    taken = {id(g) for g, _ in chosen}
+    return chosen + [(g, "named") for g in coupling.groups
+                     if id(g) not in taken and any(fnmatch.fnmatchcase(g.id, p) for p in patterns)]
+
+
+def measure(name: str, n_batches: int, size: int, patterns: Sequence[str] = ()) -> Dict:
+    """One model: the joint-vs-summed table of each stream group, of the widest other group and of the groups
+    ``patterns`` name (`chosen_groups`)."""
+    traced = trace(dense.load(name), EXAMPLE)
+    gm = traced.gm
+    coupling = couple(analyze(traced))
+    chosen = chosen_groups(coupling, patterns)
     batches = fmnist.calibration_batches(fmnist.fashion_mnist("train"), n_batches, size, seed=0, step=0)
     slices = unit_slices(gm, coupling)
     state = {k: v.clone() for k, v in gm.state_dict().items()}
@@ -79,20 +93,26 @@ def measure(name: str, n_batches: int, size: int) -> Dict:
     groups = [group_rows(gm, g, kind, slices, batches, base) for g, kind in chosen]
     for g in groups:
         print(name, g["kind"], g["group"], [(r["k"], r["sum_of_singles"], r["joint"]) for r in g["removals"]], flush=True)
-    return {"base_loss": round(base, 5), "groups": groups, "cpu_seconds": round(time.process_time() - start, 1)}
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(g.id, p) for g in coupling.groups)]
+    return {"base_loss": round(base, 5), "groups": groups, "unmatched_patterns": unmatched,
+            "cpu_seconds": round(time.process_time() - start, 1)}
 
 
 def main(argv=None) -> int:
     p = calibration_parser("joint_removal", __doc__.splitlines()[0],
                            "calibration batches (the accuracy benchmark's per step)")
     p.set_defaults(models="resnet20,vit_tiny")
+    p.add_argument("--groups", default="", help="comma-separated shell patterns of more group ids to measure")
     args = p.parse_args(argv)
+    patterns = [x for x in args.groups.split(",") if x]
     torch.set_num_threads(args.threads)
     return write_study("joint_removal", argv, args,
                        "a unit's removal = every slice it owns zeroed; per group the k units with the smallest "
                        "single loss change removed together, k = " + ", ".join(f"1/{round(1 / f)}" for f in FRACTIONS)
                        + " of the group's units; ratio = joint loss change / sum of the singles; interaction = "
-                       "joint - sum; streams = groups with at least twice the median number of members", measure)
+                       "joint - sum; streams = groups with at least twice the median number of members"
+                       + (f"; named = groups matching {patterns}" if patterns else ""),
+                       lambda name, batches, size: measure(name, batches, size, patterns))
 
 if __name__ == "__main__":
     sys.exit(main())

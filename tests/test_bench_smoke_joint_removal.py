@@ -56,3 +56,22 @@ def test_tiny_run_writes_joint_against_summed_per_group(tmp_path):
     for g in row["groups"]:
         assert [r["k"] for r in g["removals"]] == sorted(r["k"] for r in g["removals"])
         assert all(r["k"] <= g["units"] for r in g["removals"])
+
+
+def test_named_groups_join_the_streams_and_the_widest_one_once_each():
+    """--groups adds the groups whose ids match a pattern, after the default choice, never one twice."""
+    bench = _bench()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    coupling = couple(analyze(trace(Net(), torch.zeros(1, 3))))
+    default = bench.chosen_groups(coupling)
+    assert [kind for _, kind in default] == ["widest other"] and default[0][0].width == 6
+    named = bench.chosen_groups(coupling, ["b*", "a*", "nothing*"])
+    assert [(g.id, kind) for g, kind in named] == [(default[0][0].id, "widest other"), ("b", "named")]
