@@ -15,6 +15,7 @@ splits a MAC budget between streams and the rest.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def write_study(name: str, argv, args, protocol: str, measure) -> int:
     """results JSON of a unit study: command, data set, protocol, machine, and ``measure(model, batches, size)``
     per model of ``args.models``."""
     write_json(args.out, {
-        "command": f"python3 benchmarks/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"python3 benchmarks/{name}.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "data_set": DATA_SET, "protocol": STEP0.format(batches=args.batches, size=args.size) + "; " + protocol,
         "machine": machine_info(),
         "models": {m: measure(m, args.batches, args.size) for m in args.models.split(",")}})
