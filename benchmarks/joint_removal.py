@@ -12,6 +12,12 @@ often below zero.) ``--groups`` names more groups to measure (shell patterns on 
 attention head dims, '*.attn.qkv'); a pattern no group of a model matches is recorded for that model, not an error
 (the models differ).
 
+The units are chosen, and their single changes measured, on one set of calibration images; a second set (the
+accuracy benchmark's step-0 images of seed 1) measures the same singles and the same joint removals again
+("held_out_*"), and each group records the fraction of its single changes below zero on both sets: a unit that
+looks free on the images that chose it and costs on others is the selection's luck (a winner's curse), not an
+interaction.
+
     python3 benchmarks/joint_removal.py                   # resnet20,vit_tiny -> results/joint_removal.json
     python3 benchmarks/joint_removal.py --groups '*.attn.qkv'
 """
@@ -49,20 +55,31 @@ def joint_change(gm, units: List[int], slices: Dict[int, list], batches, base: f
     return out
 
 
-def group_rows(gm, group, kind: str, slices, batches, base: float) -> Dict:
-    """One group: its k cheapest units (by true single change) removed together, per fraction."""
+def group_rows(gm, group, kind: str, slices, batches, base: float, held_out=None) -> Dict:
+    """One group: its k cheapest units (by true single change on ``batches``) removed together, per fraction.
+    ``held_out``: (batches, base loss) of a second image set on which the same singles and joint removals are
+    measured again (keys held_out_*); None: not measured."""
     units = list(group.units)
     single = true_changes(gm, units, slices, batches)
+    other = true_changes(gm, units, slices, held_out[0]) if held_out else None
     order = np.argsort(single)
     rows = []
     for fraction in FRACTIONS:
         k = max(1, int(round(fraction * len(units))))
         chosen = [units[i] for i in order[:k]]
         joint, summed = joint_change(gm, chosen, slices, batches, base), float(single[order[:k]].sum())
-        rows.append({"k": k, "fraction": round(fraction, 4), "sum_of_singles": round(summed, 5),
-                     "joint": round(joint, 5), "interaction": round(joint - summed, 5),
-                     "ratio": round(joint / summed, 2) if summed > 0 else None})
-    return {"group": group.id, "kind": kind, "units": len(units), "members": len(group.members), "removals": rows}
+        row = {"k": k, "fraction": round(fraction, 4), "sum_of_singles": round(summed, 5),
+               "joint": round(joint, 5), "interaction": round(joint - summed, 5),
+               "ratio": round(joint / summed, 2) if summed > 0 else None}
+        if held_out:
+            row.update(held_out_sum_of_singles=round(float(other[order[:k]].sum()), 5),
+                       held_out_joint=round(joint_change(gm, chosen, slices, *held_out), 5))
+        rows.append(row)
+    out = {"group": group.id, "kind": kind, "units": len(units), "members": len(group.members),
+           "negative_fraction": round(float((single < 0).mean()), 3), "removals": rows}
+    if held_out:
+        out["held_out_negative_fraction"] = round(float((other < 0).mean()), 3)
+    return out
 
 
 def chosen_groups(coupling, patterns: Sequence[str] = ()) -> List[tuple]:
@@ -84,17 +101,19 @@ def measure(name: str, n_batches: int, size: int, patterns: Sequence[str] = ()) 
     gm = traced.gm
     coupling = couple(analyze(traced))
     chosen = chosen_groups(coupling, patterns)
-    batches = fmnist.calibration_batches(fmnist.fashion_mnist("train"), n_batches, size, seed=0, step=0)
+    train = fmnist.fashion_mnist("train")
+    batches = fmnist.calibration_batches(train, n_batches, size, seed=0, step=0)
+    held = fmnist.calibration_batches(train, n_batches, size, seed=1, step=0)
     slices = unit_slices(gm, coupling)
     state = {k: v.clone() for k, v in gm.state_dict().items()}
-    base = train_loss(gm, batches)
+    base, base_held = train_loss(gm, batches), train_loss(gm, held)
     gm.load_state_dict(state)
     start = time.process_time()
-    groups = [group_rows(gm, g, kind, slices, batches, base) for g, kind in chosen]
+    groups = [group_rows(gm, g, kind, slices, batches, base, (held, base_held)) for g, kind in chosen]
     for g in groups:
         print(name, g["kind"], g["group"], [(r["k"], r["sum_of_singles"], r["joint"]) for r in g["removals"]], flush=True)
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(g.id, p) for g in coupling.groups)]
-    return {"base_loss": round(base, 5), "groups": groups, "unmatched_patterns": unmatched,
+    return {"base_loss": round(base, 5), "held_out_base_loss": round(base_held, 5), "groups": groups, "unmatched_patterns": unmatched,
             "cpu_seconds": round(time.process_time() - start, 1)}
 
 
@@ -111,7 +130,8 @@ def main(argv=None) -> int:
                        "single loss change removed together, k = " + ", ".join(f"1/{round(1 / f)}" for f in FRACTIONS)
                        + " of the group's units; ratio = joint loss change / sum of the singles; interaction = "
                        "joint - sum; streams = groups with at least twice the median number of members"
-                       + (f"; named = groups matching {patterns}" if patterns else ""),
+                       + (f"; named = groups matching {patterns}" if patterns else "")
+                       + "; held_out_* = the same units measured on the step-0 images of seed 1",
                        lambda name, batches, size: measure(name, batches, size, patterns))
 
 if __name__ == "__main__":

@@ -154,13 +154,24 @@ def score_truth(d: Dict) -> str:
 
 def joint_removal(d: Dict) -> str:
     """Per model and group: the k cheapest units' joint loss change against the sum of their single changes."""
-    rows = [(m, f"{g['kind']} `{g['group']}` ({g['units']} units)",
-             "; ".join(f"{x['k']}: {x['joint']:+.3f} vs {x['sum_of_singles']:+.3f}" for x in g["removals"]))
+    def cell(x):
+        held = (f" [other images: {x['held_out_joint']:+.3f} vs {x['held_out_sum_of_singles']:+.3f}]"
+                if "held_out_joint" in x else "")
+        return f"{x['k']}: {x['joint']:+.3f} vs {x['sum_of_singles']:+.3f}{held}"
+
+    def below_zero(g):
+        return (f"{g['negative_fraction']:.2f} / {g['held_out_negative_fraction']:.2f}"
+                if "held_out_negative_fraction" in g else "-")
+
+    rows = [(m, f"{g['kind']} `{g['group']}` ({g['units']} units)", below_zero(g),
+             "; ".join(cell(x) for x in g["removals"]))
             for m, r in d["models"].items() for g in r["groups"]]
     return (f"### Do units' loss changes add up? (`{d['command']}`)\n\n"
             f"{d['protocol']}. Cell, per k: the loss change of removing the group's k cheapest units together vs "
-            "the sum of removing each alone (their difference is what no per-unit score sees).\n\n"
-            + table(["model", "group", "k: joint vs sum of singles"], rows))
+            "the sum of removing each alone (their difference is what no per-unit score sees); in brackets the same "
+            "units on other images. Below zero: the fraction of single removals that lower the loss, on the images "
+            "that chose the units / on the other images.\n\n"
+            + table(["model", "group", "singles below zero", "k: joint vs sum of singles"], rows))
 
 
 def _num(x) -> str:

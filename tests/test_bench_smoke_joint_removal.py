@@ -56,6 +56,11 @@ def test_tiny_run_writes_joint_against_summed_per_group(tmp_path):
     for g in row["groups"]:
         assert [r["k"] for r in g["removals"]] == sorted(r["k"] for r in g["removals"])
         assert all(r["k"] <= g["units"] for r in g["removals"])
+        assert 0 <= g["negative_fraction"] <= 1 and 0 <= g["held_out_negative_fraction"] <= 1
+        # a single unit removed "together" is that unit's single change, on either image set
+        first = g["removals"][0]
+        if first["k"] == 1:
+            assert first["held_out_joint"] == pytest.approx(first["held_out_sum_of_singles"], abs=2e-5)
 
 
 def test_named_groups_join_the_streams_and_the_widest_one_once_each():
