@@ -73,6 +73,11 @@ METHODS: Dict[str, tuple] = {
     # defaults since confidence= exists): a unit goes early only when its loss change is low with confidence
     "oba_group_ucb": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
                                   confidence=1.0)),
+    # ... with two standard errors instead of one: how much of what the bound fixes is the selection's luck (on
+    # the ViT, a stream channel's single change is below zero on 23% of the calibration images' channels but 1%
+    # on other images: benchmarks/joint_removal.py)
+    "oba_group_ucb2": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
+                                   confidence=2.0)),
     # ... with the ViT's residual stream kept at full width (keep_widths on the rows that write it; only the ViT has
     # attn.proj): what trimming the stream costs oba_group there (benchmarks/joint_removal.py: its units' costs do
     # not add up)
