@@ -74,8 +74,8 @@ METHODS: Dict[str, tuple] = {
     "oba_group_ucb": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
                                   confidence=1.0)),
     # ... with two standard errors instead of one: how much of what the bound fixes is the selection's luck (on
-    # the ViT, a stream channel's single change is below zero on 23% of the calibration images' channels but 1%
-    # on other images: benchmarks/joint_removal.py)
+    # the ViT, 23% of the stream's single removals lower the loss on the images that chose them, 5% on other
+    # images: benchmarks/joint_removal.py)
     "oba_group_ucb2": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
                                    confidence=2.0)),
     # ... with the ViT's residual stream kept at full width (keep_widths on the rows that write it; only the ViT has
