@@ -70,12 +70,12 @@ METHODS: Dict[str, tuple] = {
     "oba_group_full_permac_train": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
                                                 probes=4, confidence=0.0)),
     # ... ranked by an upper confidence bound, mean + 1 standard error over the batch x probe samples (oba_group's
-    # defaults since confidence= exists): a unit goes early only when its loss change is low with confidence
+    # defaults from 8909172 to 2026-12-07): a unit goes early only when its loss change is low with confidence
     "oba_group_ucb": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
                                   confidence=1.0)),
-    # ... with two standard errors instead of one: how much of what the bound fixes is the selection's luck (on
-    # the ViT, 23% of the stream's single removals lower the loss on the images that chose them, 5% on other
-    # images: benchmarks/joint_removal.py)
+    # ... with two standard errors instead of one (oba_group's defaults since 2026-12-07): how much of what the
+    # bound fixes is the selection's luck (on the ViT, 23% of the stream's single removals lower the loss on the
+    # images that chose them, 5% on other images: benchmarks/joint_removal.py)
     "oba_group_ucb2": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
                                    confidence=2.0)),
     # ... with the ViT's residual stream kept at full width (keep_widths on the rows that write it; only the ViT has

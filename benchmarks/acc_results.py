@@ -62,8 +62,9 @@ def best_per_family(summary: List[Dict[str, Any]], field: str = "acc_pruned") ->
 
 # the library's default OBA configuration (same kwargs; the default before 2026-12-07 was oba_residual_permac_abs)
 DEFAULT_METHODS = ("oba_default", "oba_residual_permac_member_train")
-# importance="oba_group" with its defaults (full H, train mode, 4 probes, per MAC, confidence 1.0 since 8909172)
-GROUP_METHODS = ("oba_group_ucb",)
+# importance="oba_group" with its defaults (full H, train mode, 4 probes, per MAC; confidence 2.0 since 2026-12-07,
+# 1.0 from 8909172 to then: oba_group_ucb)
+GROUP_METHODS = ("oba_group_ucb2",)
 COLUMNS = ("acc_pruned", "acc_finetuned")
 
 

@@ -87,7 +87,7 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     ``probes``: Rademacher probes per batch for importance="oba_group" (one HVP each); None (default) = 4.
     ``confidence``: for importance="oba_group", rank each unit by its mean loss change plus this many standard
     errors of the mean over the batch x probe samples (an upper confidence bound: a unit goes early only when it
-    is cheap with confidence); None (default) = 1.0 for "oba_group"; 0 = the plain mean.
+    is cheap with confidence); None (default) = 2.0 for "oba_group"; 0 = the plain mean.
     ``unit_sum``: how a data-driven criterion's per-parameter scores s_i (already averaged over batches) add up
     over a unit's slices: "signed" (|Σ s_i| over the whole unit, for Taylor the loss change |g_uᵀθ_u| of removing
     the unit), "abs" (Σ |s_i|, as Torch-Pruning's Taylor does: nothing cancels inside a unit, so a small

@@ -142,7 +142,7 @@ def test_compile_prune_with_oba_group(train):
                                      on_stage=lambda name, facts: seen.append(facts) if name == "score" else None)
     rep = obafx.report(pruned)
     assert rep.importance == "oba_group" and rep.macs_ratio <= 0.61 and rep.masked_error < 1e-9
-    assert "probes=2, confidence=1" in rep.scored_with  # the default bound, said in the report
+    assert "probes=2, confidence=2" in rep.scored_with  # the default bound, said in the report
     assert len(seen) == 2 and all(max(abs(v) for v in s.values()) == pytest.approx(1.0) for s in seen)
 
 

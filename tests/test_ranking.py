@@ -210,10 +210,10 @@ def test_the_default_ranking_is_the_criterions_own(importance, explicit):
 
 @pytest.mark.parametrize("importance, option, default, other", [
     ("oba", "mode", "residual", "full"), ("oba_group", "mode", "full", "residual"), ("oba_group", "probes", 4, 1),
-    ("oba_group", "confidence", 1.0, 0.0)])
+    ("oba_group", "confidence", 2.0, 0.0)])
 def test_the_default_hessian_and_probes_are_the_criterions_own(importance, option, default, other):
     """mode=None, probes=None and confidence=None resolve per criterion: OBA's per-parameter scores use H − G (the
-    paper's), the group-exact score uses H, 4 probes and mean + 1 standard error. The default's plan equals the
+    paper's), the group-exact score uses H, 4 probes and mean + 2 standard errors. The default's plan equals the
     explicit value's and differs from the other value's."""
     torch.manual_seed(0)
     model = SmoothCNN().double().eval()  # smooth activations: H − G is far from H (not so on a small ReLU MLP)
