@@ -113,8 +113,8 @@ def measure(name: str, n_batches: int, size: int, patterns: Sequence[str] = ()) 
     for g in groups:
         print(name, g["kind"], g["group"], [(r["k"], r["sum_of_singles"], r["joint"]) for r in g["removals"]], flush=True)
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(g.id, p) for g in coupling.groups)]
-    return {"base_loss": round(base, 5), "held_out_base_loss": round(base_held, 5), "groups": groups, "unmatched_patterns": unmatched,
-            "cpu_seconds": round(time.process_time() - start, 1)}
+    return {"base_loss": round(base, 5), "held_out_base_loss": round(base_held, 5), "groups": groups,
+            "unmatched_patterns": unmatched, "cpu_seconds": round(time.process_time() - start, 1)}
 
 
 def main(argv=None) -> int:
