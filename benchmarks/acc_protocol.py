@@ -30,6 +30,8 @@ import acc_tp
 # method -> (family, compile_prune keyword arguments; rank and OBA's unit_sum are explicit so that a row keeps its
 # meaning when the library's defaults change). The family decides which rows get fine-tuned when not every
 # row can be (the best of each family per cell).
+# the group-exact score's settings every oba_group row below shares (they differ in confidence= and keep_widths=)
+_GROUP_EXACT = dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4)
 METHODS: Dict[str, tuple] = {
     "oba_default": ("OBA", dict(importance="oba")),  # whatever the library's defaults are at the run's commit
     "oba_residual": ("OBA", dict(importance="oba", mode="residual", rank="score", unit_sum="signed")),
@@ -67,22 +69,18 @@ METHODS: Dict[str, tuple] = {
                                         train=True)),
     # the group-exact score (ΔL_u = -g_u'θ_u + ½θ_u'Hθ_u per unit, Rademacher probes) with the full Hessian in train
     # mode, ranked per MAC: the estimate closest to the true single-unit loss change (benchmarks/score_truth.py)
-    "oba_group_full_permac_train": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
-                                                probes=4, confidence=0.0)),
+    "oba_group_full_permac_train": ("OBA", dict(_GROUP_EXACT, confidence=0.0)),
     # ... ranked by an upper confidence bound, mean + 1 standard error over the batch x probe samples (oba_group's
     # defaults from 8909172 to 2026-12-07): a unit goes early only when its loss change is low with confidence
-    "oba_group_ucb": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
-                                  confidence=1.0)),
+    "oba_group_ucb": ("OBA", dict(_GROUP_EXACT, confidence=1.0)),
     # ... with two standard errors instead of one (oba_group's defaults since 2026-12-07): how much of what the
     # bound fixes is the selection's luck (on the ViT, 23% of the stream's single removals lower the loss on the
     # images that chose them, 5% on other images: benchmarks/joint_removal.py)
-    "oba_group_ucb2": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac", probes=4,
-                                   confidence=2.0)),
+    "oba_group_ucb2": ("OBA", dict(_GROUP_EXACT, confidence=2.0)),
     # ... with the ViT's residual stream kept at full width (keep_widths on the rows that write it; only the ViT has
     # attn.proj): what trimming the stream costs oba_group there (benchmarks/joint_removal.py: its units' costs do
     # not add up)
-    "oba_group_ucb_keepstream": ("OBA", dict(importance="oba_group", mode="full", train=True, rank="per_mac",
-                                             probes=4, confidence=1.0, keep_widths=("*attn.proj.weight:0",))),
+    "oba_group_ucb_keepstream": ("OBA", dict(_GROUP_EXACT, confidence=1.0, keep_widths=("*attn.proj.weight:0",))),
     "random": ("random", dict(importance="random")),
     "obd": ("OBD", dict(importance="obd")),
     "tp_taylor": ("Torch-Pruning", None),

@@ -55,31 +55,27 @@ def joint_change(gm, units: List[int], slices: Dict[int, list], batches, base: f
     return out
 
 
-def group_rows(gm, group, kind: str, slices, batches, base: float, held_out=None) -> Dict:
-    """One group: its k cheapest units (by true single change on ``batches``) removed together, per fraction.
-    ``held_out``: (batches, base loss) of a second image set on which the same singles and joint removals are
-    measured again (keys held_out_*); None: not measured."""
+def group_rows(gm, group, kind: str, slices, batches, base: float, held_out) -> Dict:
+    """One group: its k cheapest units (by true single change on ``batches``, whose intact loss is ``base``)
+    removed together, per fraction. ``held_out``: (batches, base loss) of a second image set on which the same
+    singles and joint removals are measured again (keys held_out_*)."""
     units = list(group.units)
-    single = true_changes(gm, units, slices, batches)
-    other = true_changes(gm, units, slices, held_out[0]) if held_out else None
+    single = true_changes(gm, units, slices, batches, base)
+    other = true_changes(gm, units, slices, *held_out)
     order = np.argsort(single)
     rows = []
     for fraction in FRACTIONS:
         k = max(1, int(round(fraction * len(units))))
         chosen = [units[i] for i in order[:k]]
         joint, summed = joint_change(gm, chosen, slices, batches, base), float(single[order[:k]].sum())
-        row = {"k": k, "fraction": round(fraction, 4), "sum_of_singles": round(summed, 5),
-               "joint": round(joint, 5), "interaction": round(joint - summed, 5),
-               "ratio": round(joint / summed, 2) if summed > 0 else None}
-        if held_out:
-            row.update(held_out_sum_of_singles=round(float(other[order[:k]].sum()), 5),
-                       held_out_joint=round(joint_change(gm, chosen, slices, *held_out), 5))
-        rows.append(row)
-    out = {"group": group.id, "kind": kind, "units": len(units), "members": len(group.members),
-           "negative_fraction": round(float((single < 0).mean()), 3), "removals": rows}
-    if held_out:
-        out["held_out_negative_fraction"] = round(float((other < 0).mean()), 3)
-    return out
+        rows.append({"k": k, "fraction": round(fraction, 4), "sum_of_singles": round(summed, 5),
+                     "joint": round(joint, 5), "interaction": round(joint - summed, 5),
+                     "ratio": round(joint / summed, 2) if summed > 0 else None,
+                     "held_out_sum_of_singles": round(float(other[order[:k]].sum()), 5),
+                     "held_out_joint": round(joint_change(gm, chosen, slices, *held_out), 5)})
+    return {"group": group.id, "kind": kind, "units": len(units), "members": len(group.members),
+            "negative_fraction": round(float((single < 0).mean()), 3),
+            "held_out_negative_fraction": round(float((other < 0).mean()), 3), "removals": rows}
 
 
 def chosen_groups(coupling, patterns: Sequence[str] = ()) -> List[tuple]:

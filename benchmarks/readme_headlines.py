@@ -155,15 +155,11 @@ def score_truth(d: Dict) -> str:
 def joint_removal(d: Dict) -> str:
     """Per model and group: the k cheapest units' joint loss change against the sum of their single changes."""
     def cell(x):
-        held = (f" [other images: {x['held_out_joint']:+.3f} vs {x['held_out_sum_of_singles']:+.3f}]"
-                if "held_out_joint" in x else "")
-        return f"{x['k']}: {x['joint']:+.3f} vs {x['sum_of_singles']:+.3f}{held}"
+        return (f"{x['k']}: {x['joint']:+.3f} vs {x['sum_of_singles']:+.3f} "
+                f"[other images: {x['held_out_joint']:+.3f} vs {x['held_out_sum_of_singles']:+.3f}]")
 
-    def below_zero(g):
-        return (f"{g['negative_fraction']:.2f} / {g['held_out_negative_fraction']:.2f}"
-                if "held_out_negative_fraction" in g else "-")
-
-    rows = [(m, f"{g['kind']} `{g['group']}` ({g['units']} units)", below_zero(g),
+    rows = [(m, f"{g['kind']} `{g['group']}` ({g['units']} units)",
+             f"{g['negative_fraction']:.2f} / {g['held_out_negative_fraction']:.2f}",
              "; ".join(cell(x) for x in g["removals"]))
             for m, r in d["models"].items() for g in r["groups"]]
     return (f"### Do units' loss changes add up? (`{d['command']}`)\n\n"

@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -99,11 +99,13 @@ def zero_units(units, slices: Dict[int, list]) -> None:
             p.data.index_fill_(dim, idx, 0.0)
 
 
-def true_changes(gm, units: List[int], slices: Dict[int, list], batches) -> np.ndarray:
-    """Loss change of removing each unit alone (its slices zeroed), the model restored after each."""
+def true_changes(gm, units: List[int], slices: Dict[int, list], batches, base: Optional[float] = None) -> np.ndarray:
+    """Loss change of removing each unit alone (its slices zeroed), the model restored after each. ``base``: the
+    intact model's `train_loss` on ``batches`` when the caller has it (None: measured here)."""
     state = {k: v.clone() for k, v in gm.state_dict().items()}
-    base = train_loss(gm, batches)
-    gm.load_state_dict(state)
+    if base is None:
+        base = train_loss(gm, batches)
+        gm.load_state_dict(state)
     out = []
     for u in units:
         zero_units([u], slices)
