@@ -6,7 +6,9 @@ Each group keeps at least one unit and loses at most ``max_layer_ratio`` of its 
 (``widths0``: the group widths before the first step; the cap does not compound); kept widths are rounded up
 to a multiple of ``round_to`` (a group at most ``round_to`` wide prunes freely, or with ``keep_narrow`` keeps its
 whole width: a narrower one would pad back to ``round_to`` in blocked kernels). A MAC budget is met by bisection
-on the ranked list with a per-layer MAC model, then checked with thop by the caller.
+on the ranked list with a per-layer MAC model, then checked with thop by the caller. With a latency cost model's
+kernel blocks, groups that have none are fitted again around the blocked groups' whole-block removal, so that a
+block's jump does not decide how close the selection lands.
 """
 from __future__ import annotations
 
@@ -96,4 +98,37 @@ def select(coupling: Coupling, scores: Dict[int, float], budget: Budget,
             hi = mid
         else:
             lo = mid + 1
-    return take(lo)
+    if not any(b > 1 for b in (blocks or {}).values()):
+        return take(lo)
+    return _closest_with_plain_groups(take(lo), take(max(lo - 1, 0)), ranked, unit_group, blocks, estimate,
+                                      target_macs, lambda units, k: _take(units, k, unit_group, caps, widths,
+                                                                          int(budget.round_to), budget.keep_narrow))
+
+
+def _closest_with_plain_groups(first: Set[int], before: Set[int], ranked: List[int], unit_group: Dict[int, str],
+                               blocks: Dict[str, int], estimate: Callable[[Set[int]], float], target: float,
+                               take_plain: Callable[[List[int], int], Set[int]]) -> Set[int]:
+    """The selection closest to ``target`` from below when some groups remove whole kernel blocks only.
+
+    ``first``: the bisection's answer (the fewest ranked units that meet the target), ``before``: one ranked unit
+    fewer. Between them a blocked group may jump by a whole block (64 channels of a GEMM is 10% of a ViT-B/16), so
+    ``first`` can land far below the target. Here the blocked groups keep the removal of ``first`` or of
+    ``before``, and the plain groups (no block: every channel buys time) are fitted again, in their own ranked
+    order, with the fewest units that meet the target. Returns the candidate with the highest cost <= target
+    (``first`` itself when nothing is closer); never one above the target."""
+    is_blocked = lambda u: blocks.get(unit_group[u], 1) > 1  # noqa: E731
+    plain = [u for u in ranked if not is_blocked(u)]
+    best, best_cost = first, estimate(first)
+    for fixed in ({u for u in first if is_blocked(u)}, {u for u in before if is_blocked(u)}):
+        fits = lambda k: estimate(fixed | take_plain(plain, k)) <= target  # noqa: E731
+        if not fits(len(plain)):
+            continue
+        lo, hi = 0, len(plain)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+        candidate = fixed | take_plain(plain, lo)
+        cost = estimate(candidate)
+        if best_cost < cost <= target:
+            best, best_cost = candidate, cost
+    return best

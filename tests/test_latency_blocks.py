@@ -202,3 +202,30 @@ def test_a_linear_cost_does_not_round(tmp_path):
     assert any(w % 8 for pair in widths for w in pair if w not in (3, 10)), widths
     assert ratio == pytest.approx(0.5, rel=0.05)
     assert obafx.report(pruned).latency["kernel_blocks"] == {"1": len(_kept_widths(pruned))}
+
+
+def test_plain_groups_absorb_what_a_blocked_groups_jump_leaves_over():
+    """One group's kernel pads to 16 channels, the others cost per channel. The ranked bisection alone lands
+    wherever that group's last 16-block falls (up to a block's cost below the target); the plain groups are then
+    fitted again around it, so every target is met from below within one plain channel's cost, and the blocked
+    group still keeps a whole number of blocks."""
+    _, facts, coupling = _analysed(Net(), torch.randn(2, 3, 16, 16))
+    widths = {g.id: g.width for g in coupling.groups}
+    blocked = max(widths, key=widths.get)  # c1's 48 channels
+    unit_group = coupling.unit_group()
+    per_channel = {g: 1.0 + i for i, g in enumerate(sorted(widths))}  # groups differ in cost per channel
+
+    def cost(removed):
+        kept = {g: w - sum(1 for u in removed if unit_group[u] == g) for g, w in widths.items()}
+        kept[blocked] = math.ceil(kept[blocked] / 16) * 16
+        return sum(per_channel[g] * k for g, k in kept.items())
+
+    # blocked units rank first, so the bisection moves the blocked group before any plain one
+    scores = {u: (0.0 if unit_group[u] == blocked else 1.0) + u * 1e-3 for u in unit_group}
+    dense, step = cost(set()), max(per_channel[g] for g in widths if g != blocked)
+    for fraction in (0.9, 0.8, 0.7, 0.6, 0.5):
+        target = fraction * dense
+        removed = select(coupling, scores, Budget(macs=fraction), cost, target, blocks={blocked: 16})
+        kept_blocked = widths[blocked] - sum(1 for u in removed if unit_group[u] == blocked)
+        assert kept_blocked % 16 == 0
+        assert target - step < cost(removed) <= target, (fraction, cost(removed), target)
