@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_json  # noqa: E402
+from common import machine_info, obafx_commit, write_json  # noqa: E402
 
 import acc_protocol as proto  # noqa: E402
 import acc_results as res  # noqa: E402
@@ -172,19 +170,8 @@ def _dropped(file_name: str, row: Dict[str, Any], rules) -> bool:
                for f, m, meth in rules)
 
 
-def _commit() -> str:
-    """The obafx commit the run used: $OBAFX_COMMIT (runs from a frozen copy of the tree), else git's HEAD."""
-    if os.environ.get("OBAFX_COMMIT"):
-        return os.environ["OBAFX_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout
-        return "unknown"
-
-
 def _header(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    return {"data_set": DATA_SET, "obafx_commit": _commit(), "protocol": protocol_text(cfg), "tp_hessian_note": acc_tp.TP_HESSIAN_NOTE,
+    return {"data_set": DATA_SET, "obafx_commit": obafx_commit(), "protocol": protocol_text(cfg), "tp_hessian_note": acc_tp.TP_HESSIAN_NOTE,
             "tp_vit_note": acc_tp.TP_VIT_NOTE,
             "finetune_note": "only rows with acc_finetuned were fine-tuned; their 'finetune_selection' says why"}
 

@@ -17,6 +17,17 @@ import traceback
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 
+def obafx_commit() -> str:
+    """The obafx commit a run used: $OBAFX_COMMIT (runs from a frozen copy of the tree), else git's HEAD."""
+    if os.environ.get("OBAFX_COMMIT"):
+        return os.environ["OBAFX_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        return "unknown"
+
+
 def machine_info() -> Dict[str, Any]:
     """Python, torch, torchvision and Torch-Pruning versions, CPU count and threads, platform and device."""
     import torch

@@ -41,7 +41,7 @@ from obafx.passes.macs import param_count, thop_macs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import error_entry, machine_info, write_json  # noqa: E402
+from common import error_entry, machine_info, obafx_commit, write_json  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "latency.json")
 CACHE = os.path.join(HERE, "cache", "latency_tables.json")
@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> 
 
 def report(args: argparse.Namespace, cells: List[Dict[str, Any]], start: float, timer) -> Dict[str, Any]:
     """The JSON: machine, protocol, settings, the cells so far and how many met their request."""
-    return {"machine": {**machine_info(), "threads": args.threads},
+    return {"machine": {**machine_info(), "threads": args.threads}, "obafx_commit": obafx_commit(),
             "protocol": {"within": WITHIN, "reps": args.reps, "rounds": args.rounds, "check_rounds": args.check_rounds,
                          "threads": args.threads, "statistic": "median of per-round medians, dense and pruned in "
                          "alternation (order swapped every round); speed-up = dense / pruned",
@@ -225,7 +225,7 @@ def merge(paths: List[str]) -> Dict[str, Any]:
         with open(path) as fh:
             data = json.load(fh)
         own = data.get("runs") or [{**{k: data.get(k) for k in ("machine", "protocol", "settings", "reduced",
-                                                                   "runtime_s")}, "source": os.path.basename(path)}]
+                                                                   "runtime_s", "obafx_commit")}, "source": os.path.basename(path)}]
         for c in data["cells"]:
             key = (c["model"], c["batch"], c["mode"], c["requested_speedup"])
             cells[key] = {**c, "run": len(runs) + c.get("run", 0)}

@@ -74,17 +74,28 @@ def fuzz(d: Dict) -> str:
             f"refused with a clear obafx error ({d.get('refused_by_type')}), **{d['failed']} failed**{fails}.{met}")
 
 
-def latency(d: Dict) -> str:
-    """Requested vs measured speed-up per cell, with the verdict and, for a miss, the reason."""
+def latency(d: Dict, runs_listed: bool = False) -> str:
+    """Requested vs measured speed-up per cell, with the verdict and, for a miss, the reason. The README says how
+    many runs measured the cells; RESULTS.md (``runs_listed``) lists each run's conditions and commit."""
     rows = [(c["model"], c["batch"], c["mode"], f"{c['requested_speedup']:g}x",
              f"{c['speedup']:.2f}x" if c.get("speedup") else "-",
              f"{c['mac_ratio']:.1f}x" if c.get("mac_ratio") else "-",
-             c["status"] + (f": {_first_clause(c['why'])}" if c.get("why") else "")) for c in d["cells"]]
-    reduced = f" **{d['reduced']}**." if d.get("reduced") else ""
+             c["status"] + (f": {_first_clause(c['why'])}" if c.get("why") else "")
+             + (f" (run {c['run']})" if runs_listed and "run" in c else "")) for c in d["cells"]]
+    used = sorted({c["run"] for c in d["cells"] if "run" in c})
+    runs = (f" Measured in {len(used)} runs, each a one-thread process on the 2-core CPU; what else ran beside each, "
+            "and its obafx commit: [RESULTS.md](benchmarks/RESULTS.md)." if used and not runs_listed else "")
+    commit = lambda run: f", obafx {run['obafx_commit']}" if run.get("obafx_commit") else ""  # noqa: E731
+    listed = "".join(f"\n- run {i} ({d['runs'][i]['source']}{commit(d['runs'][i])}): "
+                     f"{d['runs'][i].get('reduced') or 'full run'}" for i in used) if runs_listed else ""
     return ("### Latency budgets (`python3 benchmarks/latency.py`)\n\n"
             f"{d['met']} of {d['total']} cells within {d['protocol']['within']:.0%} of the requested speed-up "
-            f"(re-measured, dense and pruned in alternation, {d['protocol']['timer']}).{reduced}\n\n"
+            f"(re-measured, dense and pruned in alternation, {d['protocol']['timer']}).{runs}{listed}\n\n"
             + table(["model", "batch", "mode", "asked", "measured", "MAC ratio", "verdict"], rows))
+
+
+def latency_full(d: Dict) -> str:
+    return latency(d, runs_listed=True)
 
 
 def _first_clause(text: str, limit: int = 110) -> str:

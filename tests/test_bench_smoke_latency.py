@@ -34,6 +34,7 @@ def test_quick_run_writes_machine_protocol_and_cells(quick):
     assert {"torch", "cpu_count", "threads", "device"} <= report["machine"].keys()
     assert report["protocol"]["threads"] == 1 and report["protocol"]["timer"] == "injected (test)"
     assert report["reduced"] == "smoke" and report["total"] == len(report["cells"]) == 1
+    assert report["obafx_commit"]  # a merge carries it into each run's record
     c = report["cells"][0]
     assert (c["model"], c["batch"], c["mode"], c["requested_speedup"]) == ("vit_tiny", 1, "eager", 1.5)
 
@@ -86,7 +87,8 @@ def test_merge_keeps_every_run_and_a_later_cell_replaces_the_same_cell(tmp_path)
     cell = lambda batch, req, status: {"model": "vit_tiny", "batch": batch, "mode": "eager",  # noqa: E731
                                        "requested_speedup": req, "status": status, "speedup": req}
     run = lambda cells, why: {"machine": {"m": why}, "protocol": {"timer": "process CPU time", "within": 0.1},  # noqa
-                              "settings": {}, "reduced": why, "runtime_s": 1.0, "cells": cells}
+                              "settings": {}, "reduced": why, "runtime_s": 1.0, "cells": cells,
+                              "obafx_commit": f"sha-{why}"}
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(run([cell(1, 1.5, "met"), cell(1, 2.0, "missed")], "batch 1")))
     second.write_text(json.dumps(run([cell(64, 2.0, "met"), cell(1, 2.0, "met")], "throughput")))
@@ -96,6 +98,7 @@ def test_merge_keeps_every_run_and_a_later_cell_replaces_the_same_cell(tmp_path)
         [(1, 1.5, "met", 0), (1, 2.0, "met", 1), (64, 2.0, "met", 1)]
     assert merged["met"] == merged["total"] == 3 and merged["machine"] == {"m": "throughput"}
     assert [r["reduced"] for r in merged["runs"]] == ["batch 1", "throughput"]
+    assert [r["obafx_commit"] for r in merged["runs"]] == ["sha-batch 1", "sha-throughput"]
     assert "run 0 (a.json): batch 1" in merged["reduced"] and "run 1 (b.json): throughput" in merged["reduced"]
     again = bench.main(["--merge", str(out), "--out", str(tmp_path / "again.json")])
     assert again == json.loads(out.read_text())
