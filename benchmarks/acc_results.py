@@ -60,15 +60,17 @@ def best_per_family(summary: List[Dict[str, Any]], field: str = "acc_pruned") ->
     return {k: s["method"] for k, s in best.items()}
 
 
-# the library's default OBA configuration (same kwargs; the default before 2026-12-07 was oba_residual_permac_abs)
-DEFAULT_METHODS = ("oba_default", "oba_residual_permac_member_train")
-# importance="oba_group" with its defaults (full H, train mode, 4 probes, per MAC; confidence 2.0 since 2026-12-07,
-# 1.0 from 8909172 to then: oba_group_ucb)
-GROUP_METHODS = ("oba_group_ucb2",)
+# the library's default OBA configuration: importance="oba_group" with its defaults (full H, train mode, 4 probes,
+# per MAC, confidence 2.0; the README's example and `obafx demo` use it since 2026-12-07). Its defaults before
+# then were confidence 1.0 (oba_group_ucb, from 8909172).
+DEFAULT_METHODS = ("oba_group_ucb2",)
+# importance="oba" with its defaults: the paper's per-parameter criterion (the verdict's "default OBA" until
+# 2026-12-07; its defaults before 2026-12-02 were oba_residual_permac_abs)
+PAPER_METHODS = ("oba_default", "oba_residual_permac_member_train")
 COLUMNS = ("acc_pruned", "acc_finetuned")
 
 
-def verdicts(summary: List[Dict[str, Any]], methods=DEFAULT_METHODS, name: str = "default OBA") -> Dict[str, Any]:
+def verdicts(summary: List[Dict[str, Any]], methods=DEFAULT_METHODS, name: str = "oba_group") -> Dict[str, Any]:
     """The issue's test, per (model, factor, column): the library's default OBA (rows of ``methods``; ``name`` says
     which configuration that is) against the best baseline.
 

@@ -40,7 +40,7 @@ from obafx.bench import dense as dense_models  # noqa: E402
 from obafx.bench import train as training  # noqa: E402
 from obafx.passes.macs import param_count, thop_macs  # noqa: E402
 
-DEFAULT_METHODS = ("oba_default,oba_residual,oba_full,oba_residual_train,oba_group,oba_residual_permac,"
+DEFAULT_METHODS = ("oba_group_ucb2,oba_default,oba_residual,oba_full,oba_residual_train,oba_residual_permac,"
                    "oba_residual_permac_abs,oba_residual_permac_member,oba_residual_permac_member_train,magnitude,"
                    "taylor,taylor_train,taylor_abs,taylor_abs_train,random,tp_taylor,tp_hessian")
 DATA_SET = "Fashion-MNIST (60k train / 10k test, 28x28 zero-padded to 32x32, normalised)"
@@ -113,7 +113,8 @@ def run(args, cfg: Dict[str, Any], out: Path) -> int:
 
 
 def finetune_best(args, out: Path) -> int:
-    """Fine-tune, per (model, budget), the best method of each family (by mean acc_pruned) and the library default."""
+    """Fine-tune, per (model, budget), the best method of each family (by mean acc_pruned), the library's default
+    OBA (importance="oba_group") and the paper's criterion (importance="oba")."""
     part = json.loads(Path(args.finetune_best).read_text())
     cfg = {**(part["config"][0] if isinstance(part["config"], list) else part["config"]),
            "finetune_epochs": args.finetune_epochs, "finetune_steps": None}
@@ -128,11 +129,13 @@ def finetune_best(args, out: Path) -> int:
             continue
         if families is not None and r["family"] not in families:
             continue
-        is_default = r["method"] in res.DEFAULT_METHODS
+        is_default = r["method"] in res.DEFAULT_METHODS + res.PAPER_METHODS
         if (chosen.get((r["model"], r["factor"], r["family"])) != r["method"] and not is_default) \
                 or "acc_finetuned" in r:
             continue
-        why = "the library's default OBA" if is_default else "best of its family by mean acc_pruned"
+        why = ("the library's default OBA" if r["method"] in res.DEFAULT_METHODS else
+               "the paper's criterion with the library's defaults" if is_default else
+               "best of its family by mean acc_pruned")
         model = torch.load(r["snapshot"], weights_only=False)
         done.append(proto.finetune_row({**r, "finetune_selection": why},
                                        model, train_loader.dataset, test_loader, cfg))
@@ -160,7 +163,7 @@ def merge(paths: List[str], out: Path, note: str = "", drop: str = "") -> int:
                           **_header(configs[0]), "obafx_commits": sorted({p.get("obafx_commit", "unknown") for p in parts}),
                           "config": configs, "machine": parts[0]["machine"], "scope_note": note,
                           "rows": rows, "summary": summary, "verdict": res.verdicts(summary),
-                          "verdict_oba_group": res.verdicts(summary, res.GROUP_METHODS, "oba_group")})
+                          "verdict_paper_oba": res.verdicts(summary, res.PAPER_METHODS, "oba")})
     _plots(rows, out)
     return 0
 
@@ -191,7 +194,7 @@ def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
     write_json(str(out), {"command": "python3 benchmarks/accuracy.py " + " ".join(sys.argv[1:]), **_header(cfg),
                           "config": cfg, "machine": machine_info(), "rows": rows, "summary": summary,
                           "verdict": res.verdicts(summary),
-                          "verdict_oba_group": res.verdicts(summary, res.GROUP_METHODS, "oba_group")})
+                          "verdict_paper_oba": res.verdicts(summary, res.PAPER_METHODS, "oba")})
 
 
 def main(argv=None) -> int:

@@ -77,9 +77,10 @@ def test_accuracy_quick(tmp_path, monkeypatch):
 def test_verdict_rule():
     """The per-cell verdict: default mean >= best baseline mean - pooled std; OBA variants are not baselines."""
     bench = _bench()
+    default = bench.res.DEFAULT_METHODS[0]  # the method name of the library's default OBA
     rows = [{"model": "m", "method": meth, "family": fam, "factor": f, "seed": s, "acc_pruned": acc}
             for f, best in ((2.0, 0.75), (3.0, 0.8))
-            for meth, fam, s, acc in [("oba_default", "OBA", 0, 0.8), ("oba_default", "OBA", 1, 0.6),
+            for meth, fam, s, acc in [(default, "OBA", 0, 0.8), (default, "OBA", 1, 0.6),
                                       ("oba_full", "OBA", 0, 0.99), ("oba_full", "OBA", 1, 0.99),
                                       ("taylor", "Taylor", 0, best), ("taylor", "Taylor", 1, best),
                                       ("random", "random", 0, 0.1), ("random", "random", 1, 0.1)]]
@@ -95,19 +96,20 @@ def test_verdict_rule():
 
 
 def test_the_verdict_of_another_configuration_reads_its_own_rows():
-    """verdicts(methods=...) judges the named rows (here oba_group's) against the same baselines, and the README
-    line names it and marks a lost cell."""
+    """verdicts() judges the library's default OBA (oba_group's rows); verdicts(methods=...) the named rows (the
+    paper's criterion) against the same baselines, and the README line names it and marks a lost cell."""
     bench = _bench()
-    group_row = bench.res.GROUP_METHODS[0]  # the method name of oba_group's current defaults
+    group_row = bench.res.DEFAULT_METHODS[0]  # the method name of oba_group's current defaults
     rows = [{"model": "m", "method": meth, "family": fam, "factor": 2.0, "seed": s, "acc_pruned": acc}
             for meth, fam, s, acc in [("oba_default", "OBA", 0, 0.5), ("oba_default", "OBA", 1, 0.5),
                                       (group_row, "OBA", 0, 0.9), (group_row, "OBA", 1, 0.9),
                                       ("taylor", "Taylor", 0, 0.7), ("taylor", "Taylor", 1, 0.7)]]
     summary = bench.res.summarise(rows)
-    default, group = bench.res.verdicts(summary), bench.res.verdicts(summary, bench.res.GROUP_METHODS, "oba_group")
-    assert abs(default["cells"][0]["margin"] + 0.2) < 1e-12 and abs(group["cells"][0]["margin"] - 0.2) < 1e-12
-    assert group["all_within_one_std"] and not default["all_within_one_std"]
+    default, paper = bench.res.verdicts(summary), bench.res.verdicts(summary, bench.res.PAPER_METHODS, "oba")
+    assert abs(default["cells"][0]["margin"] - 0.2) < 1e-12 and abs(paper["cells"][0]["margin"] + 0.2) < 1e-12
+    assert default["all_within_one_std"] and not paper["all_within_one_std"]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import readme_headlines
-    assert "oba_group" in readme_headlines._verdict_compact(group) and "**no**" not in readme_headlines._verdict_compact(group)
-    assert "**no**" in readme_headlines._verdict_compact(bench.res.verdicts(summary, ("oba_default",), "oba"))
+    assert 'importance="oba"' in readme_headlines._verdict_compact(paper)
+    assert "**no**" in readme_headlines._verdict_compact(paper)
+    assert "oba_group" in readme_headlines._verdict(default) and "**no**" not in readme_headlines._verdict(default)

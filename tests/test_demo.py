@@ -15,5 +15,5 @@ def test_quick_demo_prunes_to_half_the_macs_and_writes_its_report(tmp_path, caps
     result = json.loads((tmp_path / "demo.json").read_text())
     assert 0.49 <= result["macs_ratio"] <= 0.51  # macs=0.5 is met within the documented 2%
     assert result["params_pruned"] < result["params_dense"]
-    assert "per-parameter magnitudes" in result["importance"]  # the library default it describes
+    assert result["importance"] == "oba_group" and "confidence=2" in result["scored_with"]  # the defaults it ran
     assert "MACs" in capsys.readouterr().out
