@@ -52,8 +52,8 @@ def compile_prune(model: nn.Module, example_input: Any, *, macs: Optional[float]
     fraction of prunable channels to remove, or ``latency`` = fraction of the dense model's MEASURED latency to keep
     (0.5, or a speed-up as a string: "2x"), timed as ``latency_options`` (obafx.LatencyOptions: device, dtype,
     threads, "eager"/"compile"; the batch is the example input's) says. ``importance``: "magnitude", "random",
-    "oba", "oba_group" (the loss change of removing each unit alone, passes/group_scores.py), "taylor", "obd",
-    "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
+    "oba_group" (OBA's recommended form: the loss change of removing each unit alone, passes/group_scores.py),
+    "oba" (the paper's per-parameter criterion as published), "taylor", "obd", "fisher" or a callable. ``steps`` > 1 prunes iteratively toward the budget on the exponential schedule of
     OBA, re-scoring on fresh batches from ``data`` before each step. ``ignore``: module names whose widths stay.
     ``on_stage(name, result)`` is called after every stage run with its result (the place for dumps): "trace",
     "analyze", "couple", "measure", "score", "rank", "select", "rewrite", "verify", "renormalize", "recalibrate",
