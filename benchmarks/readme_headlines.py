@@ -252,15 +252,15 @@ def accuracy(d: Dict) -> str:
             "each row and every method with its spread are in RESULTS.md.\n\n"
             + table(["model", "family", "best method(s)", "seeds", f"acc recalibrated, no fine-tune ({budgets})",
                      f"acc fine-tuned ({budgets})"], rows)
-            + "\n\n" + _verdict(d.get("verdict")) + _verdict_compact(d.get("verdict_paper_oba"))
+            + _verdict_compact(d.get("verdict"), "The library's default OBA") + _verdict_compact(d.get("verdict_paper_oba"), "The paper's criterion")
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\n![widths](benchmarks/results/accuracy_widths.png)")
 
 
 COLUMN_NAMES = {"acc_pruned": "recalibrated", "acc_finetuned": "fine-tuned"}  # the verdict tables' words
 
 
-def _verdict(v) -> str:
-    """The issue's test per cell: the library default against the best baseline, both columns."""
+def _verdict(v, lead: str = "The library's default OBA") -> str:
+    """The issue's test per cell, every number (RESULTS.md): ``v``'s configuration against the best baseline."""
     if not v or not v.get("cells"):
         return ""
     rows = [(c["model"], f"{c['factor']:g}x", COLUMN_NAMES[c["column"]], f"{c['default']:.3f} ± {c['default_std']:.3f} "
@@ -269,14 +269,14 @@ def _verdict(v) -> str:
              f"{c.get('best_macs_kept') or 0:.3f})",
              f"{c['margin']:+.3f}", "yes" if c["within_one_std"] else "**no**") for c in v["cells"]]
     means = ", ".join(f"{COLUMN_NAMES[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
-    return (f"The library's default OBA (`importance=\"{v.get('name', 'oba_group')}\"` with its defaults) against the "
-            f"best baseline in each cell ({v['rule']}). Mean margin: {means}; "
-            f"all cells within one std: {'yes' if v['all_within_one_std'] else 'no'}.\n\n"
-            + table(["model", "MACs /", "column", "default OBA", "best baseline", "margin", "within one std"], rows))
+    return (f"\n\n{lead} (`importance=\"{v.get('name')}\"` with its defaults) against the best baseline in each "
+            f"cell ({v['rule']}). Mean margin: {means}; all cells within one std: "
+            f"{'yes' if v['all_within_one_std'] else 'no'}.\n\n"
+            + table(["model", "MACs /", "column", v.get("name"), "best baseline", "margin", "within one std"], rows))
 
 
-def _verdict_compact(v) -> str:
-    """The same test for another configuration, one line per model and column: margins at each budget."""
+def _verdict_compact(v, lead: str) -> str:
+    """The same test in one line per model and column: means and margins at each budget (spreads: RESULTS.md)."""
     if not v or not v.get("cells"):
         return ""
     lines: Dict[tuple, list] = {}
@@ -287,8 +287,9 @@ def _verdict_compact(v) -> str:
             f"{c['margin']:+.3f}{mark}")
     means = ", ".join(f"{COLUMN_NAMES[k]} {m:+.3f}" for k, m in v["mean_margin"].items())
     within = sum(c["within_one_std"] for c in v["cells"])
-    return (f"\n\nThe same test for `importance=\"{v.get('name', 'oba')}\"` with its defaults: {within} of "
-            f"{len(v['cells'])} cells within one std; mean margin: {means}.\n\n"
+    return (f"\n\n{lead} (`importance=\"{v.get('name')}\"` with its defaults) against the best baseline: {within} "
+            f"of {len(v['cells'])} cells within one std (mean >= best mean - pooled std); "
+            f"mean margin: {means}.\n\n"
             + table(["model", "column", "per budget: mean (seeds) vs best baseline: margin"],
                     [(m, c, "; ".join(parts)) for (m, c), parts in lines.items()]))
 
@@ -304,7 +305,8 @@ def accuracy_full(d: Dict) -> str:
     return ("### Accuracy after pruning on Fashion-MNIST: every method\n\n" + how + "\n\n"
             f"{d.get('protocol', '')}{notes}\n\n" + (f"{d['scope_note']}\n\n" if d.get("scope_note") else "")
             + table(["model", "MACs /", "method", "family", "MACs kept", "params kept", "acc recalibrated",
-                     "acc fine-tuned", "prune s"], rows))
+                     "acc fine-tuned", "prune s"], rows)
+            + _verdict(d.get("verdict")) + _verdict(d.get("verdict_paper_oba"), "The paper's criterion"))
 
 
 def _same_plan(dist: Dict) -> str:

@@ -110,6 +110,7 @@ def test_the_verdict_of_another_configuration_reads_its_own_rows():
     assert default["all_within_one_std"] and not paper["all_within_one_std"]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import readme_headlines
-    assert 'importance="oba"' in readme_headlines._verdict_compact(paper)
-    assert "**no**" in readme_headlines._verdict_compact(paper)
-    assert "oba_group" in readme_headlines._verdict(default) and "**no**" not in readme_headlines._verdict(default)
+    assert 'importance="oba"' in readme_headlines._verdict_compact(paper, "paper")
+    assert "**no**" in readme_headlines._verdict_compact(paper, "paper") and "**no**" in readme_headlines._verdict(paper)
+    for text in (readme_headlines._verdict(default), readme_headlines._verdict_compact(default, "default")):
+        assert 'importance="oba_group"' in text and "**no**" not in text
