@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 Key = Tuple[str, str, float, int]
 FIELDS = ("acc_pruned", "acc_finetuned", "macs_ratio", "params_ratio", "prune_seconds")
@@ -136,9 +136,23 @@ def plot_accuracy(summary: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def headline_methods(summary: List[Dict[str, Any]], factor: float) -> Dict[str, set]:
+    """Per model, the methods the README's headline shows at ``factor``: the library's default OBA, the paper's
+    criterion, and the best row (by mean acc_pruned) of every family."""
+    best = best_per_family([s for s in summary if s["factor"] == factor])
+    shown: Dict[str, set] = {}
+    for (model, _, _), method in best.items():
+        shown.setdefault(model, set()).add(method)
+    for s in summary:
+        if s["method"] in DEFAULT_METHODS + PAPER_METHODS:
+            shown.setdefault(s["model"], set()).add(s["method"])
+    return shown
+
+
 def plot_widths(rows: List[Dict[str, Any]], dense_widths: Dict[str, Dict[str, int]], factor: float, seed: int,
-                path: Path) -> None:
-    """Width kept (fraction of the dense width) per layer, one line per method, for one budget and seed."""
+                path: Path, methods: Optional[Dict[str, set]] = None) -> None:
+    """Width kept (fraction of the dense width) per layer, one line per method, for one budget and seed.
+    ``methods``: model -> the methods to draw (default: every method with widths)."""
     plt = _plt()
     models = sorted({r["model"] for r in rows if r.get("factor") == factor and "widths" in r})
     if not models:
@@ -146,10 +160,13 @@ def plot_widths(rows: List[Dict[str, Any]], dense_widths: Dict[str, Dict[str, in
     fig, axes = plt.subplots(len(models), 1, figsize=(12, 4 * len(models)), squeeze=False)
     for ax, model in zip(axes[:, 0], models):
         layers = list(dense_widths.get(model, {}))[:-1]  # the classifier's width is fixed
+        drawn = methods.get(model, set()) if methods is not None else None
         for r in sorted((r for r in rows if r["model"] == model and r.get("factor") == factor
-                         and r.get("seed") == seed and "widths" in r), key=lambda r: r["method"]):
+                         and r.get("seed") == seed and "widths" in r
+                         and (drawn is None or r["method"] in drawn)), key=lambda r: r["method"]):
             ax.plot(range(len(layers)), [r["widths"].get(n, 0) / dense_widths[model][n] for n in layers],
-                    marker=".", label=f"{r['method']} ({r.get('params_ratio', 0):.2f} params)")
+                    marker=".", linewidth=2.5 if r["method"] in DEFAULT_METHODS else 1.0,
+                    label=f"{r['method']} ({r.get('params_ratio', 0):.2f} params)")
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=90, fontsize=6)
         ax.set_ylabel("width kept (fraction)")

@@ -186,7 +186,8 @@ def _plots(rows: List[Dict[str, Any]], out: Path) -> None:
         dense_widths = {r["model"]: r["widths"] for r in rows if r["method"] == "dense" and "widths" in r}
         for seed in sorted({r["seed"] for r in rows if r.get("factor") == WIDTHS_FACTOR and "widths" in r}):
             suffix = "" if seed == 0 else f"_s{seed}"  # one plot per seed: allocations differ by seed
-            res.plot_widths(rows, dense_widths, WIDTHS_FACTOR, seed, out.with_name(f"{out.stem}_widths{suffix}.png"))
+            res.plot_widths(rows, dense_widths, WIDTHS_FACTOR, seed, out.with_name(f"{out.stem}_widths{suffix}.png"),
+                            res.headline_methods(summary, WIDTHS_FACTOR))
 
 
 def write(out: Path, cfg: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
