@@ -138,7 +138,8 @@ class LatencyBudget:
         """``gm``'s latency measured again and pooled with its first measurement (twice the rounds). The loop
         asks before it accepts a candidate that landed within the tolerance: among several noisy candidates, the
         one whose single measurement landed in the band is biased toward the band (a lucky draw), and a second,
-        pooled look takes most of that luck out."""
+        pooled look takes most of that luck out. It asks for a near miss too (within twice the tolerance): one
+        draw pushes a candidate out of the band as easily as in."""
         return self._alternate(gm, self.measured.get(id(gm)))
 
     def _alternate(self, gm, earlier: Optional[Dict[str, Any]]) -> float:

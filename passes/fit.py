@@ -13,7 +13,9 @@ the target by more than the tolerance, with a note saying why it is not closer.
 A noisy cost (a latency timed on a busy machine) gets a second look: with ``confirm``, a candidate that lands
 within the tolerance is measured again (pooled with its first measurement) before it is accepted. Without it,
 the loop keeps whichever of several candidates happened to draw a measurement inside the band, and a later,
-independent measurement of that candidate lands outside it more often than not (the winner's curse).
+independent measurement of that candidate lands outside it more often than not (the winner's curse). A near
+miss (within twice the tolerance) gets the same second look: one draw pushes a candidate out of the band as
+easily as into it, and a candidate rejected on such a draw sends the loop to a farther selection.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
         if removed not in seen:
             module = build(set(removed))
             seen[removed] = Fitted(removed, module, float(measure(module)))
-        if confirm is not None and _within(seen[removed].cost, target, tolerance) and removed not in confirmed:
+        if confirm is not None and _within(seen[removed].cost, target, 2 * tolerance) and removed not in confirmed:
             confirmed.add(removed)
             seen[removed] = replace(seen[removed], cost=float(confirm(seen[removed].module)))
         cost = seen[removed].cost
@@ -89,7 +91,12 @@ def fit_budget(target: float, select_at: Callable[[float], Set[int]], build: Cal
             if not lower < nxt < high:
                 nxt = (lower + high) / 2
         aim = nxt
-    return _closest(seen.values(), target, tolerance, what)
+    # A new candidate in every round means the search was still moving when the rounds ran out; otherwise the
+    # bracket closed between two selections (or rounds went to re-selecting ones already built): steps that coarse.
+    ran_out = len(seen) >= rounds
+    return _closest(seen.values(), target, tolerance, what,
+                    f"the {rounds} candidates allowed (rounds=; a latency budget's LatencyOptions(candidates=)) ran "
+                    "out before one landed in the band" if ran_out else None)
 
 
 def _within(cost: float, target: float, tolerance: float) -> bool:
