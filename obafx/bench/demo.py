@@ -22,7 +22,8 @@ from obafx.bench.timing import interleaved
 
 
 def _settings(quick: bool) -> dict:
-    """Full run: ~5-8 minutes on 2 cores (training dominates the first run; it is cached). Quick: seconds."""
+    """Full run: ~10 minutes on 2 busy cores (pruning ~5.5 of them: 5 steps x 8 batches x 4 HVPs; the model is
+    committed, so nothing is trained). Quick: a minute or two."""
     if quick:
         return dict(epochs=0.05, steps=2, calib_batches=2, calib_size=32, finetune_steps=5, test_limit=500,
                     train_limit=2000)
