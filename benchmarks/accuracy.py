@@ -175,7 +175,8 @@ def _dropped(file_name: str, row: Dict[str, Any], rules) -> bool:
 
 
 def _header(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    return {"data_set": DATA_SET, "obafx_commit": obafx_commit(), "protocol": protocol_text(cfg), "tp_hessian_note": acc_tp.TP_HESSIAN_NOTE,
+    return {"data_set": DATA_SET, "obafx_commit": obafx_commit(), "protocol": protocol_text(cfg),
+            "tp_hessian_note": acc_tp.TP_HESSIAN_NOTE,
             "tp_vit_note": acc_tp.TP_VIT_NOTE,
             "finetune_note": "only rows with acc_finetuned were fine-tuned; their 'finetune_selection' says why"}
 

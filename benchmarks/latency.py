@@ -224,8 +224,8 @@ def merge(paths: List[str]) -> Dict[str, Any]:
     for path in paths:
         with open(path) as fh:
             data = json.load(fh)
-        own = data.get("runs") or [{**{k: data.get(k) for k in ("machine", "protocol", "settings", "reduced",
-                                                                   "runtime_s", "obafx_commit")}, "source": os.path.basename(path)}]
+        recorded = ("machine", "protocol", "settings", "reduced", "runtime_s", "obafx_commit")
+        own = data.get("runs") or [{**{k: data.get(k) for k in recorded}, "source": os.path.basename(path)}]
         for c in data["cells"]:
             key = (c["model"], c["batch"], c["mode"], c["requested_speedup"])
             cells[key] = {**c, "run": len(runs) + c.get("run", 0)}

@@ -252,7 +252,8 @@ def accuracy(d: Dict) -> str:
             "each row and every method with its spread are in RESULTS.md.\n\n"
             + table(["model", "family", "best method(s)", "seeds", f"acc recalibrated, no fine-tune ({budgets})",
                      f"acc fine-tuned ({budgets})"], rows)
-            + _verdict_compact(d.get("verdict"), "The library's default OBA") + _verdict_compact(d.get("verdict_paper_oba"), "The paper's criterion")
+            + _verdict_compact(d.get("verdict"), "The library's default OBA")
+            + _verdict_compact(d.get("verdict_paper_oba"), "The paper's criterion")
             + "\n\n![accuracy](benchmarks/results/accuracy.png)\n\nPer-layer widths of the rows above at 3x and at 2x "
             "(seed 0; the other seeds' 3x plots: accuracy_widths_s1.png, _s2.png):\n\n"
             "![widths at 3x](benchmarks/results/accuracy_widths.png)\n\n"
