@@ -114,3 +114,18 @@ def test_the_verdict_of_another_configuration_reads_its_own_rows():
     assert "**no**" in readme_headlines._verdict_compact(paper, "paper") and "**no**" in readme_headlines._verdict(paper)
     for text in (readme_headlines._verdict(default), readme_headlines._verdict_compact(default, "default")):
         assert 'importance="oba_group"' in text and "**no**" not in text
+
+
+def test_the_widths_plot_draws_the_headline_rows_only():
+    """Per model: the default OBA and the paper's criterion (whatever their accuracy) and the best row of every
+    family at that budget; a family's weaker rows and other budgets' bests are left out."""
+    bench = _bench()
+    default, paper = bench.res.DEFAULT_METHODS[0], bench.res.PAPER_METHODS[0]
+    rows = [{"model": "m", "method": meth, "family": fam, "factor": f, "seed": 0, "acc_pruned": acc}
+            for f in (2.0, 3.0)
+            for meth, fam, acc in [(default, "OBA", 0.5), (paper, "OBA", 0.4), ("oba_full", "OBA", 0.9),
+                                   ("taylor", "Taylor", 0.8 if f == 3.0 else 0.1),
+                                   ("taylor_abs", "Taylor", 0.7 if f == 3.0 else 0.2), ("random", "random", 0.3)]]
+    shown = bench.res.headline_methods(bench.res.summarise(rows), 3.0)
+    assert shown == {"m": {default, paper, "oba_full", "taylor", "random"}}
+    assert bench.res.headline_methods(bench.res.summarise(rows), 2.0)["m"] >= {"taylor_abs"}
