@@ -182,6 +182,20 @@ def joint_removal(d: Dict) -> str:
             + table(["model", "group", "singles below zero", "k: joint vs sum of singles"], rows))
 
 
+def random_at_widths(d: Dict) -> str:
+    """Random channels at each source's widths, fine-tuned, beside the source's own rows (means over seeds)."""
+    pm = lambda e, k: f"{e[k]:.3f} ± {e[k + '_std']:.3f}" if k in e else "-"  # noqa: E731
+    rows = [(e["widths_of"], e["n"], f"{e.get('params', 0):,.0f}", pm(e, "acc_pruned"), pm(e, "acc_finetuned"),
+             pm(e, "source_acc_pruned"), pm(e, "source_acc_finetuned")) for e in d["summary"]]
+    model = d["rows"][0]["model"] if d["rows"] else "-"
+    factor = d["rows"][0]["factor"] if d["rows"] else 0
+    return (f"### Allocation or selection? (`{d['command']}`)\n\n"
+            f"{model} at {factor:g}x fewer MACs: random channels at the per-layer widths each source row kept, "
+            "recalibrated, then the accuracy benchmark's 1-epoch fine-tune, beside the source's own channels.\n\n"
+            + table(["widths of", "seeds", "params", "random channels: recalibrated", "random channels: fine-tuned",
+                     "own channels: recalibrated", "own channels: fine-tuned"], rows))
+
+
 def _num(x) -> str:
     return "-" if x is None or x != x else f"{x:.2f}"
 

@@ -133,12 +133,13 @@ def _ms(seconds) -> str:
 
 HEADLINES = (("accuracy", head.accuracy), ("throughput", head.throughput), ("latency", head.latency), ("train_speed", head.train_speed),
              ("hvp_cost", head.hvp_cost), ("hvp_cost_group", head.hvp_cost_group), ("score_truth", head.score_truth),
-             ("joint_removal", head.joint_removal), ("hf_scale", head.hf_scale), ("zoo", head.zoo),
-             ("analysis_speed", head.analysis_speed), ("fuzz", head.fuzz))
+             ("joint_removal", head.joint_removal), ("random_at_widths", head.random_at_widths),
+             ("hf_scale", head.hf_scale), ("zoo", head.zoo), ("analysis_speed", head.analysis_speed), ("fuzz", head.fuzz))
 FULL = (("accuracy", head.accuracy_full), ("fixed_widths", head.fixed_widths), ("width_swap", head.width_swap),
         ("throughput", throughput), ("latency", head.latency_full),
         ("train_speed", head.train_speed_full), ("hvp_cost", hvp_cost), ("hvp_cost_group", head.hvp_cost_group),
-        ("score_truth", head.score_truth), ("joint_removal", head.joint_removal), ("hf_scale", head.hf_scale),
+        ("score_truth", head.score_truth), ("joint_removal", head.joint_removal),
+        ("random_at_widths", head.random_at_widths), ("hf_scale", head.hf_scale),
         ("zoo", zoo), ("analysis_speed", analysis_speed),
         ("fuzz", fuzz))
 

@@ -33,6 +33,8 @@ def test_quick_run_keeps_the_source_widths(tmp_path):
     assert row["widths"] == {k: v for k, v in source["widths"].items() if k in row["widths"]}
     assert set(row["widths"]) == set(source["widths"])
     assert 0.0 < row["acc_finetuned"] <= 1.0 and report["summary"][0]["n"] == 1 and report["quick"]
+    import readme_headlines  # the README's section renders from this JSON
+    assert "| taylor_abs_train | 1 |" in readme_headlines.random_at_widths(report)
 
 
 def test_random_choices_follow_the_seed():
