@@ -49,13 +49,11 @@ def group_layers(traced, coupling, shapes) -> Dict[str, List[str]]:
 
 def random_at(traced, coupling, shapes, layers: Dict[str, List[str]], target: Dict[str, int], seed: int):
     """The dense model with a random ``target[layer]`` units kept in every group (numpy seed 100 + ``seed``)."""
-    dense_widths = proto.widths(traced.gm)
     rng = np.random.default_rng(100 + seed)
     removed = set()
     for g in coupling.groups:
-        if layers[g.id]:
-            n = dense_widths[layers[g.id][0]] - target[layers[g.id][0]]
-            removed.update(rng.choice(g.units, size=n, replace=False).tolist())
+        if layers[g.id]:  # a group's width is its layers' output width
+            removed.update(rng.choice(g.units, size=g.width - target[layers[g.id][0]], replace=False).tolist())
     return rewrite(traced, coupling, shapes, removed)
 
 
@@ -115,8 +113,8 @@ def main(argv=None) -> int:
                 {"finetune_epochs": 1, "finetune_steps": None, "eval_batches": None})
     rows = run(args.model, args.factor, args.sources.split(","), [int(s) for s in args.seeds.split(",")], finetune,
                Path(args.accuracy_json), test_limit=500 if args.quick else None)
-    write_json(args.out, {"command": "python3 benchmarks/random_at_widths.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                           else argv),
+    given = sys.argv[1:] if argv is None else argv
+    write_json(args.out, {"command": "python3 benchmarks/random_at_widths.py " + " ".join(given),
                           "data_set": "Fashion-MNIST (60k train / 10k test, 28x28 zero-padded to 32x32)",
                           "protocol": __doc__.split("\n\n", 2)[2].strip(), "obafx_commit": obafx_commit(),
                           "machine": {**machine_info(), "threads": args.threads}, "quick": args.quick,

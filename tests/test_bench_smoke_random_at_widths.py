@@ -1,28 +1,19 @@
 """Smoke run of benchmarks/random_at_widths.py: the pruned model has exactly the source row's widths, its channels
 differ from run to run only by the seed, and the JSON has the documented shape."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from obafx.bench.data import default_root
+from tests.bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("random_at_widths", ROOT / "benchmarks" / "random_at_widths.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.skipif(not any(default_root().glob("*")), reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
 def test_quick_run_keeps_the_source_widths(tmp_path):
-    bench = _bench()
+    bench = load_benchmark("random_at_widths")
     out = tmp_path / "r.json"
     assert bench.main(["--quick", "--sources", "taylor_abs_train", "--seeds", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -39,7 +30,7 @@ def test_quick_run_keeps_the_source_widths(tmp_path):
 
 def test_random_choices_follow_the_seed():
     """Two seeds keep the same widths with different channels; the same seed the same channels."""
-    bench = _bench()
+    bench = load_benchmark("random_at_widths")
     from tests.test_latency_budget import Net  # a small net with several coupled groups
     import torch
     from obafx.passes.channel_graph import analyze
