@@ -47,6 +47,8 @@ DEFAULT_OUT = os.path.join(HERE, "results", "latency.json")
 CACHE = os.path.join(HERE, "cache", "latency_tables.json")
 SPECS = {"resnet50": ("torchvision", (3, 128, 128), 32), "mobilenet_v2": ("torchvision", (3, 128, 128), 32),
          "vit_b_16": ("torchvision", (3, 224, 224), 4), "vit_tiny": ("obafx", (1, 32, 32), 64)}
+DATA = ("no data set: random weights and random inputs of each model's shape (timing depends on shapes, not "
+        "values)")
 WITHIN = 0.10  # a cell is met when the re-measured speed-up is within 10% of the request
 
 
@@ -203,7 +205,7 @@ def main(argv: Optional[List[str]] = None, timer: Optional[Callable] = None) -> 
 
 def report(args: argparse.Namespace, cells: List[Dict[str, Any]], start: float, timer) -> Dict[str, Any]:
     """The JSON: machine, protocol, settings, the cells so far and how many met their request."""
-    return {"machine": {**machine_info(), "threads": args.threads}, "obafx_commit": obafx_commit(),
+    return {"data": DATA, "machine": {**machine_info(), "threads": args.threads}, "obafx_commit": obafx_commit(),
             "protocol": {"within": WITHIN, "reps": args.reps, "rounds": args.rounds, "check_rounds": args.check_rounds,
                          "threads": args.threads, "statistic": "median of per-round medians, dense and pruned in "
                          "alternation (order swapped every round); speed-up = dense / pruned",
@@ -234,7 +236,7 @@ def merge(paths: List[str]) -> Dict[str, Any]:
         runs.extend(own)
     rows = list(cells.values())
     last = runs[-1]
-    return {"machine": last["machine"], "protocol": last["protocol"],
+    return {"data": DATA, "machine": last["machine"], "protocol": last["protocol"],
             "reduced": " | ".join(f"run {i} ({r['source']}): {r['reduced'] or 'full'}" for i, r in enumerate(runs)
                                   if any(c["run"] == i for c in rows)),
             "runs": runs, "cells": rows, "met": sum(c.get("status") == "met" for c in rows), "total": len(rows)}

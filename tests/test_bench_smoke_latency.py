@@ -35,6 +35,7 @@ def test_quick_run_writes_machine_protocol_and_cells(quick):
     assert report["protocol"]["threads"] == 1 and report["protocol"]["timer"] == "injected (test)"
     assert report["reduced"] == "smoke" and report["total"] == len(report["cells"]) == 1
     assert report["obafx_commit"]  # a merge carries it into each run's record
+    assert "random inputs" in report["data"]
     c = report["cells"][0]
     assert (c["model"], c["batch"], c["mode"], c["requested_speedup"]) == ("vit_tiny", 1, "eager", 1.5)
 
